@@ -1,0 +1,498 @@
+"""ParaThinker parallel decoding on any transformers decoder-only model.
+
+The generation loop is a few small functions in the style of gpt-fast:
+
+* :func:`prefill` runs each prompt once and leaves its KV in the shared row of the cache;
+* :func:`decode_paths` decodes the B x P paths in lockstep, one model forward per step;
+* :func:`summarize` force-feeds the summary template in one forward and decodes the summary,
+  attending to the prompt's and all paths' KV in place (or, for ``summary_kv="reprefill"``,
+  after recomputing everything, the paper's ablation baseline).
+
+:class:`ParaThinkerEngine` validates arguments, allocates the cache once per call and returns one
+:class:`GenerationOutput` per prompt. Modes: ``parathinker`` (P paths + summary), ``independent``
+(P plain samples sharing one prefill: majority voting) and ``sequential`` (one plain sample).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import protocol
+from .kv_cache import ParallelKVCache
+from .protocol import PROMPT_BLOCK, SUMMARY_BLOCK, ControlTokenIds
+
+MODES = ("parathinker", "independent", "sequential")
+TERMINATIONS = ("first", "half", "last")
+SUMMARY_KV = ("reuse", "reprefill")
+POSITIONS = ("aligned", "flattened")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Greedy when ``temperature`` is 0; otherwise temperature / top-k / top-p sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationOutput:
+    """What the engine returns for one prompt."""
+
+    prompt_ids: list[int]
+    path_ids: list[list[int]]
+    path_texts: list[str]
+    path_finished: list[bool]  # ended by its own closing token (or EOS / a stop string), not cut
+    summary_ids: list[int]  # summary template + generated summary ([] outside parathinker mode)
+    summary_text: str
+    transcript: str  # the paths, then the summary
+    stats: dict = field(default_factory=dict)
+    path_logits: list[torch.Tensor] | None = None  # per path: [len, vocab], logits that predicted each next token
+    summary_logits: torch.Tensor | None = None  # [len(summary_ids), vocab]
+
+
+@dataclass
+class _Run:
+    """Per-call constants shared by the stage functions."""
+
+    model: torch.nn.Module
+    cache: ParallelKVCache
+    num_paths: int
+    budget: int
+    sampling: SamplingParams
+    generator: torch.Generator | None
+    thought_embedding: bool
+    flattened: bool
+    prompt_lens: torch.Tensor  # [B]
+    keep_logits: bool
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token for each row of ``logits`` ([..., V])."""
+    if params.temperature <= 0:
+        return logits.argmax(-1)
+    shape = logits.shape[:-1]
+    logits = logits.reshape(-1, logits.shape[-1]).float() / params.temperature
+    if params.top_k > 0:
+        kth = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > params.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    tokens = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return tokens.view(shape)
+
+
+def forward(run: _Run, tokens, columns, positions, blocks, valid, last_only: bool = False) -> torch.Tensor:
+    """One model forward of ``tokens`` ([B, Q]) written into cache ``columns`` ([Q])."""
+    run.cache.write(columns, tokens, blocks, positions, valid)
+    out = run.model(
+        input_ids=tokens,
+        position_ids=positions,
+        attention_mask=run.cache.attention_mask(run.cache.keys[0].dtype),
+        cache=run.cache,
+        use_cache=True,
+        segment_ids=protocol.segment_id(blocks, run.thought_embedding),
+        logits_to_keep=1 if last_only else 0,
+    )
+    return out.logits
+
+
+def prefill(run: _Run, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """Run the left-padded prompts once; returns the logits of each prompt's last token ([B, V])."""
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    columns = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
+    blocks = torch.full_like(prompt_ids, PROMPT_BLOCK)
+    return forward(run, prompt_ids, columns, positions, blocks, prompt_mask.bool(), last_only=True)[:, -1]
+
+
+@dataclass
+class _ThinkState:
+    tokens: torch.Tensor  # [B, P, budget] path tokens
+    lengths: torch.Tensor  # [B, P]
+    finished: torch.Tensor  # [B, P] ended by an ender
+    thinking: torch.Tensor  # [B] row still in its think stage
+    steps: int = 0  # lockstep steps taken
+    reasons: list[str] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step [B, P, V]
+
+
+def decode_paths(
+    run: _Run,
+    first_tokens: torch.Tensor,
+    enders: torch.Tensor,
+    closers: torch.Tensor | None,
+    stray: torch.Tensor | None,
+    stray_replacement: int | None,
+    finished_needed: int,
+    stop_check=None,
+    progress: bool = False,
+) -> _ThinkState:
+    """Decode the B x P paths in lockstep from ``first_tokens`` ([B, P]); one forward per step.
+
+    ``enders`` end a path; with ``closers`` ([P], parathinker) an ender is rewritten to the
+    path's own ``</think k>``. Sampled ``stray`` tokens are rewritten to ``stray_replacement``
+    (or banned when it is None). A row's think stage ends once ``finished_needed`` of its paths
+    have ended, or every path has reached the budget.
+    """
+    B, P = first_tokens.shape
+    device = first_tokens.device
+    state = _ThinkState(
+        tokens=torch.zeros(B, P, run.budget, dtype=torch.long, device=device),
+        lengths=torch.zeros(B, P, dtype=torch.long, device=device),
+        finished=torch.zeros(B, P, dtype=torch.bool, device=device),
+        thinking=torch.ones(B, dtype=torch.bool, device=device),
+        reasons=[""] * B,
+    )
+    blocks = torch.arange(1, P + 1, device=device).expand(B, P)
+    offsets = torch.tensor(
+        protocol.path_offsets([run.budget] * P, run.flattened, stride=run.budget), device=device
+    )
+    base = run.cache.length
+    cur = first_tokens
+    bar = tqdm(total=run.budget, desc="think", unit="step", disable=not progress, leave=False)
+    for t in range(run.budget):
+        in_path = state.thinking[:, None] & ~state.finished  # cur is a real token of its path
+        state.tokens[:, :, t] = cur
+        state.lengths += in_path
+        columns = base + t * P + torch.arange(P, device=device)
+        positions = run.prompt_lens[:, None] + offsets + t
+        logits = forward(run, cur, columns, positions, blocks, in_path)
+        if run.keep_logits:
+            state.logits.append(logits)
+        ended = in_path & torch.isin(cur, enders)
+        if stop_check is not None:
+            ended |= in_path & stop_check(state, t)
+        state.finished |= ended
+        state.steps = t + 1
+        bar.update(1)
+        done_first = state.thinking & (state.finished.sum(-1) >= finished_needed)
+        done_budget = state.thinking & ~done_first & (t + 1 >= run.budget)
+        for b in done_first.nonzero().flatten().tolist():
+            state.reasons[b] = "finished"
+        for b in done_budget.nonzero().flatten().tolist():
+            state.reasons[b] = "budget"
+        state.thinking &= ~(done_first | done_budget)
+        if not state.thinking.any():
+            break
+        if stray is not None and stray_replacement is None:
+            logits = logits.index_fill(-1, stray, float("-inf"))
+        cur = sample(logits, run.sampling, run.generator)
+        if stray is not None and stray_replacement is not None:
+            cur = torch.where(torch.isin(cur, stray), stray_replacement, cur)
+        if closers is not None:
+            cur = torch.where(torch.isin(cur, enders), closers.expand(B, P), cur)
+    bar.close()
+    for b in range(B):
+        state.reasons[b] = state.reasons[b] or "finished"
+    return state
+
+
+def summarize(
+    run: _Run,
+    template: torch.Tensor,
+    summary_positions: torch.Tensor,
+    enders: torch.Tensor,
+    max_tokens: int,
+    stop_check=None,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Force-feed ``template`` ([Ls]) in one forward, then decode up to ``max_tokens``.
+
+    ``summary_positions`` ([B]) is the position of each row's first summary token. Returns the
+    generated tokens [B, n], their per-row lengths, and the logits kept (template, then steps).
+    """
+    B = summary_positions.shape[0]
+    device = template.device
+    Ls = template.numel()
+    blocks = torch.full((B, Ls), SUMMARY_BLOCK, device=device)
+    columns = run.cache.length + torch.arange(Ls, device=device)
+    positions = summary_positions[:, None] + torch.arange(Ls, device=device)
+    ones = torch.ones(B, Ls, dtype=torch.bool, device=device)
+    logits = forward(run, template.expand(B, Ls), columns, positions, blocks, ones, last_only=not run.keep_logits)
+    kept = [logits] if run.keep_logits else []
+    out = torch.zeros(B, max_tokens, dtype=torch.long, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    active = torch.ones(B, dtype=torch.bool, device=device)
+    for s in range(max_tokens):
+        cur = sample(logits[:, -1], run.sampling, run.generator)
+        out[:, s] = cur
+        lengths += active
+        ended = active & torch.isin(cur, enders)
+        if stop_check is not None:
+            ended |= active & stop_check(out[:, : s + 1], lengths)
+        if s + 1 == max_tokens or (active & ~ended).sum() == 0:
+            break
+        column = torch.tensor([run.cache.length], device=device)
+        pos = (summary_positions + Ls + s)[:, None]
+        logits = forward(run, cur[:, None], column, pos, blocks[:, :1], active[:, None])
+        active &= ~ended
+        if run.keep_logits:
+            kept.append(logits)
+    return out, lengths, kept
+
+
+def reprefill(run: _Run, template_len: int, summary_max: int) -> None:
+    """The ablation baseline: recompute the KV of prompt + all paths, packed path after path,
+    with the same positions and segment ids as the shared cache (so results must agree)."""
+    old = run.cache
+    n = old.length
+    device = old.token.device
+    rows = []
+    for b in range(old.token.shape[0]):
+        cols = old.valid[b, :n].nonzero().flatten()
+        # packed order: prompt first, then path 1..P, each in time order
+        order = old.block[b, cols].clamp(min=0) * n + cols
+        rows.append(cols[order.argsort()])
+    width = max(len(r) for r in rows)
+    fresh = ParallelKVCache(run.model, len(rows), width + template_len + summary_max, device, old.keys[0].dtype)
+    tokens = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+    blocks, positions = torch.zeros_like(tokens), torch.zeros_like(tokens)
+    valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+    for b, cols in enumerate(rows):  # left-pad like the prompt prefill
+        sl = slice(width - len(cols), width)
+        tokens[b, sl], blocks[b, sl], positions[b, sl] = old.token[b, cols], old.block[b, cols], old.position[b, cols]
+        valid[b, sl] = True
+    run.cache = fresh
+    columns = torch.arange(width, device=device)
+    # A packed row is causal in packed order; may_attend keeps paths apart.
+    forward(run, tokens, columns, positions, blocks, valid, last_only=True)
+
+
+class ParaThinkerEngine:
+    """Parallel decoding for a model and tokenizer (see module docstring).
+
+    >>> engine = ParaThinkerEngine(model, tokenizer)
+    >>> out = engine.generate(["What is 2+3?"], num_paths=4, max_new_tokens=512)[0]
+    >>> print(out.transcript)
+    """
+
+    def __init__(self, model, tokenizer, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.num_control_paths = num_control_paths
+        eos = tokenizer.eos_token_id
+        self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos])} - {None})
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            self.eos_ids = sorted({*self.eos_ids, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _control_ids(self) -> ControlTokenIds:
+        return ControlTokenIds.from_tokenizer(self.tokenizer, self.num_control_paths)
+
+    def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        return [
+            list(p) if not isinstance(p, str) else self.tokenizer(p, add_special_tokens=True)["input_ids"]
+            for p in prompts
+        ]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        mode: str = "parathinker",
+        num_paths: int = 8,
+        max_new_tokens: int = 1024,
+        termination: str = "first",
+        summary_max_tokens: int = 128,
+        summary_kv: str = "reuse",
+        thought_embedding: bool = True,
+        positions: str = "aligned",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_strings: Sequence[str] = (),
+        output_logits: bool = False,
+        progress: bool = False,
+    ) -> list[GenerationOutput]:
+        """Generate for a batch of prompts (strings, or token ids used as they are).
+
+        ``max_new_tokens`` is the per-path budget (the opening ``<think k>`` included).
+        ``stop_strings`` end a plain sample (independent/sequential) or the summary.
+        """
+        ids = self._validate(prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions)
+        if mode == "sequential":
+            num_paths = 1
+        parathinker = mode == "parathinker"
+        template = self.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"] if parathinker else []
+        prompt_ids = self.encode(prompts)
+        self._check_positions(prompt_ids, num_paths, max_new_tokens, len(template), summary_max_tokens if parathinker else 0, positions)
+
+        device = self.device
+        B, P = len(prompt_ids), num_paths
+        width = max(map(len, prompt_ids))
+        padded = torch.full((B, width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros(B, width, dtype=torch.long)
+        for b, p in enumerate(prompt_ids):
+            padded[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        summary_cols = len(template) + summary_max_tokens if parathinker else 0
+        dtype = next(self.model.parameters()).dtype
+        run = _Run(
+            model=self.model,
+            cache=ParallelKVCache(self.model, B, width + P * max_new_tokens + summary_cols, device, dtype),
+            num_paths=P,
+            budget=max_new_tokens,
+            sampling=SamplingParams(temperature, top_p, top_k, seed),
+            generator=torch.Generator(device=device).manual_seed(seed) if seed is not None else None,
+            thought_embedding=thought_embedding and parathinker,
+            flattened=positions == "flattened",
+            prompt_lens=mask.sum(-1).to(device),
+            keep_logits=output_logits,
+        )
+        t0 = time.perf_counter()
+        last_logits = prefill(run, padded.to(device), mask.to(device))
+        t1 = time.perf_counter()
+
+        stop_check = self._stop_check(stop_strings) if stop_strings and not parathinker else None
+        if parathinker:
+            opener = torch.tensor(ids.think_open[:P], device=device)
+            first = opener.expand(B, P)
+            enders = torch.tensor(ids.path_enders(self.eos_ids), device=device)
+            closers = torch.tensor(ids.think_close[:P], device=device)
+            stray = torch.tensor(ids.stray_in_path(), device=device)
+            needed = {"first": 1, "half": math.ceil(P / 2), "last": P}[termination]
+            state = decode_paths(run, first, enders, closers, stray, ids.think, needed, progress=progress)
+        else:
+            first = sample(last_logits[:, None].expand(B, P, -1), run.sampling, run.generator)
+            enders = torch.tensor(self.eos_ids, device=device)
+            state = decode_paths(run, first, enders, None, None, None, P, stop_check, progress=progress)
+        t2 = time.perf_counter()
+
+        summary = None
+        if parathinker:
+            lengths = state.lengths.tolist()
+            offsets = [protocol.summary_offset(row, run.flattened, stride=max_new_tokens) for row in lengths]
+            summary_pos = run.prompt_lens + torch.tensor(offsets, device=device)
+            if summary_kv == "reprefill":
+                reprefill(run, len(template), summary_max_tokens)
+            s_enders = torch.tensor([ids.summary_close, *self.eos_ids], device=device)
+            s_stop = self._summary_stop_check(stop_strings) if stop_strings else None
+            summary = summarize(run, torch.tensor(template, device=device), summary_pos, s_enders, summary_max_tokens, s_stop)
+        t3 = time.perf_counter()
+        timing = {"prefill_s": t1 - t0, "think_s": t2 - t1, "summary_s": t3 - t2, "latency_s": t3 - t0}
+        return self._outputs(prompt_ids, state, summary, template, timing, mode, termination, P)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _validate(self, prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions):
+        for name, value, choices in (
+            ("mode", mode, MODES),
+            ("termination", termination, TERMINATIONS),
+            ("summary_kv", summary_kv, SUMMARY_KV),
+            ("positions", positions, POSITIONS),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompts[{i}] is empty")
+        if num_paths < 1:
+            raise ValueError(f"num_paths={num_paths} must be at least 1")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        if mode != "parathinker":
+            return None
+        ids = self._control_ids()
+        if num_paths > ids.num_control_paths:
+            raise ValueError(
+                f"num_paths={num_paths} exceeds the {ids.num_control_paths} <think k> control tokens available"
+            )
+        max_segments = getattr(self.model.config, "max_segments", protocol.DEFAULT_MAX_SEGMENTS)
+        if num_paths >= max_segments:
+            raise ValueError(f"num_paths={num_paths} needs segment ids up to {num_paths}, but max_segments={max_segments}")
+        return ids
+
+    def _check_positions(self, prompt_ids, num_paths, budget, template_len, summary_max, positions):
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        path_span = budget * (num_paths if positions == "flattened" else 1)
+        needed = max(map(len, prompt_ids)) + path_span + template_len + summary_max
+        if needed > limit:
+            raise ValueError(
+                f"prompt + max_new_tokens={budget} (+ summary) needs {needed} positions, beyond the "
+                f"model's max_position_embeddings={limit}"
+            )
+
+    def _stop_check(self, stop_strings):
+        """Per step: which paths' text now contains a stop string (independent modes)."""
+        tail = max(len(s) for s in stop_strings) + 8  # tokens enough to hold any stop string
+
+        def check(state: _ThinkState, t: int) -> torch.Tensor:
+            window = state.tokens[:, :, max(0, t + 1 - tail) : t + 1].tolist()
+            hits = [[any(s in self.tokenizer.decode(w) for s in stop_strings) for w in row] for row in window]
+            return torch.tensor(hits, device=state.tokens.device)
+
+        return check
+
+    def _summary_stop_check(self, stop_strings):
+        def check(tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            texts = [self.tokenizer.decode(row[:n]) for row, n in zip(tokens.tolist(), lengths.tolist())]
+            return torch.tensor([any(s in t for s in stop_strings) for t in texts], device=tokens.device)
+
+        return check
+
+    def _outputs(self, prompt_ids, state, summary, template, timing, mode, termination, P):
+        decode = self.tokenizer.decode
+        outputs = []
+        for b, prompt in enumerate(prompt_ids):
+            paths = [state.tokens[b, k, : state.lengths[b, k]].tolist() for k in range(P)]
+            finished = state.finished[b].tolist()
+            if mode != "parathinker":  # plain samples: the EOS that ended a sample is not text
+                texts = [decode(p[:-1] if f and p[-1] in self.eos_ids else p) for p, f in zip(paths, finished)]
+            else:
+                texts = [decode(p) for p in paths]
+            summary_ids = template + (summary[0][b, : summary[1][b]].tolist() if summary else [])
+            summary_text = decode(summary_ids)
+            path_logits = summary_logits = None
+            if state.logits:
+                per_step = torch.stack([lg[b] for lg in state.logits], dim=1)  # [P, steps, V]
+                path_logits = [per_step[k, : len(paths[k])] for k in range(P)]
+            if summary and summary[2]:
+                summary_logits = torch.cat([lg[b] for lg in summary[2]], dim=0)[: len(summary_ids)]
+            think_tokens = int(state.lengths[b].sum())
+            summary_tokens = len(summary_ids)
+            reason = state.reasons[b]
+            if mode == "parathinker" and reason == "finished":
+                reason = {"first": "first_finished", "half": "half_finished", "last": "all_finished"}[termination]
+            outputs.append(
+                GenerationOutput(
+                    prompt_ids=prompt,
+                    path_ids=paths,
+                    path_texts=texts,
+                    path_finished=finished,
+                    summary_ids=summary_ids,
+                    summary_text=summary_text,
+                    transcript="".join(texts) + summary_text,
+                    stats={
+                        "num_paths": P,
+                        "think_tokens": think_tokens,
+                        "summary_tokens": summary_tokens,
+                        "gen_tokens": think_tokens + summary_tokens,
+                        "paths_finished": sum(finished),
+                        "termination": reason,
+                        **timing,
+                    },
+                    path_logits=path_logits,
+                    summary_logits=summary_logits,
+                )
+            )
+        return outputs

@@ -1,0 +1,74 @@
+"""Tiny random models and a word-level tokenizer, built from a config (no hub), for fast tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+
+from lm_eval_parathinker import protocol
+from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings, thought_embedding_tables
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+SPECIAL = ["<pad>", "<eos>", protocol.THINK_OPEN, protocol.THINK_CLOSE]
+# Byte-level BPE (lossless on any text; transformers rebuilds Qwen checkpoints' tokenizers as
+# byte-level BPE, so a word-level one would not survive save/load).
+CORPUS = [
+    protocol.SUMMARY_TEMPLATE,
+    "Find the number of ways. Let x be the answer, so x = 3 + 4 and \\boxed{7}.",
+    "Please reason step by step, and put your final answer within \\boxed{}.",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+CONFIGS = {"qwen2": Qwen2Config, "llama": LlamaConfig, "qwen3": Qwen3Config}
+VOCAB_SIZE = 320  # room for the 18 control tokens without resizing
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=290, min_frequency=1, special_tokens=SPECIAL, show_progress=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_model(arch: str = "qwen2", seed: int = 0) -> torch.nn.Module:
+    config = CONFIGS[arch](
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+        eos_token_id=1,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def tiny_parathinker(arch: str = "qwen2", seed: int = 0, table_std: float = 0.5):
+    """(model, tokenizer) with the control tokens and random (non-zero) thought embeddings."""
+    model, tok = tiny_model(arch, seed), tiny_tokenizer()
+    add_control_tokens(model, tok)
+    attach_thought_embeddings(model)
+    torch.manual_seed(seed + 1)
+    for table in thought_embedding_tables(model):
+        torch.nn.init.normal_(table.weight, std=table_std)
+    return model, tok
+
+
+def save_tiny_checkpoint(path: str | Path, arch: str = "qwen2", parathinker: bool = True) -> Path:
+    """A tiny checkpoint directory: official ParaThinker format, or a plain model + tokenizer."""
+    model, tok = tiny_parathinker(arch) if parathinker else (tiny_model(arch), tiny_tokenizer())
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
