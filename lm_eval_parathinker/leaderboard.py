@@ -1,0 +1,298 @@
+"""Collect lm-eval results JSON files into a CSV leaderboard (plus a terminal table and a PNG).
+
+    python -m lm_eval_parathinker.leaderboard RESULTS_DIR [-o results/leaderboard.csv] [--plot results/leaderboard.png]
+
+Every ``**/results_*.json`` under RESULTS_DIR (as written by ``lm_eval --output_path``) becomes one CSV row per
+run x task x metric. Partial or corrupt files are skipped with a warning. Outputs are written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+COLUMNS = [
+    "model",
+    "pretrained",
+    "method",
+    "num_paths",
+    "termination",
+    "task",
+    "metric",
+    "value",
+    "stderr",
+    "n",
+    "repeats",
+    "limit",
+    "gen_tokens",
+    "latency_s",
+    "date",
+]
+MAIN_METRIC = "pass_at_1"
+_TASK_ORDER = ["aime24", "aime25", "amc23", "math500", "parathinker_math"]
+
+
+def parse_model_args(model_args: Any) -> dict[str, Any]:
+    """``model_args`` as a dict: lm-eval stores a dict (CLI) or a ``"k=v,k2=v2"`` string (Python API)."""
+    if isinstance(model_args, dict):
+        return dict(model_args)
+    if not model_args or not isinstance(model_args, str):
+        return {}
+    s = model_args.strip()
+    if s.startswith("{"):
+        try:
+            obj = json.loads(s)
+            return obj if isinstance(obj, dict) else {}
+        except json.JSONDecodeError:
+            pass
+    out: dict[str, Any] = {}
+    for part in s.split(","):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            out[k.strip()] = v.strip()
+    return out
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool):
+        return float(x)
+    if isinstance(x, (int, float)):
+        return float(x) if math.isfinite(float(x)) else None
+    try:
+        v = float(x)
+        return v if math.isfinite(v) else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _date(x: Any) -> str:
+    v = _num(x)
+    if v is None:
+        return str(x or "")
+    try:
+        return _dt.datetime.fromtimestamp(v, tz=_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return str(x)
+
+
+def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
+    """CSV rows (dicts keyed by ``COLUMNS``) for one lm-eval results JSON object."""
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise ValueError(f"{source}: not an lm-eval results file (no 'results' object)")
+    config = data.get("config") or {}
+    margs = parse_model_args(config.get("model_args"))
+    model = str(config.get("model") or "")
+    pretrained = str(margs.get("pretrained") or margs.get("model") or data.get("model_name") or "")
+    method = margs.get("method")
+    if not method:
+        method = "parathinker" if model == "parathinker" else "sequential"
+    num_paths = margs.get("num_paths")
+    if num_paths in (None, "") and method == "sequential":
+        num_paths = 1
+    termination = margs.get("termination", margs.get("termination_policy", ""))
+    configs = data.get("configs") or {}
+    n_samples = data.get("n-samples") or {}
+    limit = config.get("limit")
+    date = _date(data.get("date"))
+
+    sections = dict(data.get("results") or {})
+    for g, res in (data.get("groups") or {}).items():
+        sections.setdefault(g, res)
+
+    rows = []
+    for task, res in sections.items():
+        if not isinstance(res, dict):
+            continue
+        metrics: dict[tuple[str, str], float | None] = {}
+        for key, value in res.items():
+            if "," not in key:
+                continue
+            metric, filt = key.split(",", 1)
+            if metric.endswith("_stderr"):
+                continue
+            metrics[(metric, filt)] = _num(value)
+        by_name = {m: v for (m, _f), v in metrics.items()}
+        tcfg = configs.get(task) or {}
+        ns = n_samples.get(task) or {}
+        n = ns.get("effective", ns.get("original", res.get("sample_len", "")))
+        for (metric, filt), value in metrics.items():
+            stderr = _num(res.get(f"{metric}_stderr,{filt}"))
+            rows.append(
+                {
+                    "model": model,
+                    "pretrained": pretrained,
+                    "method": method,
+                    "num_paths": "" if num_paths is None else num_paths,
+                    "termination": termination,
+                    "task": task,
+                    "metric": metric if filt in ("all", "none") else f"{metric},{filt}",
+                    "value": "" if value is None else value,
+                    "stderr": "" if stderr is None else stderr,
+                    "n": n,
+                    "repeats": tcfg.get("repeats", ""),
+                    "limit": "" if limit is None else limit,
+                    "gen_tokens": "" if by_name.get("gen_tokens") is None else by_name["gen_tokens"],
+                    "latency_s": "" if by_name.get("latency_s") is None else by_name["latency_s"],
+                    "date": date,
+                }
+            )
+    return rows
+
+
+def find_result_files(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.glob("**/results_*.json") if p.is_file())
+
+
+def collect(root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of every readable results file under ``root``; unreadable ones are skipped with a warning."""
+    rows: list[dict[str, Any]] = []
+    for path in find_result_files(root):
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            rows.extend(rows_from_results(data, str(path)))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError, AttributeError) as e:
+            msg = f"leaderboard: skipping {path}: {type(e).__name__}: {e}"
+            print(msg, file=sys.stderr)
+    return rows
+
+
+def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({c: r.get(c, "") for c in COLUMNS})
+    _atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+
+
+def _run_label(r: dict[str, Any]) -> str:
+    name = Path(str(r["pretrained"])).name or r["model"]
+    label = f"{name} {r['method']}"
+    if r.get("num_paths") not in ("", None):
+        label += f" P={r['num_paths']}"
+    return label
+
+
+def _task_sort(tasks: Iterable[str]) -> list[str]:
+    return sorted(set(tasks), key=lambda t: (_TASK_ORDER.index(t) if t in _TASK_ORDER else len(_TASK_ORDER), t))
+
+
+def pivot(rows: list[dict[str, Any]], metric: str = MAIN_METRIC) -> tuple[list[str], list[str], dict]:
+    """(row labels, tasks, {(label, task): value}) of ``metric``; later runs win on duplicates."""
+    cells: dict[tuple[str, str], float] = {}
+    for r in sorted(rows, key=lambda r: str(r["date"])):
+        if r["metric"] == metric and r["value"] != "":
+            cells[(_run_label(r), r["task"])] = float(r["value"])
+    labels = sorted({k[0] for k in cells})
+    tasks = _task_sort(k[1] for k in cells)
+    return labels, tasks, cells
+
+
+def format_table(rows: list[dict[str, Any]], metric: str = MAIN_METRIC) -> str:
+    labels, tasks, cells = pivot(rows, metric)
+    if not labels:
+        return f"(no {metric} results)"
+    head = ["model / method / paths"] + tasks
+    body = [[lab] + [f"{cells[(lab, t)]:.3f}" if (lab, t) in cells else "-" for t in tasks] for lab in labels]
+    widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
+    fmt = lambda cols: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))
+    lines = [f"{metric}:", fmt(head), fmt(["-" * w for w in widths])] + [fmt(b) for b in body]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN_METRIC) -> None:
+    """Grouped bars (accuracy per task and method) and lines (accuracy vs number of paths) to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, tasks, cells = pivot(rows, metric)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(labels), 1)
+    for i, lab in enumerate(labels):
+        xs = [j + i * width for j in range(len(tasks))]
+        ax1.bar(xs, [cells.get((lab, t), 0.0) for t in tasks], width=width, label=lab)
+    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
+    ax1.set_xticklabels(tasks)
+    ax1.set_ylabel(metric)
+    ax1.set_ylim(0, 1)
+    ax1.set_title(f"{metric} per task and method")
+    if labels:
+        ax1.legend(fontsize=7)
+
+    # accuracy vs number of paths: one line per (pretrained, method, task)
+    series: dict[tuple[str, str, str], dict[float, float]] = {}
+    for r in sorted(rows, key=lambda r: str(r["date"])):
+        p = _num(r.get("num_paths"))
+        if r["metric"] != metric or r["value"] == "" or p is None:
+            continue
+        key = (Path(str(r["pretrained"])).name or r["model"], str(r["method"]), r["task"])
+        series.setdefault(key, {})[p] = float(r["value"])
+    for (name, method, task), pts in sorted(series.items()):
+        xs = sorted(pts)
+        ax2.plot(xs, [pts[x] for x in xs], marker="o", label=f"{name} {method} {task}")
+    ax2.set_xlabel("number of paths")
+    ax2.set_ylabel(metric)
+    ax2.set_ylim(0, 1)
+    ax2.set_title(f"{metric} vs number of parallel paths")
+    if series:
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lm_eval_parathinker.leaderboard", description=__doc__.split("\n")[0])
+    ap.add_argument("results_dir", help="folder searched recursively for lm-eval results_*.json files")
+    ap.add_argument("-o", "--output", default="results/leaderboard.csv", help="CSV path (default: %(default)s)")
+    ap.add_argument("--plot", default=None, help="also draw a PNG here")
+    ap.add_argument("--metric", default=MAIN_METRIC, help="metric of the terminal table and plot (default: %(default)s)")
+    args = ap.parse_args(argv)
+    if not Path(args.results_dir).exists():
+        print(f"leaderboard: {args.results_dir} does not exist", file=sys.stderr)
+        return 2
+    rows = collect(args.results_dir)
+    write_csv(rows, args.output)
+    print(format_table(rows, args.metric))
+    print(f"wrote {len(rows)} rows to {args.output}")
+    if args.plot:
+        plot(rows, args.plot, args.metric)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
