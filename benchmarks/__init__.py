@@ -1,0 +1,1 @@
+"""Performance benchmarks of the ParaThinker engine (``python -m benchmarks.engine --help``)."""

@@ -1,0 +1,490 @@
+"""Engine benchmarks on random-initialised models of real shapes (no download).
+
+    python -m benchmarks.engine                      # CPU, SmolLM2-135M shape, float32
+    python -m benchmarks.engine --device cuda --dtype bfloat16   # Qwen2-1.5B shape
+    python -m benchmarks.engine --smoke --only width,vs_hf       # tiny shape, seconds
+
+Each benchmark times the engine and its baseline in the same process and writes
+``results/bench_<name>[_<device>].csv`` and ``.png``:
+
+* ``width``: think-stage latency for P paths at a fixed per-path budget, as a ratio to P = 1;
+* ``vs_hf``: the engine against ``model.generate`` (P samples via ``num_return_sequences``, and
+  P = 1), same model, prompt, dtype, sampling and number of tokens;
+* ``summary``: summary stage with the paths' KV reused in place vs recomputed (``reprefill``);
+* ``length``: per-step decode time as the context grows, engine vs a transformers DynamicCache loop;
+* ``memory``: peak memory against weights + the theoretical KV size.
+
+Token counts are forced: a hook on the LM head bans EOS and every control token, so every path
+runs to its budget and runs are comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from lm_eval_parathinker import engine as engine_mod
+from lm_eval_parathinker import protocol
+from lm_eval_parathinker.engine import ParaThinkerEngine
+from lm_eval_parathinker.kv_cache import ParallelKVCache
+from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings
+
+BENCHMARKS = ("width", "vs_hf", "summary", "length", "memory")
+NUM_CONTROL_PATHS = 16  # width goes up to P = 16
+
+SHAPES = {
+    "tiny": (LlamaConfig, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True)),
+    "smollm2-135m": (LlamaConfig, dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                       num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                       tie_word_embeddings=True)),
+    "qwen2-1.5b": (Qwen2Config, dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                                     num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
+                                     tie_word_embeddings=True)),
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Model shape and the grid of every benchmark."""
+
+    shape: str
+    prompt_len: int
+    width_paths: tuple[int, ...]
+    width_budget: int
+    vs_hf_paths: tuple[int, ...]  # 1 = sequential, > 1 = independent samples
+    vs_hf_budget: int
+    e2e_paths: int  # ParaThinker end to end (think + summary) against generate(num_return_sequences)
+    e2e_budget: int
+    e2e_summary: int
+    summary_paths: tuple[int, ...]
+    summary_lens: tuple[int, ...]
+    summary_tokens: int
+    length_contexts: tuple[int, ...]
+    length_steps: int
+    memory_paths: tuple[int, ...]
+    memory_budget: int
+
+
+PRESETS = {
+    "smoke": Preset("tiny", 8, (1, 2), 4, (1, 2), 4, 2, 4, 2, (2,), (8,), 2, (16, 32), 2, (2,), 8),
+    # CPU grid: summary lengths stop at 1024 and contexts at 4096 to keep the run near 10 minutes.
+    "cpu": Preset("smollm2-135m", 64, (1, 2, 4, 8, 16), 32, (1, 8), 128, 8, 1024, 32,
+                  (2, 4, 8, 16), (256, 512, 1024), 32, (128, 512, 1024, 2048, 4096), 8, (1, 4, 8, 16), 256),
+    "gpu": Preset("qwen2-1.5b", 128, (1, 2, 4, 8, 16), 2048, (1, 8), 2048, 8, 2048, 128,
+                  (2, 4, 8, 16), (256, 512, 1024, 2048), 128, (128, 512, 1024, 2048, 4096), 32, (1, 8, 16), 2048),
+}
+
+
+# -- setup ---------------------------------------------------------------------------------
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    config_cls, kwargs = SHAPES[shape]
+    config = config_cls(**kwargs, max_position_embeddings=32768, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+    return model.to(device).eval()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level tokenizer: the engine needs it only for control ids, EOS and the
+    summary template (prompts are token ids)."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([protocol.SUMMARY_TEMPLATE], vocab_size=300, min_frequency=1,
+                            special_tokens=["<pad>", "<eos>"], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<pad>")
+
+
+def ban_tokens(model: torch.nn.Module, token_ids: Sequence[int]) -> None:
+    """Make ``token_ids`` impossible to generate (forces fixed-length runs, engine and baseline alike)."""
+    banned = torch.tensor(sorted(token_ids), device=next(model.parameters()).device)
+
+    def hook(module, args, output):
+        return output.index_fill(-1, banned, float("-inf"))
+
+    model.get_output_embeddings().register_forward_hook(hook)
+
+
+@dataclass
+class Bench:
+    """Everything a benchmark needs: one model, its tokenizer and engine, and where to write."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerFast
+    engine: ParaThinkerEngine
+    preset: Preset
+    device: str
+    dtype: torch.dtype
+    output: Path
+    suffix: str
+
+    @classmethod
+    def create(cls, preset: Preset, device: str, dtype: torch.dtype, output: Path) -> Bench:
+        model, tok = build_model(preset.shape, device, dtype), build_tokenizer()
+        add_control_tokens(model, tok, NUM_CONTROL_PATHS)
+        attach_thought_embeddings(model)  # zero tables: same cost as trained ones
+        ids = protocol.ControlTokenIds.from_tokenizer(tok, NUM_CONTROL_PATHS)
+        ban_tokens(model, [tok.eos_token_id, ids.summary_open, ids.summary_close, *ids.think_open, *ids.think_close])
+        engine = ParaThinkerEngine(model, tok, num_control_paths=NUM_CONTROL_PATHS)
+        suffix = "" if device == "cpu" else f"_{torch.device(device).type}"
+        return cls(model, tok, engine, preset, device, dtype, output, suffix)
+
+    def prompt(self, length: int, seed: int = 0) -> list[int]:
+        """Random token ids above the tokenizer's own (never a control token)."""
+        g = torch.Generator().manual_seed(seed)
+        low = len(self.tokenizer)
+        return torch.randint(low, self.model.config.vocab_size, (length,), generator=g).tolist()
+
+    def timed(self, fn: Callable[[], object]) -> tuple[object, float]:
+        """Wall time of ``fn()``, synchronised on GPU."""
+        self.sync()
+        t0 = time.perf_counter()
+        result = fn()
+        self.sync()
+        return result, time.perf_counter() - t0
+
+    def sync(self) -> None:
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
+
+    def hf_generate(self, prompt: list[int], num_sequences: int, new_tokens: int) -> torch.Tensor:
+        """transformers' own sampling loop, exactly ``new_tokens`` per sequence."""
+        ids = torch.tensor([prompt], device=self.device)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+            top_p=1.0, num_return_sequences=num_sequences, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        assert out.shape == (num_sequences, len(prompt) + new_tokens), out.shape
+        return out
+
+    def write(self, name: str, rows: list[dict], plot: Callable[[object], None]) -> Path:
+        """``bench_<name>.csv`` and ``.png``; prints the rows as a table."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        stem = self.output / f"bench_{name}{self.suffix}"
+        with open(stem.with_suffix(".csv"), "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        save_plot(plot, stem.with_suffix(".png"), f"{name} ({self.preset.shape}, {self.device}, {self.dtype_name})")
+        print_table(name, rows)
+        return stem.with_suffix(".csv")
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+
+def save_plot(plot: Callable[[object], None], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    plot(ax)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(name: str, rows: list[dict]) -> None:
+    cols = list(rows[0])
+    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print(f"\n== {name}")
+    for line in [cols, *cells]:
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
+    sys.stdout.flush()
+
+
+# -- benchmarks ----------------------------------------------------------------------------
+
+
+def bench_width(b: Bench) -> Path:
+    """Think-stage latency for P paths at a fixed per-path budget, relative to P = 1."""
+    p, n = b.preset, b.preset.width_budget
+    prompt = b.prompt(p.prompt_len)
+    b.engine.generate([prompt], num_paths=2, max_new_tokens=2, summary_max_tokens=1)  # warm-up
+    rows = []
+    for paths in p.width_paths:
+        out = b.engine.generate([prompt], num_paths=paths, max_new_tokens=n, summary_max_tokens=1)[0]
+        assert out.stats["think_tokens"] == paths * n, out.stats
+        rows.append({"paths": paths, "tokens_per_path": n, "think_s": out.stats["think_s"]})
+    for r in rows:
+        r["ratio_to_p1"] = r["think_s"] / rows[0]["think_s"]
+        r["think_tokens_per_s"] = r["paths"] * n / r["think_s"]
+
+    def plot(ax):
+        ax.plot([r["paths"] for r in rows], [r["ratio_to_p1"] for r in rows], "o-", label="engine")
+        ax.plot([r["paths"] for r in rows], [r["paths"] for r in rows], "--", color="grey", label="P x (sequential)")
+        ax.set(xscale="log", xlabel="paths P", ylabel="think latency / latency at P = 1")
+
+    return b.write("width", rows, plot)
+
+
+def bench_vs_hf(b: Bench) -> Path:
+    """Engine vs ``model.generate``: P samples (num_return_sequences) and P = 1, plus ParaThinker
+    end to end (think + summary) against the same number of generate samples."""
+    p = b.preset
+    prompt = b.prompt(p.prompt_len)
+    b.hf_generate(prompt, 2, 2)  # warm-up
+    b.engine.generate([prompt], mode="independent", num_paths=2, max_new_tokens=2, temperature=1.0, seed=0)
+    rows = []
+    for paths in p.vs_hf_paths:
+        mode = "sequential" if paths == 1 else "independent"
+        rows.append(_vs_hf_row(b, prompt, mode, paths, p.vs_hf_budget, 0))
+    rows.append(_vs_hf_row(b, prompt, "parathinker", p.e2e_paths, p.e2e_budget, p.e2e_summary))
+
+    def plot(ax):
+        labels = [f"{r['mode']}\nP={r['paths']} N={r['tokens_per_path']}" for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["engine_tok_s"] for r in rows], 0.4, label="engine")
+        ax.bar([i + 0.2 for i in x], [r["hf_tok_s"] for r in rows], 0.4, label="model.generate")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set(ylabel="generated tokens / s")
+
+    return b.write("vs_hf", rows, plot)
+
+
+def _vs_hf_row(b: Bench, prompt: list[int], mode: str, paths: int, n: int, summary: int) -> dict:
+    _, hf_s = b.timed(lambda: b.hf_generate(prompt, paths, n))
+    outs, engine_s = b.timed(lambda: b.engine.generate(
+        [prompt], mode=mode, num_paths=paths, max_new_tokens=n, summary_max_tokens=max(summary, 1),
+        temperature=1.0, seed=0,
+    ))
+    stats = outs[0].stats
+    tokens = paths * n  # the generate baseline's count; the engine's summary comes on top
+    assert stats["think_tokens"] == tokens, stats
+    return {
+        "mode": mode, "paths": paths, "tokens_per_path": n, "summary_tokens": stats["summary_tokens"],
+        "engine_s": engine_s, "hf_s": hf_s, "engine_tok_s": tokens / engine_s, "hf_tok_s": tokens / hf_s,
+        "speedup": hf_s / engine_s, "engine_time_ratio": engine_s / hf_s,
+    }
+
+
+def bench_summary(b: Bench) -> Path:
+    """Summary stage (template prefill + ``summary_tokens`` decode steps) with the paths' KV
+    reused in place vs recomputed first (``reprefill``), on a cache filled with P x L tokens."""
+    p = b.preset
+    _summary_times(b, 2, 4, 2)  # warm-up
+    rows = []
+    for paths in p.summary_paths:
+        for length in p.summary_lens:
+            reuse_s, reprefill_s = _summary_times(b, paths, length, p.summary_tokens)
+            rows.append({"paths": paths, "tokens_per_path": length, "summary_tokens": p.summary_tokens,
+                         "reuse_s": reuse_s, "reprefill_s": reprefill_s, "speedup": reprefill_s / reuse_s})
+
+    def plot(ax):
+        for paths in p.summary_paths:
+            sel = [r for r in rows if r["paths"] == paths]
+            ax.plot([r["tokens_per_path"] for r in sel], [r["speedup"] for r in sel], "o-", label=f"P={paths}")
+        ax.set(xscale="log", xlabel="tokens per path", ylabel="reprefill time / reuse time")
+
+    return b.write("summary", rows, plot)
+
+
+def _summary_times(b: Bench, paths: int, length: int, summary_tokens: int) -> tuple[float, float]:
+    """Fill a cache as the think stage leaves it (paths interleaved column by column), then time
+    the summary stage on it both ways."""
+    template = torch.tensor(b.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"],
+                            device=b.device)
+    prompt_len = b.preset.prompt_len
+    run = _filled_run(b, paths, length, template.numel() + summary_tokens)
+    filled_length = run.cache.length
+    summary_pos = torch.tensor([prompt_len + length], device=b.device)
+    enders = torch.tensor([b.tokenizer.eos_token_id], device=b.device)
+
+    def summarize():
+        return engine_mod.summarize(run, template, summary_pos, enders, summary_tokens)
+
+    with torch.inference_mode():
+        _, reuse_s = b.timed(summarize)
+        run.cache.length = filled_length  # drop the summary columns: the same cache again
+        _, reprefill_s = b.timed(lambda: (engine_mod.reprefill(run, template.numel(), summary_tokens), summarize()))
+    return reuse_s, reprefill_s
+
+
+def _filled_run(b: Bench, paths: int, length: int, extra: int, chunk: int = 512):
+    """An engine run whose cache holds a prompt and ``paths`` paths of ``length`` random tokens."""
+    prompt = torch.tensor([b.prompt(b.preset.prompt_len)])
+    lp = prompt.shape[1]
+    steps = torch.arange(paths * length)
+    tokens = torch.cat([prompt, torch.tensor([b.prompt(paths * length, seed=1)])], dim=1)
+    blocks = torch.cat([torch.zeros(lp, dtype=torch.long), steps % paths + 1])[None]
+    positions = torch.cat([torch.arange(lp), lp + steps // paths])[None]
+    total = tokens.shape[1]
+    run = engine_mod._Run(
+        model=b.model, cache=ParallelKVCache(b.model, 1, total + extra, b.device, b.dtype), num_paths=paths,
+        budget=length, sampling=engine_mod.SamplingParams(), generator=None, thought_embedding=True,
+        flattened=False, prompt_lens=torch.tensor([lp], device=b.device), keep_logits=False,
+    )
+    valid = torch.ones(1, total, dtype=torch.bool)
+    with torch.inference_mode():
+        for start in range(0, total, chunk):  # chunks bound the [Q, K] mask
+            cols = torch.arange(start, min(start + chunk, total))
+            engine_mod.forward(run, *(t.to(b.device) for t in (tokens[:, cols], cols, positions[:, cols],
+                                                                blocks[:, cols], valid[:, cols])), last_only=True)
+    return run
+
+
+def bench_length(b: Bench) -> Path:
+    """Mean per-step decode time after a prompt of ``context`` tokens: engine (preallocated
+    cache) vs a greedy loop over transformers' DynamicCache."""
+    p = b.preset
+    steps = p.length_steps
+    _hf_step_time(b, b.prompt(8), 2)  # warm-up
+    b.engine.generate([b.prompt(8)], mode="sequential", max_new_tokens=2)
+    rows = []
+    for context in p.length_contexts:
+        prompt = b.prompt(context)
+        out = b.engine.generate([prompt], mode="sequential", max_new_tokens=steps)[0]
+        engine_ms = 1000 * out.stats["think_s"] / steps  # one forward per new token
+        hf_ms = 1000 * _hf_step_time(b, prompt, steps)
+        rows.append({"context": context, "steps": steps, "engine_ms_per_step": engine_ms,
+                     "hf_ms_per_step": hf_ms, "speedup": hf_ms / engine_ms})
+
+    def plot(ax):
+        ax.plot([r["context"] for r in rows], [r["engine_ms_per_step"] for r in rows], "o-", label="engine")
+        ax.plot([r["context"] for r in rows], [r["hf_ms_per_step"] for r in rows], "s-", label="DynamicCache loop")
+        ax.set(xscale="log", xlabel="context (tokens)", ylabel="ms per decode step")
+
+    return b.write("length", rows, plot)
+
+
+@torch.inference_mode()
+def _hf_step_time(b: Bench, prompt: list[int], steps: int) -> float:
+    out = b.model(input_ids=torch.tensor([prompt], device=b.device), use_cache=True, logits_to_keep=1)
+    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+
+    def loop():
+        nonlocal token
+        for _ in range(steps):
+            step = b.model(input_ids=token, cache=cache, use_cache=True)
+            token = step.logits[:, -1].argmax(-1, keepdim=True)
+
+    return b.timed(loop)[1] / steps
+
+
+def bench_memory(b: Bench) -> Path:
+    """Peak memory of P-path decoding (engine and generate) against weights + theoretical KV."""
+    p = b.preset
+    prompt = b.prompt(p.prompt_len)
+    n = p.memory_budget
+    config = b.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * b.dtype.itemsize
+    weights = sum(t.numel() * t.element_size() for t in b.model.parameters())
+    rows = []
+    for paths in p.memory_paths:
+        kv_theory = kv_per_token * (p.prompt_len + paths * n)  # the prompt's KV stored once
+        engine_peak = _peak_extra(b, lambda: b.engine.generate([prompt], mode="independent", num_paths=paths,
+                                                                max_new_tokens=n, temperature=1.0, seed=0))
+        hf_peak = _peak_extra(b, lambda: b.hf_generate(prompt, paths, n))
+        mb = 2**20
+        rows.append({"paths": paths, "tokens_per_path": n, "weights_mb": weights / mb, "kv_theory_mb": kv_theory / mb,
+                     "engine_extra_mb": engine_peak / mb, "hf_extra_mb": hf_peak / mb,
+                     "engine_peak_over_theory": (weights + engine_peak) / (weights + kv_theory),
+                     "hf_peak_over_theory": (weights + hf_peak) / (weights + kv_theory)})
+
+    def plot(ax):
+        x = [r["paths"] for r in rows]
+        ax.plot(x, [r["kv_theory_mb"] for r in rows], "--", color="grey", label="theoretical KV")
+        ax.plot(x, [r["engine_extra_mb"] for r in rows], "o-", label="engine peak - before")
+        ax.plot(x, [r["hf_extra_mb"] for r in rows], "s-", label="generate peak - before")
+        ax.set(xlabel="paths P", ylabel="MiB above the loaded model")
+
+    return b.write("memory", rows, plot)
+
+
+def _peak_extra(b: Bench, fn: Callable[[], object]) -> int:
+    """Peak memory while ``fn`` runs minus memory before it (CUDA allocator, or sampled RSS)."""
+    if torch.device(b.device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    return _rss_peak_during(fn)
+
+
+def _rss() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _rss_peak_during(fn: Callable[[], object], interval_s: float = 0.002) -> int:
+    before = peak = _rss()
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss())
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak, _rss()) - before
+
+
+RUNNERS = {"width": bench_width, "vs_hf": bench_vs_hf, "summary": bench_summary, "length": bench_length,
+           "memory": bench_memory}
+
+
+# -- command line --------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.engine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (SmolLM2-135M shape) or cuda[:i] (Qwen2-1.5B shape)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--smoke", action="store_true", help="tiny shape and budgets: checks that it runs")
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--output", type=Path, default=Path("results"), help="directory for the CSV/PNG files")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    args = parser.parse_args(argv)
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in args.only if name not in RUNNERS]
+    if unknown or not args.only:
+        parser.error(f"--only: unknown benchmark(s) {unknown or args.only}; choose from {', '.join(BENCHMARKS)}")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PRESETS["smoke" if args.smoke else ("cpu" if args.device == "cpu" else "gpu")]
+    bench = Bench.create(preset, args.device, getattr(torch, args.dtype), args.output)
+    print(f"# {preset.shape} on {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads)")
+    return [RUNNERS[name](bench) for name in args.only]
+
+
+if __name__ == "__main__":
+    main()

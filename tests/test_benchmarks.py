@@ -1,0 +1,91 @@
+"""The benchmark suite runs end to end on a tiny shape and writes its tables (speed is not tested)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from benchmarks import engine as bench
+
+COLUMNS = {
+    "width": ["paths", "tokens_per_path", "think_s", "ratio_to_p1", "think_tokens_per_s"],
+    "vs_hf": ["mode", "paths", "tokens_per_path", "summary_tokens", "engine_s", "hf_s", "engine_tok_s",
+              "hf_tok_s", "speedup", "engine_time_ratio"],
+    "summary": ["paths", "tokens_per_path", "summary_tokens", "reuse_s", "reprefill_s", "speedup"],
+    "length": ["context", "steps", "engine_ms_per_step", "hf_ms_per_step", "speedup"],
+    "memory": ["paths", "tokens_per_path", "weights_mb", "kv_theory_mb", "engine_extra_mb", "hf_extra_mb",
+               "engine_peak_over_theory", "hf_peak_over_theory"],
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    paths = bench.main(["--smoke", "--output", str(out)])
+    return out, paths
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("name", bench.BENCHMARKS)
+def test_smoke_writes_csv_and_png(smoke_run, name):
+    out, paths = smoke_run
+    csv_path = out / f"bench_{name}.csv"
+    assert csv_path in paths
+    rows = read(csv_path)
+    assert list(rows[0]) == COLUMNS[name]
+    assert (out / f"bench_{name}.png").read_bytes()[:4] == b"\x89PNG"
+    numbers = [float(v) for r in rows for k, v in r.items() if k != "mode"]
+    assert all(v >= 0 for v in numbers) and all(v == v for v in numbers)  # no negatives, no NaN
+
+
+def test_smoke_grids_and_forced_lengths(smoke_run):
+    out, _ = smoke_run
+    smoke = bench.PRESETS["smoke"]
+    width = read(out / "bench_width.csv")
+    assert [int(r["paths"]) for r in width] == list(smoke.width_paths)
+    assert float(width[0]["ratio_to_p1"]) == 1.0
+    vs_hf = read(out / "bench_vs_hf.csv")
+    assert [r["mode"] for r in vs_hf] == ["sequential", "independent", "parathinker"]
+    tok = bench.build_tokenizer()
+    tok.add_tokens(bench.protocol.control_tokens(bench.NUM_CONTROL_PATHS), special_tokens=True)
+    template = len(tok(bench.protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
+    # EOS and </summary> are banned, so the summary runs to its budget after the template
+    assert int(vs_hf[-1]["summary_tokens"]) == template + smoke.e2e_summary
+    for r in vs_hf:
+        assert float(r["speedup"]) == pytest.approx(float(r["hf_s"]) / float(r["engine_s"]))
+    summary = read(out / "bench_summary.csv")
+    assert [(int(r["paths"]), int(r["tokens_per_path"])) for r in summary] == [
+        (p, n) for p in smoke.summary_paths for n in smoke.summary_lens
+    ]
+    assert [int(r["context"]) for r in read(out / "bench_length.csv")] == list(smoke.length_contexts)
+
+
+def test_memory_theory_is_the_kv_of_prompt_plus_paths(smoke_run):
+    out, _ = smoke_run
+    smoke = bench.PRESETS["smoke"]
+    _, shape = bench.SHAPES[smoke.shape]
+    head_dim = shape["hidden_size"] // shape["num_attention_heads"]
+    for r in read(out / "bench_memory.csv"):
+        tokens = smoke.prompt_len + int(r["paths"]) * int(r["tokens_per_path"])
+        per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * 4  # K and V, float32
+        assert float(r["kv_theory_mb"]) == pytest.approx(tokens * per_token / 2**20)
+
+
+def test_banned_tokens_are_never_generated():
+    model = bench.build_model("tiny", "cpu", torch.float32)
+    bench.ban_tokens(model, [1, 5])
+    logits = model(torch.tensor([[7, 8, 9]])).logits
+    assert torch.isinf(logits[..., [1, 5]]).all() and torch.isfinite(logits[..., 6]).all()
+
+
+def test_bad_arguments_exit_with_a_clear_message(capsys):
+    with pytest.raises(SystemExit) as err:
+        bench.parse_args(["--only", "width,nope"])
+    assert err.value.code != 0
+    assert "--only" in capsys.readouterr().err
