@@ -115,3 +115,48 @@ def offline_env(**extra: str) -> dict:
     )
     env.update(extra)
     return env
+
+
+_RUN_CACHE: dict = {}
+
+
+def run_lm_eval(args: list[str], out_dir: str | os.PathLike, timeout: float = 300, **env: str):
+    """Run ``lm_eval`` in a subprocess with ``offline_env``; returns (CompletedProcess, results dict)."""
+    import glob
+    import json
+    import subprocess
+
+    cmd = lm_eval_cmd() + list(args) + ["--output_path", str(out_dir)]
+    proc = subprocess.run(cmd, env=offline_env(**env), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"lm_eval failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    files = sorted(glob.glob(os.path.join(str(out_dir), "**", "results_*.json"), recursive=True))
+    assert files, f"no results JSON under {out_dir}"
+    with open(files[-1], encoding="utf-8") as f:
+        return proc, json.load(f)
+
+
+def tiny_hf_aime24_run(tmp_root: str | os.PathLike):
+    """Once per test process: a real ``lm_eval --model hf --tasks aime24 --limit 2`` run on a tiny Llama.
+
+    Returns (output dir, results dict). Shared by test_tasks and test_leaderboard to keep the suite fast.
+    """
+    if "hf" not in _RUN_CACHE:
+        root = Path(tmp_root)
+        ckpt = make_tiny_checkpoint(root / "tiny_llama", "llama")
+        out = root / "runs"
+        _, res = run_lm_eval(
+            [
+                "--model", "hf",
+                "--model_args", f"pretrained={ckpt},dtype=float32",
+                "--tasks", "aime24",
+                "--limit", "2",
+                "--gen_kwargs", "max_gen_toks=8",
+                "--metadata", '{"repeats": 2}',
+                "--device", "cpu",
+                "--log_samples",
+            ],
+            out,
+        )
+        _RUN_CACHE["hf"] = (out, res)
+    return _RUN_CACHE["hf"]
