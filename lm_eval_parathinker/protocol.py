@@ -197,22 +197,25 @@ def sequence_layout(
     path_indices: Sequence[int] | None = None,
     thought_embedding: bool = True,
     flattened: bool = False,
+    path_stride: int | None = None,
 ) -> SequenceLayout:
     """Layout of ``prompt | path 1 | ... | path P | summary`` packed in one row.
 
     ``path_indices`` are the control indices of the paths in packed order (default 1..P; the
-    training extrapolation trick renames some of them).
+    training extrapolation trick renames some of them). ``flattened`` positions put path i at
+    ``Lp + (i-1) * path_stride`` (back to back when no stride is given); the engine uses its
+    per-path budget as the stride.
     """
     indices = list(path_indices) if path_indices is not None else list(range(1, len(path_lens) + 1))
     if len(indices) != len(path_lens):
         raise ValueError(f"path_indices has {len(indices)} entries for {len(path_lens)} paths")
     blocks = [torch.full((prompt_len,), PROMPT_BLOCK)]
     positions = [torch.arange(prompt_len)]
-    for k, n, off in zip(indices, path_lens, path_offsets(path_lens, flattened)):
+    for k, n, off in zip(indices, path_lens, path_offsets(path_lens, flattened, path_stride)):
         blocks.append(torch.full((n,), k))
         positions.append(prompt_len + off + torch.arange(n))
     blocks.append(torch.full((summary_len,), SUMMARY_BLOCK))
-    positions.append(prompt_len + summary_offset(path_lens, flattened) + torch.arange(summary_len))
+    positions.append(prompt_len + summary_offset(path_lens, flattened, path_stride) + torch.arange(summary_len))
     block_ids = torch.cat(blocks).long()
     return SequenceLayout(
         block_ids=block_ids,

@@ -52,10 +52,10 @@ def test_path_logits_equal_each_path_decoded_alone(parathinker):
             torch.testing.assert_close(out.path_logits[k - 1], alone, atol=1e-4, rtol=0)
 
 
-def full_sequence_summary_logits(model, out) -> torch.Tensor:
+def full_sequence_summary_logits(model, out, **layout_kwargs) -> torch.Tensor:
     """One forward over prompt + paths + summary with the explicit two-phase mask."""
     lens = [len(p) for p in out.path_ids]
-    layout = protocol.sequence_layout(len(out.prompt_ids), lens, len(out.summary_ids))
+    layout = protocol.sequence_layout(len(out.prompt_ids), lens, len(out.summary_ids), **layout_kwargs)
     ids = torch.tensor([out.prompt_ids + sum(out.path_ids, []) + out.summary_ids])
     with torch.no_grad():
         logits = model(
@@ -84,6 +84,19 @@ def test_summary_with_kv_reuse_equals_full_sequence_and_reprefill(parathinker, t
     assert any(len({len(p) for p in o.path_ids}) > 1 for o in reuse)
 
 
+@pytest.mark.parametrize("thought_embedding", [True, False])
+def test_flattened_positions_ablation_matches_full_sequence(thought_embedding):
+    model, tok = tiny_parathinker("llama")
+    out = ParaThinkerEngine(model, tok).generate(
+        PROMPTS[:1], num_paths=3, max_new_tokens=6, termination="last", summary_max_tokens=4, temperature=1.0,
+        seed=1, positions="flattened", thought_embedding=thought_embedding, output_logits=True,
+    )[0]
+    expected = full_sequence_summary_logits(
+        model, out, flattened=True, path_stride=6, thought_embedding=thought_embedding
+    )
+    torch.testing.assert_close(out.summary_logits, expected[: len(out.summary_logits)], atol=1e-4, rtol=0)
+
+
 def test_sequence_layout_matches_hand_written_rule():
     layout = protocol.sequence_layout(2, [2, 1], 2)
     assert layout.block_ids.tolist() == [0, 0, 1, 1, 2, -1, -1]
@@ -97,6 +110,8 @@ def test_sequence_layout_matches_hand_written_rule():
     assert layout.attention_mask().tolist() == expected
     flat = protocol.sequence_layout(2, [2, 1], 2, flattened=True, thought_embedding=False)
     assert flat.position_ids.tolist() == [0, 1, 2, 3, 4, 5, 6]
+    strided = protocol.sequence_layout(2, [2, 1], 2, flattened=True, path_stride=4)
+    assert strided.position_ids.tolist() == [0, 1, 2, 3, 6, 10, 11]
     assert flat.segment_ids.tolist() == [0] * 7
 
 
