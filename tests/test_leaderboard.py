@@ -1,0 +1,88 @@
+"""Leaderboard CSV/table/PNG from results produced by a real lm_eval run (plus synthetic and corrupt files)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import tiny_hf_aime24_run
+
+from lm_eval_parathinker import leaderboard
+
+
+def _parathinker_result(path: Path, num_paths: int, value: float, model_args):
+    data = {
+        "results": {"aime24": {"alias": "aime24", "pass_at_1,all": value, "pass_at_1_stderr,all": 0.1,
+                               "gen_tokens,all": 1000.0 * num_paths, "gen_tokens_stderr,all": "N/A",
+                               "latency_s,all": 2.5, "latency_s_stderr,all": 0.5}},
+        "configs": {"aime24": {"repeats": 16}},
+        "n-samples": {"aime24": {"original": 30, "effective": 30}},
+        "config": {"model": "parathinker", "model_args": model_args, "limit": None},
+        "date": 1795784072.54,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def test_leaderboard_end_to_end(tmp_path_factory, tmp_path):
+    out, _ = tiny_hf_aime24_run(tmp_path_factory.mktemp("hf"))
+    root = tmp_path / "runs"
+    shutil.copytree(out, root / "hf")
+    _parathinker_result(root / "pt" / "results_2026-01-01T00-00-00.json", 4, 0.5,
+                        {"pretrained": "Qwen/tiny", "num_paths": 4, "method": "parathinker", "termination": "first"})
+    _parathinker_result(root / "pt8" / "results_2026-01-02T00-00-00.json", 8, 0.6,
+                        "pretrained=Qwen/tiny,num_paths=8,method=parathinker")  # string model_args
+    (root / "bad").mkdir()
+    (root / "bad" / "results_corrupt.json").write_text('{"results": {"aime24": ')  # partial file
+    (root / "bad" / "results_other.json").write_text("[1, 2]")
+
+    csv_path, png = tmp_path / "lb" / "leaderboard.csv", tmp_path / "lb" / "leaderboard.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval_parathinker.leaderboard", str(root), "-o", str(csv_path), "--plot", str(png)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "skipping" in proc.stderr and "results_corrupt.json" in proc.stderr and "results_other.json" in proc.stderr
+    assert "tiny_llama sequential P=1" in proc.stdout and "tiny parathinker P=8" in proc.stdout
+    print(proc.stdout)
+
+    rows = list(csv.DictReader(csv_path.open()))
+    assert list(rows[0]) == leaderboard.COLUMNS
+    hf = [r for r in rows if r["model"] == "hf"]
+    assert {r["metric"] for r in hf} >= {"pass_at_1", "pass_at_k", "maj_at_k", "no_answer", "verify_timeouts"}
+    r = next(r for r in hf if r["metric"] == "pass_at_1")
+    assert (r["method"], r["num_paths"], r["task"], r["n"], r["repeats"], r["limit"]) == ("sequential", "1", "aime24", "2", "2", "2.0")
+    assert r["pretrained"].endswith("tiny_llama")
+    p4 = next(r for r in rows if r["num_paths"] == "4" and r["metric"] == "pass_at_1")
+    assert (p4["method"], p4["termination"], p4["value"], p4["stderr"]) == ("parathinker", "first", "0.5", "0.1")
+    assert (p4["gen_tokens"], p4["latency_s"], p4["n"], p4["repeats"]) == ("4000.0", "2.5", "30", "16")
+    p8 = next(r for r in rows if r["num_paths"] == "8" and r["metric"] == "gen_tokens")
+    assert p8["stderr"] == "" and p8["pretrained"] == "Qwen/tiny"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(csv_path.parent.glob("*.tmp"))
+
+
+def test_atomic_write_leaves_no_partial_csv(tmp_path, monkeypatch):
+    target = tmp_path / "lb.csv"
+    target.write_text("old\n")
+
+    class Boom(dict):
+        def get(self, *a):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        leaderboard.write_csv([Boom()], target)
+    assert target.read_text() == "old\n"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+def test_parse_model_args():
+    assert leaderboard.parse_model_args("pretrained=a/b,num_paths=4") == {"pretrained": "a/b", "num_paths": "4"}
+    assert leaderboard.parse_model_args({"x": 1}) == {"x": 1}
+    assert leaderboard.parse_model_args(None) == {}
