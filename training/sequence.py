@@ -25,6 +25,9 @@ from lm_eval_parathinker import protocol
 from lm_eval_parathinker.protocol import ControlTokenIds, SequenceLayout
 
 IGNORE_INDEX = -100
+# The math tasks' doc_to_text (tasks/_parathinker_math_template_yaml): the question the model
+# class wraps in build_prompt at evaluation time, so training prompts are the evaluated ones.
+QUESTION_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
 @dataclass(frozen=True)
@@ -110,10 +113,16 @@ class SequenceBuilder:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _prompt_tokens(self, question: str) -> list[int]:
+        """The ParaThinker prompt tokenized as lm-eval's HFLM does: the tokenizer's special tokens,
+        unless the (chat-templated) string already starts with BOS."""
+        text = protocol.build_prompt(question, self.tokenizer)
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
     def encode(self, record: dict) -> EncodedRecord | None:
         """Tokenize a record; None when even its first two paths exceed ``max_length``."""
-        # The prompt string is tokenized like the engine encodes prompts (special tokens added).
-        prompt = self.tokenizer(protocol.build_prompt(record["problem"], self.tokenizer), add_special_tokens=True)["input_ids"]
+        prompt = self._prompt_tokens(QUESTION_TEMPLATE.format(problem=record["problem"]))
         paths, truncated = [], []
         for text in record["paths"][: self.max_paths]:
             body = self._tokens(text)

@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="full", action="store_false", help="LoRA fine-tuning (default)")
     mode.add_argument("--full", dest="full", action="store_true", help="full fine-tuning")
+    p.set_defaults(full=False)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-target-modules", default=DEFAULT_LORA_TARGETS, help="comma-separated module names")
