@@ -1,0 +1,401 @@
+"""``lm_eval --model parathinker``: ParaThinker and its fair baselines as an lm-eval model.
+
+:class:`ParaThinkerLM` subclasses lm-eval's ``HFLM`` (tokenization, dtype, device, batch size,
+PEFT adapters, ``accelerate launch`` data parallelism, loglikelihood) and implements
+``generate_until`` with :class:`~lm_eval_parathinker.engine.ParaThinkerEngine`:
+
+* ``method=parathinker``: P paths ``<think k> ... </think k>`` decoded in parallel after the
+  ParaThinker prompt (:func:`protocol.build_prompt`), then one summary; the response is the whole
+  transcript (paths, then summary), so ``--log_samples`` shows every path;
+* ``method=sequential``: one plain sample of exactly the prompt lm-eval hands over (greedy
+  decoding gives the same text as ``--model hf``);
+* ``method=majority``: P plain samples sharing one prefill; the response is the sample whose
+  answer (``scoring.extract_answer``) wins the vote (``scoring.majority_answer``, ties: earliest).
+
+Every response is a :class:`ParaThinkerResponse` (a ``str``) whose ``.meta`` holds numeric
+statistics that ``scoring.process_results`` turns into metrics of the results JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  (registers the built-ins first: see the registry pitfall in the docs)
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from tqdm.auto import tqdm
+
+from . import embedded, protocol, scoring
+from .engine import POSITIONS, SUMMARY_KV, TERMINATIONS, GenerationOutput, ParaThinkerEngine
+from .thought_embedding import (
+    add_control_tokens,
+    attach_thought_embeddings,
+    load_thought_embeddings,
+    quiet_unexpected_tables,
+    read_thought_embeddings,
+)
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("parathinker", "sequential", "majority")
+_ENGINE_MODE = {"parathinker": "parathinker", "sequential": "sequential", "majority": "independent"}
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed")
+#: file of a PEFT adapter directory that holds the trained thought embeddings (official key names)
+ADAPTER_TABLES_FILE = "thought_embeddings.safetensors"
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "1", "yes"):
+        return True
+    if str(value).strip().lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean (true/false)")
+
+
+def _as_int(name: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+@dataclass(frozen=True)
+class ParaThinkerOptions:
+    """The ParaThinker model args (validated; see ``docs/usage.md`` for the table)."""
+
+    method: str = "parathinker"
+    num_paths: int = 8
+    termination: str = "first"
+    summary_max_tokens: int = 128
+    summary_kv: str = "reuse"
+    thought_embedding: bool = True
+    positions: str = "aligned"
+
+    @classmethod
+    def parse(cls, method="parathinker", num_paths=None, termination="first", summary_max_tokens=128,
+              summary_kv="reuse", thought_embedding=True, positions="aligned") -> ParaThinkerOptions:
+        method = _choice("method", method, METHODS)
+        if method == "sequential":
+            if num_paths not in (None, 1, "1"):
+                raise ValueError(f"num_paths={num_paths!r} has no meaning for method=sequential (one path); omit it")
+            paths = 1
+        else:
+            paths = _as_int("num_paths", 8 if num_paths is None else num_paths)
+        # parathinker paths are named by the <think k> control tokens, of which the protocol has 8
+        upper = protocol.DEFAULT_NUM_CONTROL_PATHS if method == "parathinker" else None
+        if paths < 1 or (upper is not None and paths > upper):
+            bound = f"between 1 and {upper}" if upper else "at least 1"
+            raise ValueError(f"num_paths={paths} is out of range for method={method}: must be {bound}")
+        summary_max = _as_int("summary_max_tokens", summary_max_tokens)
+        if summary_max < 1:
+            raise ValueError(f"summary_max_tokens={summary_max} must be at least 1")
+        return cls(
+            method=method,
+            num_paths=paths,
+            termination=_choice("termination", termination, TERMINATIONS),
+            summary_max_tokens=summary_max,
+            summary_kv=_choice("summary_kv", summary_kv, SUMMARY_KV),
+            thought_embedding=_as_bool("thought_embedding", thought_embedding),
+            positions=_choice("positions", positions, POSITIONS),
+        )
+
+
+class ParaThinkerResponse(str):
+    """Generated text plus per-request statistics in ``.meta`` (read by ``scoring.process_results``).
+
+    ``meta`` defaults to None so that pickling (data-parallel gathering) can rebuild the object.
+    """
+
+    meta: dict
+
+    def __new__(cls, text: str, meta: dict | None = None) -> ParaThinkerResponse:
+        obj = super().__new__(cls, text)
+        obj.meta = dict(meta or {})
+        return obj
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """Paths (not hub ids): absolute, relative with ./ ../ ~, or more than one '/'."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def _check_checkpoint_arg(arg: str, value: str | None) -> None:
+    """Fail early, naming the model arg, when a local checkpoint path does not exist."""
+    if value is None or Path(value).expanduser().exists() or not _looks_like_local_path(value):
+        return
+    raise ValueError(f"{arg}={value}: no such checkpoint directory")
+
+
+def _local_dir(name: str | None, revision: str | None, patterns: list[str]) -> Path | None:
+    """``name`` as a local directory: itself, or its hub snapshot (files matching ``patterns``)."""
+    if name is None:
+        return None
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline without a cached snapshot, or not a hub repo
+        logger.warning("Could not resolve %s to a local directory: %s", name, e)
+        return None
+
+
+def _has_control_tokens(tokenizer) -> bool:
+    vocab = tokenizer.get_vocab()
+    return all(t in vocab for t in protocol.control_tokens())
+
+
+def _fit_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings when the tokenizer (e.g. an adapter's) has more tokens than rows."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def _sampling(kwargs: dict) -> dict:
+    """Engine sampling arguments from lm-eval's normalized gen_kwargs (until/max_gen_toks removed)."""
+    unknown = sorted(set(kwargs) - set(_SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(
+            f"generation kwargs {unknown} are not supported by --model parathinker "
+            f"(supported: until, max_gen_toks, {', '.join(_SAMPLING_KEYS)})"
+        )
+    sample = bool(kwargs.get("do_sample"))
+    return {
+        "temperature": float(kwargs.get("temperature") or 0.0) if sample else 0.0,
+        "top_p": float(kwargs.get("top_p") or 1.0),
+        "top_k": int(kwargs.get("top_k") or 0),
+        "seed": None if kwargs.get("seed") is None else int(kwargs["seed"]),
+    }
+
+
+def _meta(out: GenerationOutput) -> dict:
+    """Numeric statistics of one request (process_results averages them), plus the reason string."""
+    s = out.stats
+    return {
+        "gen_tokens": s["gen_tokens"],
+        "think_tokens": s["think_tokens"],
+        "summary_tokens": s["summary_tokens"],
+        "num_paths": s["num_paths"],
+        "paths_finished": s["paths_finished"],
+        "cut_paths": s["num_paths"] - s["paths_finished"],
+        "latency_s": s["latency_s"],  # wall time of the whole engine call (the batch), not per request
+        "termination": s["termination"],  # a string: kept out of the metrics by process_results
+    }
+
+
+@register_model("parathinker")
+class ParaThinkerLM(HFLM):
+    """lm-eval model ``parathinker`` (see the module docstring and ``docs/usage.md``)."""
+
+    def __init__(
+        self,
+        pretrained: str | None = embedded.EMBEDDED_NAME,
+        method: str = "parathinker",
+        num_paths: int | None = None,
+        termination: str = "first",
+        summary_max_tokens: int = 128,
+        summary_kv: str = "reuse",
+        thought_embedding: bool = True,
+        positions: str = "aligned",
+        **kwargs: Any,
+    ) -> None:
+        # Everything is validated before any loading; HFLM forwards unknown kwargs to from_pretrained.
+        self.options = ParaThinkerOptions.parse(
+            method, num_paths, termination, summary_max_tokens, summary_kv, thought_embedding, positions
+        )
+        if str(kwargs.get("batch_size", 1)).startswith("auto"):
+            raise ValueError("batch_size=auto is not supported by --model parathinker: pass a number of prompts")
+        if isinstance(kwargs.get("think_end_token"), int) or str(kwargs.get("think_end_token", "")).isdigit():
+            raise ValueError("think_end_token must be given as a string (not a token id) for --model parathinker")
+        if not isinstance(pretrained, str) and pretrained is not None:
+            raise ValueError("pretrained must be a checkpoint path, a hub id or 'embedded'")
+        _check_checkpoint_arg("pretrained", pretrained if not embedded.is_embedded(pretrained) else None)
+        _check_checkpoint_arg("peft", kwargs.get("peft"))
+        self._peft_arg = kwargs.get("peft")
+        self.control_tokens_added: list[str] = []
+        self.tables_source: str | None = None
+        self.termination_reasons: Counter = Counter()
+        super().__init__(pretrained=embedded.resolve_pretrained(pretrained), **kwargs)
+        self._engine: ParaThinkerEngine | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _create_tokenizer(self, pretrained, tokenizer, *args, **kwargs) -> None:
+        """A trained adapter directory carries the tokenizer with the control tokens: prefer it."""
+        if tokenizer is None and self._peft_arg is not None:
+            adapter = _local_dir(self._peft_arg, kwargs.get("revision"), ["*.json", "*.txt", "*.model"])
+            if adapter is not None and (adapter / "tokenizer_config.json").is_file():
+                tokenizer = str(adapter)
+        super()._create_tokenizer(pretrained, tokenizer, *args, **kwargs)
+
+    def _create_model(self, pretrained, *args, peft=None, revision="main", **kwargs) -> None:
+        """HFLM's loading without its PEFT step, then control tokens, thought embeddings, adapter.
+
+        Control tokens are added (and the embeddings resized, only if needed) before the adapter
+        is applied, so the adapter's trained token rows land on the ids it was trained with.
+        """
+        with quiet_unexpected_tables():  # official checkpoints hold seg_embeddings: read below
+            super()._create_model(pretrained, *args, peft=None, revision=revision, **kwargs)
+        model = self._model
+        if self.options.method == "parathinker" or _has_control_tokens(self.tokenizer):
+            self.control_tokens_added = add_control_tokens(model, self.tokenizer)
+        _fit_embeddings(model, self.tokenizer)
+        self._load_tables(model, pretrained, revision, peft)
+        if peft:
+            from peft import PeftModel
+
+            self._model = PeftModel.from_pretrained(model, peft, revision=revision)
+
+    def _tables_dir(self, pretrained: str, revision: str, peft: str | None) -> Path | None:
+        """The adapter dir when it holds thought embeddings, else the checkpoint dir."""
+        adapter = _local_dir(peft, revision, [ADAPTER_TABLES_FILE]) if peft else None
+        if adapter is not None and (adapter / ADAPTER_TABLES_FILE).is_file():
+            return adapter
+        return _local_dir(pretrained, revision, ["*.json", "*.safetensors"])
+
+    def _load_tables(self, model, pretrained: str, revision: str, peft: str | None) -> None:
+        source = self._tables_dir(pretrained, revision, peft)
+        has_tables = source is not None and bool(read_thought_embeddings(source))
+        if has_tables:
+            load_thought_embeddings(model, source)
+            self.tables_source = str(source)
+        elif self.options.method == "parathinker":
+            attach_thought_embeddings(model, getattr(model.config, "max_segments", protocol.DEFAULT_MAX_SEGMENTS))
+        if self.options.method == "parathinker" and (self.control_tokens_added or not has_tables):
+            missing = (["control tokens"] if self.control_tokens_added else []) + ([] if has_tables else ["thought embeddings"])
+            logger.warning(
+                "%s has no trained ParaThinker %s: running training-free ParaThinker (control tokens "
+                "added, zero thought embeddings). Results are NOT those of a trained ParaThinker model.",
+                peft or pretrained,
+                " or ".join(missing),
+            )
+
+    @property
+    def training_free(self) -> bool:
+        return bool(self.control_tokens_added) or self.tables_source is None
+
+    @property
+    def engine(self) -> ParaThinkerEngine:
+        if self._engine is None:
+            self._engine = ParaThinkerEngine(self.model, self.tokenizer)
+        return self._engine
+
+    # -- generation ------------------------------------------------------------------------
+
+    def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
+        """All requests with identical gen_kwargs are decoded ``batch_size`` prompts at a time
+        (each prompt with its P paths) in one engine call."""
+        if not requests:
+            return []
+        collator = Collator(
+            [req.args for req in requests],
+            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda args: args[1],
+        )
+        show = not disable_tqdm and self.rank == 0
+        bar = tqdm(total=len(requests), disable=not show, desc=f"parathinker {self.options.method} requests")
+        results = []
+        for chunk in collator.get_batched(n=self.batch_size):
+            contexts, all_kwargs = zip(*chunk)
+            for context, response in zip(contexts, self._generate_batch(list(contexts), all_kwargs[0], show)):
+                results.append(response)
+                self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), response)
+                bar.update(1)
+        bar.close()
+        return collator.get_original(results)
+
+    def _generate_batch(self, contexts: list[str], gen_kwargs: dict, progress: bool) -> list[ParaThinkerResponse]:
+        opts = self.options
+        kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+        budget = kwargs.pop("max_gen_toks")
+        sampling = _sampling(kwargs)
+        parathinker = opts.method == "parathinker"
+        prompts = [protocol.build_prompt(c, self.tokenizer) for c in contexts] if parathinker else contexts
+        outputs = self.engine.generate(
+            self._encode(prompts, budget),
+            mode=_ENGINE_MODE[opts.method],
+            num_paths=opts.num_paths,
+            max_new_tokens=budget,
+            termination=opts.termination,
+            summary_max_tokens=opts.summary_max_tokens,
+            summary_kv=opts.summary_kv,
+            thought_embedding=opts.thought_embedding,
+            positions=opts.positions,
+            stop_strings=[s for s in until if s and s != eos],  # EOS is handled by token id
+            progress=progress,
+            **sampling,
+        )
+        responses = []
+        for out in outputs:
+            self.termination_reasons[out.stats["termination"]] += 1
+            text = self._transcript(out, until) if parathinker else self._plain_response(out, until)
+            responses.append(ParaThinkerResponse(text, _meta(out)))
+        return responses
+
+    def _encode(self, prompts: list[str], budget: int) -> list[list[int]]:
+        """Token ids as HFLM encodes them, left-truncated to leave room for the generation."""
+        opts = self.options
+        reserve = budget * (opts.num_paths if opts.positions == "flattened" and opts.method == "parathinker" else 1)
+        if opts.method == "parathinker":
+            template = self.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
+            reserve += len(template) + opts.summary_max_tokens
+        room = self.max_length - reserve
+        if room <= 0:
+            raise ValueError(
+                f"max_gen_toks={budget} (per path) leaves no room for the prompt within the model's "
+                f"max_length={self.max_length}"
+            )
+        ids, mask = self.tok_batch_encode(prompts, left_truncate_len=room, truncation=self.truncation)
+        return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+    def _sample_text(self, token_ids: list[int], until: list[str]) -> str:
+        """One plain sample as HFLM returns it: special tokens skipped, cut at the first stop string."""
+        think_end = self.think_end_token if isinstance(self.think_end_token, str) else None
+        return postprocess_generated_text(self.tok_decode(token_ids), until, think_end)
+
+    def _plain_response(self, out: GenerationOutput, until: list[str]) -> str:
+        texts = [self._sample_text(ids, until) for ids in out.path_ids]
+        if len(texts) == 1:
+            return texts[0]
+        winner = scoring.majority_answer([scoring.extract_answer(t) for t in texts])
+        return texts[0 if winner is None else winner]
+
+    @staticmethod
+    def _transcript(out: GenerationOutput, until: list[str]) -> str:
+        """Every path (with its control tokens), then the summary cut at the first stop string."""
+        return "".join(out.path_texts) + postprocess_generated_text(out.summary_text, until, None)
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def get_model_info(self) -> dict:
+        """HFLM's info plus the ParaThinker settings (merged into ``config`` of the results JSON)."""
+        info = super().get_model_info()
+        info["parathinker"] = {
+            **asdict(self.options),
+            "training_free": self.training_free if self.options.method == "parathinker" else None,
+            "thought_embeddings_from": self.tables_source,
+            "control_tokens_added": len(self.control_tokens_added),
+            "termination_reasons": dict(self.termination_reasons),
+        }
+        return info
+
+
+__all__ = ["METHODS", "ParaThinkerLM", "ParaThinkerOptions", "ParaThinkerResponse"]
