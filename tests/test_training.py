@@ -1,0 +1,378 @@
+"""Training: sequences agree with the engine, path isolation, labels, extrapolation, padding,
+LoRA/full runs that lower the loss and load in lm_eval, resume, data errors, make_data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny import DATA_DIR, save_tiny_checkpoint, tiny_parathinker  # noqa: E402
+
+from lm_eval_parathinker import protocol  # noqa: E402
+from lm_eval_parathinker.engine import ParaThinkerEngine  # noqa: E402
+from training import make_data  # noqa: E402
+from training.data import DataError, convert, load_records  # noqa: E402
+from training.sequence import (  # noqa: E402
+    IGNORE_INDEX,
+    QUESTION_TEMPLATE,
+    Collator,
+    SequenceBuilder,
+    extrapolation_indices,
+    pack,
+)
+from training.sft import forward_logits, lm_loss, load_base  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PARATHINKER_DATA_DIR": str(DATA_DIR)}
+
+RECORDS = [
+    {"problem": f"What is {i} + 3?", "answer": str(i + 3),
+     "paths": [f"Let x be {i} + 3 so x = {i + 3}.", f"The answer is {i + 3}, so \\boxed{{{i + 3}}}.", f"x = 3 + {i} = {i + 3}"]}
+    for i in range(6)
+]
+
+
+def _batch(examples, tok):
+    return Collator(tok.pad_token_id)(examples)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_parathinker("qwen2")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return path
+
+
+# ------------------------------------------------------------------ training == inference
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_training_forward_matches_engine_logits(arch):
+    model, tok = tiny_parathinker(arch)
+    out = ParaThinkerEngine(model, tok).generate(
+        ["What is 2+3?"], num_paths=3, max_new_tokens=7, termination="last", summary_max_tokens=6,
+        output_logits=True, temperature=1.0, seed=3,
+    )[0]
+    ex = pack(out.prompt_ids, out.path_ids, out.summary_ids)
+    with torch.no_grad():
+        logits = forward_logits(model, _batch([ex], tok))[0]
+    start = len(out.prompt_ids)
+    for path, expected in zip(out.path_ids, out.path_logits):
+        torch.testing.assert_close(logits[start : start + len(path)], expected, atol=1e-4, rtol=0)
+        start += len(path)
+    n = out.summary_logits.shape[0]
+    assert n >= len(out.summary_ids) - 1 > 0
+    torch.testing.assert_close(logits[start : start + n], out.summary_logits, atol=1e-4, rtol=0)
+
+
+def test_path_isolation_logits_and_gradients(tiny):
+    model, tok = tiny
+    builder = SequenceBuilder(tok)
+    enc = builder.encode(RECORDS[1])
+    ex = builder.build(enc)
+    blocks = ex.layout.block_ids
+    changed = ex.input_ids.clone()
+    pos2 = (blocks == 2).nonzero().flatten()[3]  # a body token of path 2
+    changed[pos2] = (changed[pos2] + 1) % 280
+
+    def run(input_ids):
+        batch = _batch([ex], tok)
+        embeds = model.get_input_embeddings()(input_ids[None]).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
+                       segment_ids=batch["segment_ids"], use_cache=False).logits[0]
+        path1 = logits[blocks == 1]
+        path1.log_softmax(-1).sum().backward()
+        return logits.detach(), embeds.grad[0]
+
+    logits_a, grad_a = run(ex.input_ids)
+    logits_b, grad_b = run(changed)
+    in1, in2, summ = blocks == 1, blocks == 2, blocks == protocol.SUMMARY_BLOCK
+    assert torch.equal(logits_a[in1], logits_b[in1])
+    assert torch.equal(grad_a[in1], grad_b[in1])
+    assert grad_a[in2].abs().max() == 0 and grad_a[summ].abs().max() == 0  # path 1 never reads them
+    assert (logits_a[summ] - logits_b[summ]).abs().max() > 1e-4  # the summary reads path 2
+
+
+# ------------------------------------------------------------------ labels, truncation, extrapolation
+
+
+def test_labels_cover_paths_closers_and_summary_only(tiny):
+    _, tok = tiny
+    builder = SequenceBuilder(tok)
+    ids = builder.ids
+    record = RECORDS[4]
+    ex = builder.build(builder.encode(record))
+    labelled = ex.labels != IGNORE_INDEX
+    assert torch.equal(ex.labels[labelled], ex.input_ids[labelled])
+    expected = "".join(p + protocol.think_close(k) for k, p in enumerate(record["paths"], 1))
+    expected += f" \\boxed{{{record['answer']}}}" + protocol.SUMMARY_CLOSE
+    assert tok.decode(ex.input_ids[labelled]) == expected
+    prompt_len = int((ex.layout.block_ids == protocol.PROMPT_BLOCK).sum())
+    untrained = ex.input_ids[prompt_len:][~labelled[prompt_len:]].tolist()
+    assert untrained == [ids.think_open[0], ids.think_open[1], ids.think_open[2], *builder.template]
+    prompt = protocol.build_prompt(QUESTION_TEMPLATE.format(problem=record["problem"]), tok)
+    assert tok.decode(ex.input_ids[:prompt_len]) == prompt
+
+
+def test_question_template_is_the_tasks_doc_to_text():
+    yaml_text = (REPO / "tasks" / "_parathinker_math_template_yaml").read_text()
+    doc_to_text = json.loads(re.search(r"^doc_to_text: (\".*\")$", yaml_text, re.M).group(1))
+    assert QUESTION_TEMPLATE.format(problem="P") == doc_to_text.replace("{{problem}}", "P")
+
+
+def test_truncated_path_keeps_closer_without_label(tiny):
+    _, tok = tiny
+    builder = SequenceBuilder(tok, max_path_tokens=5)
+    record = {**RECORDS[0], "paths": ["x", "a much longer path that cannot fit in five tokens"]}
+    ex = builder.build(builder.encode(record))
+    blocks = ex.layout.block_ids
+    p1, p2 = ex.input_ids[blocks == 1], ex.input_ids[blocks == 2]
+    assert len(p2) == 5 and p2[-1] == builder.ids.think_close[1]
+    assert ex.labels[blocks == 2].tolist() == [IGNORE_INDEX, *p2[1:4].tolist(), IGNORE_INDEX]
+    assert len(p1) == 3 and ex.labels[blocks == 1][-1] == builder.ids.think_close[0]
+
+
+def test_max_length_drops_trailing_paths_then_skips(tiny):
+    _, tok = tiny
+    full = SequenceBuilder(tok).encode(RECORDS[0])
+    two = SequenceBuilder(tok).length(full) - len(full.paths[2]) - 2
+    assert len(SequenceBuilder(tok, max_length=two).encode(RECORDS[0]).paths) == 2
+    assert SequenceBuilder(tok, max_length=two - 1).encode(RECORDS[0]) is None
+
+
+def test_extrapolation_renames_tokens_labels_and_segments(tiny):
+    _, tok = tiny
+    builder = SequenceBuilder(tok)
+    ids = builder.ids
+    rng = random.Random(0)
+    assert extrapolation_indices(4, 8, 0.0, rng) == [1, 2, 3, 4]
+    assert extrapolation_indices(7, 8, 1.0, rng) == list(range(1, 8))  # would clash with 7
+    seen = set()
+    for _ in range(20):
+        idx = extrapolation_indices(4, 8, 1.0, rng)
+        assert sorted(idx) in ([1, 2, 7, 8], [1, 3, 7, 8], [1, 4, 7, 8], [2, 3, 7, 8], [2, 4, 7, 8], [3, 4, 7, 8])
+        assert [k for k in idx if k < 7] == sorted(k for k in idx if k < 7)  # the others keep their index
+        seen.add(tuple(idx))
+    assert len(seen) > 3
+    record = {**RECORDS[2], "paths": RECORDS[2]["paths"] + ["fourth path"]}
+    enc = builder.encode(record)
+    plain, renamed = builder.build(enc), builder.build(enc, [8, 2, 7, 4])
+    seg = renamed.layout.segment_ids
+    for k_new, k_old, body in zip([8, 2, 7, 4], [1, 2, 3, 4], enc.paths):
+        in_path = renamed.layout.block_ids == k_new
+        tokens = renamed.input_ids[in_path].tolist()
+        assert tokens == [ids.think_open[k_new - 1], *body, ids.think_close[k_new - 1]]
+        assert (seg[in_path] == k_new).all()
+        assert renamed.labels[in_path].tolist() == [IGNORE_INDEX, *body, ids.think_close[k_new - 1]]
+        assert plain.input_ids[plain.layout.block_ids == k_old].tolist()[1:-1] == body
+    assert torch.equal(renamed.layout.position_ids, plain.layout.position_ids)
+    assert torch.equal(renamed.layout.attention_mask(), plain.layout.attention_mask())
+
+
+def test_collator_padding_changes_nothing(tiny):
+    model, tok = tiny
+    builder = SequenceBuilder(tok)
+    short, long = (builder.build(builder.encode(r)) for r in (RECORDS[0], {**RECORDS[1], "paths": RECORDS[1]["paths"] * 2}))
+    batch = _batch([short, long], tok)
+    n = short.input_ids.numel()
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all() and (batch["input_ids"][0, n:] == tok.pad_token_id).all()
+    assert batch["attention_mask"].shape == (2, 1, long.input_ids.numel(), long.input_ids.numel())
+    assert (batch["attention_mask"][0, 0, :n, n:] == torch.finfo(torch.float32).min).all()
+    with torch.no_grad():
+        padded = forward_logits(model, batch)
+        alone = forward_logits(model, _batch([short], tok))
+    assert torch.isfinite(padded).all()
+    torch.testing.assert_close(padded[0, :n], alone[0], atol=1e-5, rtol=0)
+    loss = lm_loss(padded, batch["labels"])
+    manual = torch.nn.functional.cross_entropy(
+        torch.cat([padded[0, : n - 1], padded[1, :-1]]), torch.cat([short.labels[1:], long.labels[1:]]), ignore_index=IGNORE_INDEX
+    )
+    torch.testing.assert_close(loss, manual)
+
+
+# ------------------------------------------------------------------ data files
+
+
+def test_malformed_data_gives_file_line_errors(tmp_path):
+    good = json.dumps(RECORDS[0])
+    cases = {
+        "{not json": r":2: invalid JSON",
+        json.dumps({**RECORDS[0], "paths": ["only one"]}): r":2: field 'paths' must be a list of at least 2",
+        json.dumps({**RECORDS[0], "paths": ["a", ""]}): r":2: field 'paths' entry 2",
+        json.dumps({**RECORDS[0], "answer": ""}): r":2: field 'answer'",
+        json.dumps({**RECORDS[0], "paths": ["a", "b <think3> c"]}): r":2: field 'paths' entry 2 contains the control token",
+    }
+    for bad, message in cases.items():
+        path = tmp_path / "bad.jsonl"
+        path.write_text(good + "\n" + bad + "\n")
+        with pytest.raises(DataError, match=re.escape(str(path)) + message):
+            load_records(path)
+
+
+def test_sft_cli_rejects_bad_data_without_output(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"problem": "x", "answer": "1", "paths": "nope"}) + "\n")
+    base = save_tiny_checkpoint(tmp_path / "base", parathinker=False)
+    proc = subprocess.run([sys.executable, "-m", "training.sft", "--model", str(base), "--data", str(bad),
+                           "--output", str(tmp_path / "out")], capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert proc.returncode == 2
+    assert f"{bad}:2: field 'paths'" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_shared_sources(tmp_path):
+    maj8 = DATA_DIR / "train" / "qwen25math_maj8_samples.jsonl"
+    records, dropped = convert(maj8)
+    rows = [json.loads(line) for line in maj8.read_text().splitlines()]
+    assert len(records) + dropped == len(rows)
+    first = next(r for r in rows if r["id"] == records[0]["id"])
+    assert len(records[0]["paths"]) == sum(first["scores"])
+    assert records[0]["paths"][0] == next(t for t, ok in zip(first["responses"], first["scores"]) if ok).strip()
+
+    out = tmp_path / "pr1.jsonl"
+    src = DATA_DIR / "train" / "parallel_r1_gsm8k_sft.jsonl"
+    assert make_data.main(["convert", "--source", str(src), "--output", str(out)]) == 0
+    converted = load_records(out)
+    row = json.loads(src.read_text().splitlines()[0])
+    assert len(converted[0]["paths"]) == len(row["parallel_blocks"][0])
+    assert converted[0]["paths"][1].endswith(row["parallel_blocks"][-1][1].strip())
+    assert make_data.main(["convert", "--source", str(DATA_DIR / "train" / "gsm8k_test.jsonl"), "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_sample_keeps_correct_paths_and_resumes(tmp_path, monkeypatch, capsys):
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", parathinker=False)
+    out = tmp_path / "paths.jsonl"
+    source = DATA_DIR / "train" / "gsm8k_train.jsonl"
+    verdicts = iter([[True, False, True], [False, True, False], [True, True, True]])
+    monkeypatch.setattr(make_data, "grade", lambda texts, gold: next(verdicts))
+    args = ["sample", "--source", str(source), "--teacher", str(teacher), "--output", str(out),
+            "--num-paths", "3", "--max-new-tokens", "4", "--min-correct", "2"]
+    assert make_data.main([*args, "--limit", "2"]) == 0
+    assert "kept 1, dropped 1" in capsys.readouterr().out
+    (rec,) = load_records(out)
+    assert rec["id"] == "gsm8k-train-0" and rec["answer"] == "72" and len(rec["paths"]) == 2
+    assert rec["provenance"]["temperature"] == 0.8 and rec["provenance"]["teacher"] == str(teacher)
+    assert make_data.main([*args, "--limit", "3"]) == 0  # only problem 3 is new
+    assert "kept 1, dropped 0, skipped 2" in capsys.readouterr().out
+    assert [r["id"] for r in load_records(out)] == ["gsm8k-train-0", "gsm8k-train-2"]
+
+
+def test_grade_uses_boxed_answer_and_math_equivalence():
+    assert make_data.grade(["so \\boxed{72}", "\\boxed{71}", "x \\boxed{\\frac{144}{2}}"], "72") == [True, False, True]
+
+
+# ------------------------------------------------------------------ SFT runs
+
+
+def _sft(tmp_path, base, out, *extra):
+    cmd = [sys.executable, "-m", "training.sft", "--model", str(base), "--data", str(tmp_path / "train.jsonl"),
+           "--output", str(out), "--seed", "0", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _dataset_loss(model, tok) -> float:
+    builder = SequenceBuilder(tok)
+    batch = Collator(tok.pad_token_id)([builder.build(builder.encode(r)) for r in RECORDS])
+    with torch.no_grad():
+        return lm_loss(forward_logits(model.eval(), batch), batch["labels"]).item()
+
+
+def _initial_loss(base) -> float:
+    from accelerate.utils import set_seed
+
+    set_seed(0)  # the run's seed: same N(0, 0.02) tables
+    return _dataset_loss(*load_base(str(base)))
+
+
+def _lm_eval(model_args: str, tmp_path) -> dict:
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "parathinker", "--model_args", model_args,
+           "--tasks", "aime24", "--limit", "1", "--gen_kwargs", "max_gen_toks=6",
+           "--metadata", json.dumps({"repeats": 1, "data_dir": str(DATA_DIR)}),
+           "--output_path", str(tmp_path / "eval"), "--log_samples"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = (tmp_path / "eval").rglob("results_*.json")
+    return json.loads(result.read_text())
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, data_file):
+    d = data_file.parent
+    return save_tiny_checkpoint(d / "base", parathinker=False)
+
+
+def test_full_sft_lowers_loss_and_loads_in_lm_eval(base, data_file):
+    from lm_eval_parathinker.thought_embedding import load_parathinker_model
+    from transformers import AutoTokenizer
+
+    tmp = data_file.parent
+    out = tmp / "full"
+    _sft(tmp, base, out, "--full", "--learning-rate", "3e-3", "--epochs", "2", "--extrapolate-prob", "0.5")
+    model = load_parathinker_model(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert protocol.control_tokens()[0] in tok.get_vocab() and model.config.max_segments == 32
+    assert _dataset_loss(model, tok) < 0.8 * _initial_loss(base)
+    res = _lm_eval(f"pretrained={out},num_paths=2", tmp / "eval_full")
+    assert "aime24" in res["results"]
+
+
+def test_lora_adapter_lowers_loss_and_loads_with_peft(base, data_file):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_parathinker.thought_embedding import add_control_tokens, load_thought_embeddings, thought_embedding_tables
+
+    tmp = data_file.parent
+    out = tmp / "lora"
+    _sft(tmp, base, out, "--lora-rank", "8", "--learning-rate", "1e-2", "--epochs", "2", "--save-adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "thought_embeddings.safetensors"} <= {p.name for p in out.iterdir()}
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    add_control_tokens(model, tok)
+    base_rows = model.get_input_embeddings().weight[tok.convert_tokens_to_ids(["<think1>", "<summary>"])].clone()
+    assert load_thought_embeddings(model, out)
+    assert all(t.weight.abs().sum() > 0 for t in thought_embedding_tables(model))
+    model = PeftModel.from_pretrained(model, out)
+    trained_rows = model.get_input_embeddings()(torch.tensor(tok.convert_tokens_to_ids(["<think1>", "<summary>"])))
+    assert not torch.allclose(trained_rows, base_rows)  # control-token rows were trained
+    assert _dataset_loss(model, tok) < 0.8 * _initial_loss(base)
+    res = _lm_eval(f"pretrained={base},peft={out},num_paths=2", tmp / "eval_lora")
+    assert "aime24" in res["results"]
+
+
+def test_resume_continues_from_saved_step(base, data_file):
+    tmp = data_file.parent
+    out = tmp / "resume"
+    common = ["--lora-rank", "4", "--epochs", "2", "--save-steps", "4", "--learning-rate", "1e-3"]
+    _sft(tmp, base, out, *common, "--max-steps", "4")  # "interrupted" after step 4
+    first = list(csv.DictReader(open(out / "loss.csv")))
+    assert [int(r["step"]) for r in first] == [1, 2, 3, 4] and (out / "checkpoint-4" / "trainer_state.json").is_file()
+    _sft(tmp, base, out, *common, "--resume")
+    rows = list(csv.DictReader(open(out / "loss.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert rows[:4] == first
+    straight = tmp / "straight"
+    _sft(tmp, base, straight, *common)
+    reference = list(csv.DictReader(open(straight / "loss.csv")))
+    for a, b in zip(rows, reference):  # same data order, RNG and optimizer state as an uninterrupted run
+        assert abs(float(a["loss"]) - float(b["loss"])) < 1e-4, (a, b)
+    assert (out / "config.json").is_file() and not list(out.glob(".*.tmp"))
