@@ -217,9 +217,10 @@ def _only_trainable(models, weights, output_dir) -> None:
         weights[i] = {k: v for k, v in weights[i].items() if k in names}
 
 
-def save_final(model, tokenizer, out: Path, adapter: bool) -> None:
+def save_final(model, tokenizer, out: Path, adapter: bool, state_dict: dict | None = None) -> None:
     """The loadable result in OUT. Files go to a tmp dir, then move in with the file that makes
-    the dir loadable (config.json / adapter_config.json) last and any old one removed first."""
+    the dir loadable (config.json / adapter_config.json) last and any old one removed first.
+    ``state_dict``: the gathered full weights of a sharded (FSDP / ZeRO-3) full fine-tune."""
     tmp = _fresh_tmp(out, "final")
     if adapter:
         from safetensors.torch import save_file
@@ -230,7 +231,7 @@ def save_final(model, tokenizer, out: Path, adapter: bool) -> None:
     else:
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         marker = "config.json"
     tokenizer.save_pretrained(tmp)
     for stale in ("config.json", "adapter_config.json"):
@@ -271,7 +272,7 @@ def build_dataset(args, tokenizer) -> MultiPathDataset:
 
 
 def train(args: argparse.Namespace) -> Path:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedType
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -344,8 +345,11 @@ def train(args: argparse.Namespace) -> Path:
             break
     bar.close()
     accelerator.wait_for_everyone()
+    sharded = accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    # Sharded weights must be gathered on every rank; merging LoRA needs them whole (use DDP).
+    state_dict = accelerator.get_state_dict(model) if sharded and args.full else None
     if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(model), tokenizer, out, args.save_adapter)
+        save_final(accelerator.unwrap_model(model), tokenizer, out, args.save_adapter, state_dict)
     return out
 
 
