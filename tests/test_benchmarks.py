@@ -89,3 +89,21 @@ def test_bad_arguments_exit_with_a_clear_message(capsys):
         bench.parse_args(["--only", "width,nope"])
     assert err.value.code != 0
     assert "--only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("queries", [1, 8, 300])  # 300: beyond PACKED_MAX_QUERIES, transformers' own path
+def test_packed_gqa_attention_equals_transformers_sdpa(queries):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lm_eval_parathinker.engine import packed_gqa_sdpa
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 9, queries, 16, generator=g)
+    key, value = torch.randn(2, 2, 3, 400, 16, generator=g).unbind(0)
+    allowed = torch.rand(2, 1, queries, 400, generator=g) > 0.3
+    mask = torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+    packed, _ = packed_gqa_sdpa(module, query, key, value, mask, scaling=0.25)
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=1e-5)
