@@ -171,9 +171,10 @@ class MultiPathDataset(torch.utils.data.Dataset):
         self.builder = builder
         self.extrapolate_prob = extrapolate_prob
         self.seed = seed
-        self.set_epoch(0)
+        self.start_epoch(0)
 
-    def set_epoch(self, epoch: int) -> None:
+    def start_epoch(self, epoch: int) -> None:
+        """Not named set_epoch: accelerate would call that itself with its own iteration count."""
         self.epoch = epoch
         self.order = list(range(len(self.items)))
         random.Random(f"{self.seed}-order-{epoch}").shuffle(self.order)

@@ -313,7 +313,7 @@ def train(args: argparse.Namespace) -> Path:
     model.train()
     losses: list[float] = []
     for epoch in range(state["epoch"], args.epochs):
-        dataset.set_epoch(epoch)
+        dataset.start_epoch(epoch)
         skip = state["batches_done"] if epoch == state["epoch"] else 0
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for done, batch in enumerate(batches, start=skip + 1):
