@@ -295,6 +295,14 @@ class ParaThinkerLM(HFLM):
             self._engine = ParaThinkerEngine(self.model, self.tokenizer)
         return self._engine
 
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """``--apply_chat_template``: the baselines get the model's chat template as with ``--model hf``;
+        parathinker gets the messages' plain text, because :func:`protocol.build_prompt` wraps it in
+        the chat template itself (together with the ParaThinker instruction)."""
+        if self.options.method != "parathinker":
+            return super().apply_chat_template(chat_history, add_generation_prompt)
+        return "\n".join(message["content"] for message in chat_history)
+
     # -- generation ------------------------------------------------------------------------
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
