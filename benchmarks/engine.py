@@ -313,10 +313,10 @@ def _summary_times(b: Bench, paths: int, length: int, summary_tokens: int) -> tu
     run = _filled_run(b, paths, length, template.numel() + summary_tokens)
     filled_length = run.cache.length
     summary_pos = torch.tensor([prompt_len + length], device=b.device)
-    enders = torch.tensor([b.tokenizer.eos_token_id], device=b.device)
+    rules = engine_mod.TokenRules(torch.tensor([b.tokenizer.eos_token_id], device=b.device))
 
     def summarize():
-        return engine_mod.summarize(run, template, summary_pos, enders, summary_tokens)
+        return engine_mod.summarize(run, template, summary_pos, rules, summary_tokens)
 
     with torch.inference_mode(), engine_mod.packed_attention(b.model):  # as inside generate
         _, reuse_s = b.timed(summarize)

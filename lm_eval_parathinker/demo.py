@@ -5,7 +5,7 @@
 Runs ``python -m lm_eval --model parathinker`` three times (``method=sequential``, ``majority`` and
 ``parathinker``, the last two with ``--num-paths`` paths) on the first ``--limit`` AIME 2024
 problems of the offline data in DIR (one sample per problem, ``--max-gen-toks`` tokens per path,
-``--apply_chat_template``, ``--log_samples``), then writes ``OUTPUT/leaderboard.csv`` and ``OUTPUT/leaderboard.png`` and prints
+``--min-new-tokens`` for every method, ``--apply_chat_template``, ``--log_samples``), then writes ``OUTPUT/leaderboard.csv`` and ``OUTPUT/leaderboard.png`` and prints
 the pass@1 table. Run outputs (results JSON, sample logs) go to ``OUTPUT/runs/demo/<method>/``.
 The embedded SmolLM2-135M-Instruct is a tiny general chat model run training-free: the demo shows
 the pipeline, not ParaThinker's accuracy.
@@ -40,7 +40,7 @@ def lm_eval_command(method: str, args: argparse.Namespace, out_dir: Path) -> lis
         "--tasks", TASK,
         "--limit", str(args.limit),
         "--metadata", json.dumps({"repeats": 1}),
-        "--gen_kwargs", f"max_gen_toks={args.max_gen_toks}",
+        "--gen_kwargs", f"max_gen_toks={args.max_gen_toks},min_new_tokens={args.min_new_tokens}",
         "--apply_chat_template",  # an instruct model: without its template it answers nothing
         "--batch_size", str(args.limit),
         "--device", "cpu",
@@ -64,6 +64,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--limit", type=int, default=3, help="number of AIME 2024 problems (default: %(default)s)")
     ap.add_argument("--num-paths", type=int, default=4, help="paths of majority and parathinker (default: %(default)s)")
     ap.add_argument("--max-gen-toks", type=int, default=256, help="token budget per path (default: %(default)s)")
+    ap.add_argument(
+        "--min-new-tokens", type=int, default=32,
+        help="no path ends before this many tokens (default: %(default)s): untrained for ParaThinker, the "
+        "embedded model closes every path right after <think k> otherwise",
+    )
     args = ap.parse_args(argv)
     if not (args.data_dir / f"{TASK}.jsonl").is_file():
         ap.error(f"--data-dir {args.data_dir}: no {TASK}.jsonl there")

@@ -99,6 +99,40 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return tokens.view(shape)
 
 
+@dataclass(frozen=True)
+class TokenRules:
+    """How a stage polices what it samples (the official engine's rewriting).
+
+    An ``ender`` ends the path (or summary) and is rewritten to ``closer`` (a path's own
+    ``</think k>``, or ``</summary>``) when one is given; ``stray`` tokens (another path's or the
+    summary's opener) are rewritten to ``stray_replacement`` (the base model's ``<think>``), or
+    banned when the model has none; enders are banned until a path has ``min_tokens`` tokens.
+    """
+
+    enders: torch.Tensor
+    closer: torch.Tensor | int | None = None
+    stray: torch.Tensor | None = None
+    stray_replacement: int | None = None
+    min_tokens: int = 0
+
+
+def next_tokens(run: _Run, logits: torch.Tensor, rules: TokenRules, length: int) -> torch.Tensor:
+    """Sample the next token of every sequence (each ``length`` tokens long so far) under ``rules``."""
+    banned = []
+    if rules.stray is not None and rules.stray_replacement is None:
+        banned.append(rules.stray)
+    if length < rules.min_tokens:
+        banned.append(rules.enders)
+    if banned:
+        logits = logits.index_fill(-1, torch.cat(banned), float("-inf"))
+    cur = sample(logits, run.sampling, run.generator)
+    if rules.stray is not None and rules.stray_replacement is not None:
+        cur = torch.where(torch.isin(cur, rules.stray), rules.stray_replacement, cur)
+    if rules.closer is not None:
+        cur = torch.where(torch.isin(cur, rules.enders), rules.closer, cur)
+    return cur
+
+
 def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """SDPA on the cache's K/V heads as they are: the query heads sharing a KV head are folded
     into the query axis. (transformers' sdpa path copies K/V to every query head with
@@ -171,20 +205,15 @@ class _ThinkState:
 def decode_paths(
     run: _Run,
     first_tokens: torch.Tensor,
-    enders: torch.Tensor,
-    closers: torch.Tensor | None,
-    stray: torch.Tensor | None,
-    stray_replacement: int | None,
+    rules: TokenRules,
     finished_needed: int,
     stop_check=None,
     progress: bool = False,
 ) -> _ThinkState:
     """Decode the B x P paths in lockstep from ``first_tokens`` ([B, P]); one forward per step.
 
-    ``enders`` end a path; with ``closers`` ([P], parathinker) an ender is rewritten to the
-    path's own ``</think k>``. Sampled ``stray`` tokens are rewritten to ``stray_replacement``
-    (or banned when it is None). A row's think stage ends once ``finished_needed`` of its paths
-    have ended, or every path has reached the budget.
+    A path ends with one of ``rules.enders`` (or a stop string); a row's think stage ends once
+    ``finished_needed`` of its paths have ended, or every path has reached the budget.
     """
     B, P = first_tokens.shape
     device = first_tokens.device
@@ -211,7 +240,7 @@ def decode_paths(
         logits = forward(run, cur, columns, positions, blocks, in_path)
         if run.keep_logits:
             state.logits.append(logits)
-        ended = in_path & torch.isin(cur, enders)
+        ended = in_path & torch.isin(cur, rules.enders)
         if stop_check is not None:
             ended |= in_path & stop_check(state, t)
         state.finished |= ended
@@ -226,13 +255,7 @@ def decode_paths(
         state.thinking &= ~(done_first | done_budget)
         if not state.thinking.any():
             break
-        if stray is not None and stray_replacement is None:
-            logits = logits.index_fill(-1, stray, float("-inf"))
-        cur = sample(logits, run.sampling, run.generator)
-        if stray is not None and stray_replacement is not None:
-            cur = torch.where(torch.isin(cur, stray), stray_replacement, cur)
-        if closers is not None:
-            cur = torch.where(torch.isin(cur, enders), closers.expand(B, P), cur)
+        cur = next_tokens(run, logits, rules, length=t + 1)
     bar.close()
     for b in range(B):
         state.reasons[b] = state.reasons[b] or "finished"
@@ -243,7 +266,7 @@ def summarize(
     run: _Run,
     template: torch.Tensor,
     summary_positions: torch.Tensor,
-    enders: torch.Tensor,
+    rules: TokenRules,
     max_tokens: int,
     stop_check=None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -265,10 +288,10 @@ def summarize(
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     active = torch.ones(B, dtype=torch.bool, device=device)
     for s in range(max_tokens):
-        cur = sample(logits[:, -1], run.sampling, run.generator)
+        cur = next_tokens(run, logits[:, -1], rules, length=s)
         out[:, s] = cur
         lengths += active
-        ended = active & torch.isin(cur, enders)
+        ended = active & torch.isin(cur, rules.enders)
         if stop_check is not None:
             ended |= active & stop_check(out[:, : s + 1], lengths)
         if s + 1 == max_tokens or (active & ~ended).sum() == 0:
@@ -357,23 +380,18 @@ class ParaThinkerEngine:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
+        min_new_tokens: int = 0,
         stop_strings: Sequence[str] = (),
         output_logits: bool = False,
         progress: bool = False,
     ) -> list[GenerationOutput]:
         """Generate for a batch of prompts (strings, or token ids used as they are).
 
-        ``max_new_tokens`` is the per-path budget (the opening ``<think k>`` included).
+        ``max_new_tokens`` is the per-path budget (the opening ``<think k>`` included);
+        ``min_new_tokens``: no path ends before it has that many tokens (like transformers'
+        ``min_new_tokens``; useful to make an untrained model think in training-free mode).
         ``stop_strings`` end a plain sample (independent/sequential) or the summary.
         """
-        with packed_attention(self.model):
-            return self._generate(prompts, mode, num_paths, max_new_tokens, termination, summary_max_tokens,
-                                  summary_kv, thought_embedding, positions, temperature, top_p, top_k, seed,
-                                  stop_strings, output_logits, progress)
-
-    def _generate(self, prompts, mode, num_paths, max_new_tokens, termination, summary_max_tokens, summary_kv,
-                  thought_embedding, positions, temperature, top_p, top_k, seed, stop_strings, output_logits,
-                  progress) -> list[GenerationOutput]:
         ids = self._validate(prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions)
         if mode == "sequential":
             num_paths = 1
@@ -404,36 +422,37 @@ class ParaThinkerEngine:
             prompt_lens=mask.sum(-1).to(device),
             keep_logits=output_logits,
         )
-        t0 = time.perf_counter()
-        last_logits = prefill(run, padded.to(device), mask.to(device))
-        t1 = time.perf_counter()
+        with packed_attention(self.model):
+            t0 = time.perf_counter()
+            last_logits = prefill(run, padded.to(device), mask.to(device))
+            t1 = time.perf_counter()
+            if parathinker:
+                enders = torch.tensor(ids.path_enders(self.eos_ids), device=device)
+                stray = torch.tensor(ids.stray_in_path(), device=device)
+                path_rules = TokenRules(enders, torch.tensor(ids.think_close[:P], device=device), stray, ids.think,
+                                        min_new_tokens)
+                first = torch.tensor(ids.think_open[:P], device=device).expand(B, P)
+                needed = {"first": 1, "half": math.ceil(P / 2), "last": P}[termination]
+                state = decode_paths(run, first, path_rules, needed, progress=progress)
+            else:
+                plain_rules = TokenRules(torch.tensor(self.eos_ids, device=device), min_tokens=min_new_tokens)
+                first = next_tokens(run, last_logits[:, None].expand(B, P, -1), plain_rules, length=0)
+                stop_check = self._stop_check(stop_strings) if stop_strings else None
+                state = decode_paths(run, first, plain_rules, P, stop_check, progress=progress)
+            t2 = time.perf_counter()
 
-        stop_check = self._stop_check(stop_strings) if stop_strings and not parathinker else None
-        if parathinker:
-            opener = torch.tensor(ids.think_open[:P], device=device)
-            first = opener.expand(B, P)
-            enders = torch.tensor(ids.path_enders(self.eos_ids), device=device)
-            closers = torch.tensor(ids.think_close[:P], device=device)
-            stray = torch.tensor(ids.stray_in_path(), device=device)
-            needed = {"first": 1, "half": math.ceil(P / 2), "last": P}[termination]
-            state = decode_paths(run, first, enders, closers, stray, ids.think, needed, progress=progress)
-        else:
-            first = sample(last_logits[:, None].expand(B, P, -1), run.sampling, run.generator)
-            enders = torch.tensor(self.eos_ids, device=device)
-            state = decode_paths(run, first, enders, None, None, None, P, stop_check, progress=progress)
-        t2 = time.perf_counter()
-
-        summary = None
-        if parathinker:
-            lengths = state.lengths.tolist()
-            offsets = [protocol.summary_offset(row, run.flattened, stride=max_new_tokens) for row in lengths]
-            summary_pos = run.prompt_lens + torch.tensor(offsets, device=device)
-            if summary_kv == "reprefill":
-                reprefill(run, len(template), summary_max_tokens)
-            s_enders = torch.tensor([ids.summary_close, *self.eos_ids], device=device)
-            s_stop = self._summary_stop_check(stop_strings) if stop_strings else None
-            summary = summarize(run, torch.tensor(template, device=device), summary_pos, s_enders, summary_max_tokens, s_stop)
-        t3 = time.perf_counter()
+            summary = None
+            if parathinker:
+                lengths = state.lengths.tolist()
+                offsets = [protocol.summary_offset(row, run.flattened, stride=max_new_tokens) for row in lengths]
+                summary_pos = run.prompt_lens + torch.tensor(offsets, device=device)
+                if summary_kv == "reprefill":
+                    reprefill(run, len(template), summary_max_tokens)
+                summary_rules = TokenRules(enders, ids.summary_close, stray, ids.think)
+                s_stop = self._summary_stop_check(stop_strings) if stop_strings else None
+                summary = summarize(run, torch.tensor(template, device=device), summary_pos, summary_rules,
+                                    summary_max_tokens, s_stop)
+            t3 = time.perf_counter()
         timing = {"prefill_s": t1 - t0, "think_s": t2 - t1, "summary_s": t3 - t2, "latency_s": t3 - t0}
         return self._outputs(prompt_ids, state, summary, template, timing, mode, termination, P)
 

@@ -92,13 +92,15 @@ def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
     margs = parse_model_args(config.get("model_args"))
     model = str(config.get("model") or "")
     pretrained = str(margs.get("pretrained") or margs.get("model") or data.get("model_name") or "")
-    method = margs.get("method")
+    # The model's effective options (defaults included), recorded by ParaThinkerLM.get_model_info.
+    settings = config.get("parathinker") or {}
+    method = settings.get("method") or margs.get("method")
     if not method:
         method = "parathinker" if model == "parathinker" else "sequential"
-    num_paths = margs.get("num_paths")
+    num_paths = settings.get("num_paths", margs.get("num_paths"))
     if num_paths in (None, "") and method == "sequential":
         num_paths = 1
-    termination = margs.get("termination", margs.get("termination_policy", ""))
+    termination = settings.get("termination", margs.get("termination", "")) if method == "parathinker" else ""
     configs = data.get("configs") or {}
     n_samples = data.get("n-samples") or {}
     limit = config.get("limit")

@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("parathinker", "sequential", "majority")
 _ENGINE_MODE = {"parathinker": "parathinker", "sequential": "sequential", "majority": "independent"}
-_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed")
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed", "min_new_tokens")
 #: file of a PEFT adapter directory that holds the trained thought embeddings (official key names)
 ADAPTER_TABLES_FILE = "thought_embeddings.safetensors"
 
@@ -180,6 +180,7 @@ def _sampling(kwargs: dict) -> dict:
         "top_p": float(kwargs.get("top_p") or 1.0),
         "top_k": int(kwargs.get("top_k") or 0),
         "seed": None if kwargs.get("seed") is None else int(kwargs["seed"]),
+        "min_new_tokens": int(kwargs.get("min_new_tokens") or 0),
     }
 
 

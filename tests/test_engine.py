@@ -329,3 +329,42 @@ def test_bad_prompts_and_segment_limit():
         ParaThinkerEngine(small, tok2).generate(["Find x."], num_paths=4)
     with pytest.raises(ValueError, match="lacks the ParaThinker control tokens"):
         ParaThinkerEngine(tiny_model("qwen2"), tiny_tokenizer()).generate(["Find x."])
+
+
+
+def test_summary_stop_tokens_become_summary_close_and_strays_are_rewritten(monkeypatch):
+    model, tok = tiny_parathinker("qwen2")
+    ids = ControlTokenIds.from_tokenizer(tok)
+    w = tok.convert_tokens_to_ids("x")
+    summary_script = iter([ids.think_open[0], w, ids.think_close[2]])
+
+    def fake(logits, params, generator):
+        if logits.dim() == 2:  # summary: a stray <think1>, a word, then a path's closer
+            return torch.full(logits.shape[:1], next(summary_script))
+        return torch.full(logits.shape[:-1], tok.eos_token_id)  # every path ends at once
+
+    monkeypatch.setattr(engine_mod, "sample", fake)
+    out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=4)[0]
+    template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
+    assert out.summary_ids == template + [ids.think, w, ids.summary_close]
+    assert out.transcript.count("<summary>") == 1
+
+
+@pytest.mark.parametrize("mode", ["parathinker", "independent"])
+def test_min_new_tokens_keeps_paths_from_ending_early(mode):
+    model, tok = tiny_parathinker("qwen2")
+    eos = tok.eos_token_id
+
+    def prefer_eos(module, args, logits):
+        logits[..., eos] += 100.0
+        return logits
+
+    model.lm_head.register_forward_hook(prefer_eos)
+    engine = ParaThinkerEngine(model, tok)
+    kwargs = dict(mode=mode, num_paths=3, max_new_tokens=8, termination="last")
+    eager = engine.generate(["Find x."], **kwargs)[0]
+    patient = engine.generate(["Find x."], min_new_tokens=4, **kwargs)[0]
+    start = 1 if mode == "parathinker" else 0  # the forced <think k>
+    assert [len(p) for p in eager.path_ids] == [start + 1] * 3
+    assert [len(p) for p in patient.path_ids] == [5] * 3  # 4 tokens, then the (rewritten) EOS
+    assert all(patient.path_finished)
