@@ -48,7 +48,16 @@ def test_ours_win_over_builtin_and_builtins_kept():
     assert get_model("dummy").__name__ == "DummyLM"
     assert get_model("hf").__name__ == "HFLM"
     assert "parathinker" in model_registry
-    assert "lm_eval_parathinker.model" not in sys.modules  # registered as a lazy string, not imported
+
+
+def test_model_is_registered_lazily():
+    # in a fresh process: importing lm_eval's models registers the name without importing our model
+    code = (
+        "import sys, lm_eval.models; from lm_eval.api.registry import model_registry; "
+        "print('parathinker' in model_registry, 'lm_eval_parathinker.model' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["True", "False"]
 
 
 def test_user_include_path_wins(tmp_path):
