@@ -260,6 +260,24 @@ def _write_loss_log(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def plot_loss(rows: list[dict], path: Path) -> None:
+    """The loss curve of ``loss.csv`` as a PNG beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], marker=".")
+    ax.set(xlabel="optimizer step", ylabel="training loss", title="ParaThinker SFT")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def build_dataset(args, tokenizer) -> MultiPathDataset:
     records = load_records(args.data)
     builder = SequenceBuilder(
@@ -350,6 +368,8 @@ def train(args: argparse.Namespace) -> Path:
     state_dict = accelerator.get_state_dict(model) if sharded and args.full else None
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(model), tokenizer, out, args.save_adapter, state_dict)
+        if log_rows:
+            plot_loss(log_rows, out / "loss.png")
     return out
 
 
