@@ -75,7 +75,7 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class ParaThinkerOptions:
-    """The ParaThinker model args (validated; see ``docs/usage.md`` for the table)."""
+    """The ParaThinker model args (validated; see the README, "Model args")."""
 
     method: str = "parathinker"
     num_paths: int = 8
@@ -201,7 +201,7 @@ def _meta(out: GenerationOutput) -> dict:
 
 @register_model("parathinker")
 class ParaThinkerLM(HFLM):
-    """lm-eval model ``parathinker`` (see the module docstring and ``docs/usage.md``)."""
+    """lm-eval model ``parathinker`` (see the module docstring and the README, "Usage")."""
 
     def __init__(
         self,
