@@ -16,6 +16,8 @@ one JSON object per line with ``problem`` and ``answer``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import json
 import os
 from pathlib import Path
@@ -63,10 +65,12 @@ def normalise_row(row: dict, where: str = "") -> dict:
     return out
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Read and normalise a JSONL file; a bad line raises ``ValueError("<file>:<line>: ...")``."""
+def iter_json_lines(path: str | os.PathLike, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file; a missing file or a bad line
+    raises ``error("<file>:<line>: ...")``."""
     path = Path(path)
-    rows = []
+    if not path.is_file():
+        raise error(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -74,10 +78,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+                raise error(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            rows.append(normalise_row(obj, where=f"{path}:{lineno}"))
+                raise error(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read and normalise a benchmark JSONL file; a bad line raises ``ValueError("<file>:<line>: ...")``."""
+    rows = [normalise_row(obj, where=f"{path}:{lineno}") for lineno, obj in iter_json_lines(path)]
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from helpers import DATA_DIR, REPO_ROOT, lm_eval_cmd, offline_env, run_lm_eval, tiny_hf_aime24_run
+from helpers import DATA_DIR, REPO_ROOT, run_lm_eval, tiny_hf_aime24_run
 
 from lm_eval_parathinker import _autoload, data
 

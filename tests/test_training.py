@@ -212,7 +212,7 @@ def test_collator_padding_changes_nothing(tiny):
 def test_malformed_data_gives_file_line_errors(tmp_path):
     good = json.dumps(RECORDS[0])
     cases = {
-        "{not json": r":2: invalid JSON",
+        "{not json": r":2: malformed JSON",
         json.dumps({**RECORDS[0], "paths": ["only one"]}): r":2: field 'paths' must be a list of at least 2",
         json.dumps({**RECORDS[0], "paths": ["a", ""]}): r":2: field 'paths' entry 2",
         json.dumps({**RECORDS[0], "answer": ""}): r":2: field 'answer'",

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from lm_eval_parathinker.data import iter_json_lines as read_json_lines
 from lm_eval_parathinker.protocol import control_tokens
 
 MIN_PATHS = 2
@@ -31,20 +32,7 @@ class DataError(ValueError):
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """(line number, object) for every non-blank line; bad JSON raises ``DataError(file:line: ...)``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    return read_json_lines(path, DataError)
 
 
 def _nonempty_str(value: Any) -> bool:

@@ -52,7 +52,7 @@ TABLE_INIT_STD = 0.02  # the official training fork's init
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m training.sft", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="base model: hub id or local dir")
-    p.add_argument("--data", required=True, help="multi-path JSONL (see the README, "Training")")
+    p.add_argument("--data", required=True, help="multi-path JSONL (see the README, section Training)")
     p.add_argument("--output", required=True, help="output dir (final model, checkpoint-*/, loss.csv)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="full", action="store_false", help="LoRA fine-tuning (default)")
