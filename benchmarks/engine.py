@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 
 from lm_eval_parathinker import engine as engine_mod
 from lm_eval_parathinker import protocol
+from lm_eval_parathinker.attention import packed_attention
 from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.kv_cache import ParallelKVCache
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings
@@ -318,7 +319,7 @@ def _summary_times(b: Bench, paths: int, length: int, summary_tokens: int) -> tu
     def summarize():
         return engine_mod.summarize(run, template, summary_pos, rules, summary_tokens)
 
-    with torch.inference_mode(), engine_mod.packed_attention(b.model):  # as inside generate
+    with torch.inference_mode(), packed_attention(b.model):  # as inside generate
         _, reuse_s = b.timed(summarize)
         run.cache.length = filled_length  # drop the summary columns: the same cache again
         _, reprefill_s = b.timed(lambda: (engine_mod.reprefill(run, template.numel(), summary_tokens), summarize()))
@@ -340,7 +341,7 @@ def _filled_run(b: Bench, paths: int, length: int, extra: int, chunk: int = 512)
         flattened=False, prompt_lens=torch.tensor([lp], device=b.device), keep_logits=False,
     )
     valid = torch.ones(1, total, dtype=torch.bool)
-    with torch.inference_mode(), engine_mod.packed_attention(b.model):
+    with torch.inference_mode(), packed_attention(b.model):
         for start in range(0, total, chunk):  # chunks bound the [Q, K] mask
             cols = torch.arange(start, min(start + chunk, total))
             engine_mod.forward(run, *(t.to(b.device) for t in (tokens[:, cols], cols, positions[:, cols],

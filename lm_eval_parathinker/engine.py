@@ -15,19 +15,16 @@ The generation loop is a few small functions in the style of gpt-fast:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from . import protocol
+from .attention import packed_attention
 from .kv_cache import ParallelKVCache
 from .protocol import PROMPT_BLOCK, SUMMARY_BLOCK, ControlTokenIds
 
@@ -35,8 +32,6 @@ MODES = ("parathinker", "independent", "sequential")
 TERMINATIONS = ("first", "half", "last")
 SUMMARY_KV = ("reuse", "reprefill")
 POSITIONS = ("aligned", "flattened")
-PACKED_SDPA = "parathinker_packed_sdpa"
-PACKED_MAX_QUERIES = 256  # beyond (prefill, reprefill), the mask copied per KV group would cost more than repeat_kv
 
 
 @dataclass(frozen=True)
@@ -131,41 +126,6 @@ def next_tokens(run: _Run, logits: torch.Tensor, rules: TokenRules, length: int)
     if rules.closer is not None:
         cur = torch.where(torch.isin(cur, rules.enders), rules.closer, cur)
     return cur
-
-
-def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA on the cache's K/V heads as they are: the query heads sharing a KV head are folded
-    into the query axis. (transformers' sdpa path copies K/V to every query head with
-    ``repeat_kv`` whenever a mask is given, i.e. at every engine step, over the whole row.)
-    Used for decode-sized queries (the engine always passes its [B, 1, Q, K] mask); longer ones
-    go to transformers' sdpa."""
-    B, H, Q, D = query.shape
-    kv_heads = key.shape[1]
-    groups = H // kv_heads
-    if Q > PACKED_MAX_QUERIES or groups == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    mask = attention_mask[:, :, None].expand(B, attention_mask.shape[1], groups, Q, attention_mask.shape[-1])
-    out = F.scaled_dot_product_attention(
-        query.reshape(B, kv_heads, groups * Q, D), key, value,
-        attn_mask=mask.reshape(B, attention_mask.shape[1], groups * Q, -1), scale=scaling,
-    )
-    return out.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(PACKED_SDPA, packed_gqa_sdpa)
-
-
-@contextlib.contextmanager
-def packed_attention(model):
-    """Run an sdpa model with :func:`packed_gqa_sdpa` (other implementations are left as they are)."""
-    config = model.config
-    before = config._attn_implementation
-    if before == "sdpa":
-        config._attn_implementation = PACKED_SDPA
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
 
 
 def forward(run: _Run, tokens, columns, positions, blocks, valid, last_only: bool = False) -> torch.Tensor:

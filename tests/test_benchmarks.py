@@ -95,7 +95,7 @@ def test_bad_arguments_exit_with_a_clear_message(capsys):
 def test_packed_gqa_attention_equals_transformers_sdpa(queries):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from lm_eval_parathinker.engine import packed_gqa_sdpa
+    from lm_eval_parathinker.attention import packed_gqa_sdpa
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
