@@ -128,6 +128,13 @@ def next_tokens(run: _Run, logits: torch.Tensor, rules: TokenRules, length: int)
     return cur
 
 
+def clock(device: torch.device) -> float:
+    """Wall time after the device's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def forward(run: _Run, tokens, columns, positions, blocks, valid, last_only: bool = False) -> torch.Tensor:
     """One model forward of ``tokens`` ([B, Q]) written into cache ``columns`` ([Q])."""
     run.cache.write(columns, tokens, blocks, positions, valid)
@@ -383,9 +390,9 @@ class ParaThinkerEngine:
             keep_logits=output_logits,
         )
         with packed_attention(self.model):
-            t0 = time.perf_counter()
+            t0 = clock(device)
             last_logits = prefill(run, padded.to(device), mask.to(device))
-            t1 = time.perf_counter()
+            t1 = clock(device)
             if parathinker:
                 enders = torch.tensor(ids.path_enders(self.eos_ids), device=device)
                 stray = torch.tensor(ids.stray_in_path(), device=device)
@@ -399,7 +406,7 @@ class ParaThinkerEngine:
                 first = next_tokens(run, last_logits[:, None].expand(B, P, -1), plain_rules, length=0)
                 stop_check = self._stop_check(stop_strings) if stop_strings else None
                 state = decode_paths(run, first, plain_rules, P, stop_check, progress=progress)
-            t2 = time.perf_counter()
+            t2 = clock(device)
 
             summary = None
             if parathinker:
@@ -412,7 +419,7 @@ class ParaThinkerEngine:
                 s_stop = self._summary_stop_check(stop_strings) if stop_strings else None
                 summary = summarize(run, torch.tensor(template, device=device), summary_pos, summary_rules,
                                     summary_max_tokens, s_stop)
-            t3 = time.perf_counter()
+            t3 = clock(device)
         timing = {"prefill_s": t1 - t0, "think_s": t2 - t1, "summary_s": t3 - t2, "latency_s": t3 - t0}
         return self._outputs(prompt_ids, state, summary, template, timing, mode, termination, P)
 
