@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ParaThinkerEngine": "engine",
     "GenerationOutput": "engine",
+    "build_prompt": "protocol",
     "load_parathinker_model": "thought_embedding",
     "attach_thought_embeddings": "thought_embedding",
     "load_thought_embeddings": "thought_embedding",

@@ -37,6 +37,7 @@ from .thought_embedding import (
     add_control_tokens,
     attach_thought_embeddings,
     load_thought_embeddings,
+    local_dir,
     quiet_unexpected_tables,
     read_thought_embeddings,
 )
@@ -140,21 +141,6 @@ def _check_checkpoint_arg(arg: str, value: str | None) -> None:
     raise ValueError(f"{arg}={value}: no such checkpoint directory")
 
 
-def _local_dir(name: str | None, revision: str | None, patterns: list[str]) -> Path | None:
-    """``name`` as a local directory: itself, or its hub snapshot (files matching ``patterns``)."""
-    if name is None:
-        return None
-    if Path(name).expanduser().is_dir():
-        return Path(name).expanduser()
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
-    except Exception as e:  # offline without a cached snapshot, or not a hub repo
-        logger.warning("Could not resolve %s to a local directory: %s", name, e)
-        return None
-
-
 def _has_control_tokens(tokenizer) -> bool:
     vocab = tokenizer.get_vocab()
     return all(t in vocab for t in protocol.control_tokens())
@@ -239,7 +225,7 @@ class ParaThinkerLM(HFLM):
     def _create_tokenizer(self, pretrained, tokenizer, *args, **kwargs) -> None:
         """A trained adapter directory carries the tokenizer with the control tokens: prefer it."""
         if tokenizer is None and self._peft_arg is not None:
-            adapter = _local_dir(self._peft_arg, kwargs.get("revision"), ["*.json", "*.txt", "*.model"])
+            adapter = local_dir(self._peft_arg, kwargs.get("revision"), ["*.json", "*.txt", "*.model"])
             if adapter is not None and (adapter / "tokenizer_config.json").is_file():
                 tokenizer = str(adapter)
         super()._create_tokenizer(pretrained, tokenizer, *args, **kwargs)
@@ -264,10 +250,10 @@ class ParaThinkerLM(HFLM):
 
     def _tables_dir(self, pretrained: str, revision: str, peft: str | None) -> Path | None:
         """The adapter dir when it holds thought embeddings, else the checkpoint dir."""
-        adapter = _local_dir(peft, revision, [ADAPTER_TABLES_FILE]) if peft else None
+        adapter = local_dir(peft, revision, [ADAPTER_TABLES_FILE]) if peft else None
         if adapter is not None and (adapter / ADAPTER_TABLES_FILE).is_file():
             return adapter
-        return _local_dir(pretrained, revision, ["*.json", "*.safetensors"])
+        return local_dir(pretrained, revision, ["*.json", "*.safetensors"])
 
     def _load_tables(self, model, pretrained: str, revision: str, peft: str | None) -> None:
         source = self._tables_dir(pretrained, revision, peft)

@@ -46,7 +46,6 @@ INSTRUCTION = (
 )
 OFFICIAL_USER = "<｜User｜>"
 OFFICIAL_ASSISTANT = "<｜Assistant｜>"
-OFFICIAL_PROMPT_TEMPLATE = OFFICIAL_USER + "{question} " + INSTRUCTION + OFFICIAL_ASSISTANT + THINK_OPEN
 
 PROMPT_BLOCK = 0
 SUMMARY_BLOCK = -1
@@ -84,7 +83,7 @@ def build_prompt(question: str, tokenizer=None) -> str:
     tokenizer has no chat template).
     """
     if tokenizer is None or is_official_tokenizer(tokenizer):
-        return OFFICIAL_PROMPT_TEMPLATE.format(question=question)
+        return f"{OFFICIAL_USER}{question} {INSTRUCTION}{OFFICIAL_ASSISTANT}{THINK_OPEN}"
     content = f"{question} {INSTRUCTION}"
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(

@@ -97,6 +97,21 @@ def _checkpoint_files(path: Path) -> list[Path]:
     return sorted(path.glob("*.safetensors"))
 
 
+def local_dir(name: str | None, revision: str | None, patterns: list[str]) -> Path | None:
+    """``name`` as a local directory: itself, or its hub snapshot (files matching ``patterns``)."""
+    if name is None:
+        return None
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
+    except Exception as e:  # offline without a cached snapshot, or not a hub repo
+        logger.warning("Could not resolve %s to a local directory: %s", name, e)
+        return None
+
+
 def read_thought_embeddings(path: str | Path) -> dict[int, torch.Tensor]:
     """Layer index -> table, read from the safetensors files of a checkpoint directory."""
     from safetensors import safe_open
@@ -116,7 +131,8 @@ def load_thought_embeddings(model: nn.Module, path: str | Path | None) -> bool:
     Returns True when the checkpoint had them. Without them the tables stay zero
     (training-free mode) and one warning says so.
     """
-    tables = read_thought_embeddings(path) if path is not None and Path(path).is_dir() else {}
+    folder = local_dir(str(path), None, ["*.json", "*.safetensors"]) if path is not None else None
+    tables = read_thought_embeddings(folder) if folder is not None else {}
     max_segments = next(iter(tables.values())).shape[0] if tables else getattr(
         model.config, "max_segments", DEFAULT_MAX_SEGMENTS
     )

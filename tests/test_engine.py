@@ -368,3 +368,19 @@ def test_min_new_tokens_keeps_paths_from_ending_early(mode):
     assert [len(p) for p in eager.path_ids] == [start + 1] * 3
     assert [len(p) for p in patient.path_ids] == [5] * 3  # 4 tokens, then the (rewritten) EOS
     assert all(patient.path_finished)
+
+
+# The official vLLM example's template, as written there (line continuations inside a
+# triple-quoted string, braces escaped for str.format).
+OFFICIAL_EXAMPLE_TEMPLATE = """<｜User｜>{question} You FIRST think about the reasoning process as an internal monologue \
+    and then summarize the reasoning process to get the final answer. The summary process MUST BE enclosed \
+    within <summary> </summary> tags. The final answer MUST BE put in \\\\boxed{{}}.<｜Assistant｜><think>"""
+
+
+def test_official_prompt_is_byte_for_byte_the_released_template():
+    question = "Find $x$ such that {x} = 2."
+    assert protocol.build_prompt(question) == OFFICIAL_EXAMPLE_TEMPLATE.format(question=question)
+    official_tokenizer = type("Tok", (), {"get_vocab": lambda self: {"<｜User｜>": 0, "<｜Assistant｜>": 1}})()
+    assert protocol.build_prompt(question, official_tokenizer) == OFFICIAL_EXAMPLE_TEMPLATE.format(question=question)
+    chat = protocol.build_prompt(question, tiny_tokenizer())
+    assert chat == f"user: {question} {protocol.INSTRUCTION} assistant: "  # the model's own chat template
