@@ -16,10 +16,9 @@ one JSON object per line with ``problem`` and ``answer``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 

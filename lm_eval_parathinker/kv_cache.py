@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .protocol import may_attend
+from .protocol import additive_mask, may_attend
 
 
 class ParallelKVCache:
@@ -54,8 +54,7 @@ class ParallelKVCache:
         query_block = self.block[:, cols, None]
         causal = torch.arange(n, device=cols.device)[None, :] <= cols[:, None]
         allowed = self.valid[:, None, :n] & causal[None] & may_attend(query_block, key_block)
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+        return additive_mask(allowed, dtype)[:, None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write this forward's K/V (already rotated, thought embedding included) and return the

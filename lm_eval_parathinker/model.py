@@ -28,11 +28,22 @@ import lm_eval.models  # noqa: F401  (registers the built-ins first: see the reg
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
+from lm_eval.models.utils import (
+    Collator,
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
 from tqdm.auto import tqdm
 
 from . import embedded, protocol, scoring
-from .engine import POSITIONS, SUMMARY_KV, TERMINATIONS, GenerationOutput, ParaThinkerEngine
+from .engine import (
+    POSITIONS,
+    SUMMARY_KV,
+    TERMINATIONS,
+    GenerationOutput,
+    ParaThinkerEngine,
+)
 from .thought_embedding import (
     add_control_tokens,
     attach_thought_embeddings,

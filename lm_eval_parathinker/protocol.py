@@ -141,6 +141,11 @@ def may_attend(query_block: torch.Tensor, key_block: torch.Tensor) -> torch.Tens
     return (query_block == key_block) | (key_block == PROMPT_BLOCK) | (query_block == SUMMARY_BLOCK)
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the additive float mask that eager and sdpa attention both take."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def segment_id(block: torch.Tensor, thought_embedding: bool = True) -> torch.Tensor:
     """Thought-embedding index of each token: prompt and summary 0, path k -> k."""
     if not thought_embedding:

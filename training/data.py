@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,16 @@ _THINK_MARKERS = re.compile(r"</?think>")
 
 class DataError(ValueError):
     """A malformed input file; the message starts with ``file:line:``."""
+
+
+def run_cli(body: Callable[[], object]) -> int:
+    """Run a command's body; a :class:`DataError` prints ``error: ...`` and gives exit code 2."""
+    try:
+        body()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

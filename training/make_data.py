@@ -18,7 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-from .data import DataError, clean_path_text, control_token_in, convert, iter_json_lines, write_jsonl_atomic
+from .data import (
+    DataError,
+    clean_path_text,
+    control_token_in,
+    convert,
+    iter_json_lines,
+    run_cli,
+    write_jsonl_atomic,
+)
 
 DEFAULT_TEACHER = "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"
 # The teacher is a plain reasoning model: asked the evaluated question in its own chat format.
@@ -160,12 +168,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        run_convert(args) if args.command == "convert" else run_sample(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: run_convert(args) if args.command == "convert" else run_sample(args))
 
 
 if __name__ == "__main__":

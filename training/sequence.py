@@ -212,7 +212,7 @@ class Collator:
             allowed[b, :n, :n] = ex.layout.attention_mask()
         # A pad query sees only itself: its row stays finite (no NaN) and it affects nothing.
         allowed |= torch.eye(width, dtype=torch.bool)
-        mask = torch.zeros(allowed.shape, dtype=self.dtype).masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        mask = protocol.additive_mask(allowed, self.dtype)
         return {
             "input_ids": input_ids,
             "labels": labels,

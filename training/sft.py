@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lm_eval_parathinker.protocol import ControlTokenIds
 from lm_eval_parathinker.thought_embedding import (
     add_control_tokens,
     attach_thought_embeddings,
@@ -35,9 +36,8 @@ from lm_eval_parathinker.thought_embedding import (
     read_thought_embeddings,
     thought_embedding_tables,
 )
-from lm_eval_parathinker.protocol import ControlTokenIds
 
-from .data import DataError, load_records
+from .data import DataError, load_records, run_cli
 from .sequence import IGNORE_INDEX, Collator, MultiPathDataset, SequenceBuilder
 
 logger = logging.getLogger("training.sft")
@@ -376,12 +376,7 @@ def train(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
-    try:
-        train(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(lambda: train(args))
 
 
 if __name__ == "__main__":
