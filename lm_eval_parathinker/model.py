@@ -181,6 +181,11 @@ def _sampling(kwargs: dict) -> dict:
     }
 
 
+#: numeric ``.meta`` keys of every response: scoring.process_results turns them into metrics, and
+#: the tasks' metric_list declares each one's aggregation
+META_METRICS = ("gen_tokens", "think_tokens", "summary_tokens", "num_paths", "paths_finished", "cut_paths", "latency_s")
+
+
 def _meta(out: GenerationOutput) -> dict:
     """Numeric statistics of one request (process_results averages them), plus the reason string."""
     s = out.stats
@@ -404,4 +409,4 @@ class ParaThinkerLM(HFLM):
         return info
 
 
-__all__ = ["METHODS", "ParaThinkerLM", "ParaThinkerOptions", "ParaThinkerResponse"]
+__all__ = ["META_METRICS", "METHODS", "ParaThinkerLM", "ParaThinkerOptions", "ParaThinkerResponse"]
