@@ -11,6 +11,9 @@ The generation loop is a few small functions in the style of gpt-fast:
 :class:`ParaThinkerEngine` validates arguments, allocates the cache once per call and returns one
 :class:`GenerationOutput` per prompt. Modes: ``parathinker`` (P paths + summary), ``independent``
 (P plain samples sharing one prefill: majority voting) and ``sequential`` (one plain sample).
+``compat`` picks the layout of :mod:`protocol` (``paper``: as trained; ``official``: as the
+released vLLM engine runs the released checkpoint; ``auto``: official when the tokenizer has
+``<vllm_pad>``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from tqdm.auto import tqdm
 from . import protocol
 from .attention import packed_attention
 from .kv_cache import ParallelKVCache
-from .protocol import PROMPT_BLOCK, SUMMARY_BLOCK, ControlTokenIds
+from .protocol import PROMPT_BLOCK, SUMMARY_BLOCK, Compat, ControlTokenIds
+from .rope import rope_scaling
 
 MODES = ("parathinker", "independent", "sequential")
 TERMINATIONS = ("first", "half", "last")
@@ -102,6 +106,8 @@ class TokenRules:
     ``</think k>``, or ``</summary>``) when one is given; ``stray`` tokens (another path's or the
     summary's opener) are rewritten to ``stray_replacement`` (the base model's ``<think>``), or
     banned when the model has none; enders are banned until a path has ``min_tokens`` tokens.
+    With ``block_size`` (the official engine's KV blocks), a path that has ended is fed ``pad``
+    until its length is a multiple of ``block_size``, and is done only then.
     """
 
     enders: torch.Tensor
@@ -109,6 +115,12 @@ class TokenRules:
     stray: torch.Tensor | None = None
     stray_replacement: int | None = None
     min_tokens: int = 0
+    pad: int | None = None
+    block_size: int | None = None
+
+    def done_at(self, length: int) -> bool:
+        """Whether a path that has ended is done once it is ``length`` tokens long."""
+        return self.block_size is None or length % self.block_size == 0
 
 
 def next_tokens(run: _Run, logits: torch.Tensor, rules: TokenRules, length: int) -> torch.Tensor:
@@ -163,6 +175,7 @@ class _ThinkState:
     tokens: torch.Tensor  # [B, P, budget] path tokens
     lengths: torch.Tensor  # [B, P]
     finished: torch.Tensor  # [B, P] ended by an ender
+    done: torch.Tensor  # [B, P] takes no more tokens (finished, and block-aligned if the rules pad)
     thinking: torch.Tensor  # [B] row still in its think stage
     steps: int = 0  # lockstep steps taken
     reasons: list[str] = field(default_factory=list)
@@ -180,7 +193,7 @@ def decode_paths(
     """Decode the B x P paths in lockstep from ``first_tokens`` ([B, P]); one forward per step.
 
     A path ends with one of ``rules.enders`` (or a stop string); a row's think stage ends once
-    ``finished_needed`` of its paths have ended, or every path has reached the budget.
+    ``finished_needed`` of its paths are done, or every path has reached the budget.
     """
     B, P = first_tokens.shape
     device = first_tokens.device
@@ -188,6 +201,7 @@ def decode_paths(
         tokens=torch.zeros(B, P, run.budget, dtype=torch.long, device=device),
         lengths=torch.zeros(B, P, dtype=torch.long, device=device),
         finished=torch.zeros(B, P, dtype=torch.bool, device=device),
+        done=torch.zeros(B, P, dtype=torch.bool, device=device),
         thinking=torch.ones(B, dtype=torch.bool, device=device),
         reasons=[""] * B,
     )
@@ -199,7 +213,7 @@ def decode_paths(
     cur = first_tokens
     bar = tqdm(total=run.budget, desc="think", unit="step", disable=not progress, leave=False)
     for t in range(run.budget):
-        in_path = state.thinking[:, None] & ~state.finished  # cur is a real token of its path
+        in_path = state.thinking[:, None] & ~state.done  # cur is a real token of its path
         state.tokens[:, :, t] = cur
         state.lengths += in_path
         columns = base + t * P + torch.arange(P, device=device)
@@ -211,9 +225,11 @@ def decode_paths(
         if stop_check is not None:
             ended |= in_path & stop_check(state, t)
         state.finished |= ended
+        if rules.done_at(t + 1):
+            state.done |= state.finished
         state.steps = t + 1
         bar.update(1)
-        done_first = state.thinking & (state.finished.sum(-1) >= finished_needed)
+        done_first = state.thinking & (state.done.sum(-1) >= finished_needed)
         done_budget = state.thinking & ~done_first & (t + 1 >= run.budget)
         for b in done_first.nonzero().flatten().tolist():
             state.reasons[b] = "finished"
@@ -223,6 +239,8 @@ def decode_paths(
         if not state.thinking.any():
             break
         cur = next_tokens(run, logits, rules, length=t + 1)
+        if rules.pad is not None:
+            cur = torch.where(state.finished, rules.pad, cur)
     bar.close()
     for b in range(B):
         state.reasons[b] = state.reasons[b] or "finished"
@@ -324,11 +342,9 @@ class ParaThinkerEngine:
     def _control_ids(self) -> ControlTokenIds:
         return ControlTokenIds.from_tokenizer(self.tokenizer, self.num_control_paths)
 
-    def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
-        return [
-            list(p) if not isinstance(p, str) else self.tokenizer(p, add_special_tokens=True)["input_ids"]
-            for p in prompts
-        ]
+    def encode(self, prompts: Sequence[str | Sequence[int]], compat: Compat = protocol.PAPER) -> list[list[int]]:
+        """Token ids of each prompt: strings as ``compat`` encodes them, id lists as they are."""
+        return [compat.prompt_ids(p, self.tokenizer) if isinstance(p, str) else list(p) for p in prompts]
 
     @torch.inference_mode()
     def generate(
@@ -343,6 +359,7 @@ class ParaThinkerEngine:
         summary_kv: str = "reuse",
         thought_embedding: bool = True,
         positions: str = "aligned",
+        compat: str = "auto",
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -358,14 +375,17 @@ class ParaThinkerEngine:
         ``min_new_tokens``: no path ends before it has that many tokens (like transformers'
         ``min_new_tokens``; useful to make an untrained model think in training-free mode).
         ``stop_strings`` end a plain sample (independent/sequential) or the summary.
+        ``compat`` (parathinker mode): ``paper``, ``official`` or ``auto`` (see :class:`protocol.Compat`).
         """
-        ids = self._validate(prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions)
+        ids, layout = self._validate(prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions,
+                                     compat)
         if mode == "sequential":
             num_paths = 1
         parathinker = mode == "parathinker"
         template = self.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"] if parathinker else []
-        prompt_ids = self.encode(prompts)
-        self._check_positions(prompt_ids, num_paths, max_new_tokens, len(template), summary_max_tokens if parathinker else 0, positions)
+        prompt_ids = self.encode(prompts, layout)
+        summary_tokens = layout.summary_tokens(summary_max_tokens, len(template)) if parathinker else 0
+        self._check_lengths(prompt_ids, num_paths, max_new_tokens, len(template), summary_tokens, positions, layout)
 
         device = self.device
         B, P = len(prompt_ids), num_paths
@@ -375,7 +395,7 @@ class ParaThinkerEngine:
         for b, p in enumerate(prompt_ids):
             padded[b, width - len(p):] = torch.tensor(p)
             mask[b, width - len(p):] = 1
-        summary_cols = len(template) + summary_max_tokens if parathinker else 0
+        summary_cols = len(template) + summary_tokens
         dtype = next(self.model.parameters()).dtype
         run = _Run(
             model=self.model,
@@ -389,15 +409,17 @@ class ParaThinkerEngine:
             prompt_lens=mask.sum(-1).to(device),
             keep_logits=output_logits,
         )
-        with packed_attention(self.model):
+        rope = layout.rope_parameters(max_new_tokens, self._rope_theta()) if parathinker else None
+        with packed_attention(self.model), rope_scaling(self.model, rope):
             t0 = clock(device)
             last_logits = prefill(run, padded.to(device), mask.to(device))
             t1 = clock(device)
             if parathinker:
-                enders = torch.tensor(ids.path_enders(self.eos_ids), device=device)
+                enders = torch.tensor(ids.path_enders(self.eos_ids if layout.eos_ends_path else ()), device=device)
                 stray = torch.tensor(ids.stray_in_path(), device=device)
+                pad = self.tokenizer.convert_tokens_to_ids(protocol.PAD) if layout.block_size else None
                 path_rules = TokenRules(enders, torch.tensor(ids.think_close[:P], device=device), stray, ids.think,
-                                        min_new_tokens)
+                                        min_new_tokens, pad, layout.block_size)
                 first = torch.tensor(ids.think_open[:P], device=device).expand(B, P)
                 needed = {"first": 1, "half": math.ceil(P / 2), "last": P}[termination]
                 state = decode_paths(run, first, path_rules, needed, progress=progress)
@@ -410,22 +432,23 @@ class ParaThinkerEngine:
 
             summary = None
             if parathinker:
-                lengths = state.lengths.tolist()
-                offsets = [protocol.summary_offset(row, run.flattened, stride=max_new_tokens) for row in lengths]
-                summary_pos = run.prompt_lens + torch.tensor(offsets, device=device)
+                starts = [layout.summary_position(int(lp), row, run.flattened, stride=max_new_tokens)
+                          for lp, row in zip(run.prompt_lens.tolist(), state.lengths.tolist())]
                 if summary_kv == "reprefill":
-                    reprefill(run, len(template), summary_max_tokens)
-                summary_rules = TokenRules(enders, ids.summary_close, stray, ids.think)
+                    reprefill(run, len(template), summary_tokens)
+                # The released engine appends what the summary samples as it is (no stray rewriting).
+                summary_rules = TokenRules(enders, ids.summary_close, None if layout.block_size else stray, ids.think)
                 s_stop = self._summary_stop_check(stop_strings) if stop_strings else None
-                summary = summarize(run, torch.tensor(template, device=device), summary_pos, summary_rules,
-                                    summary_max_tokens, s_stop)
+                summary = summarize(run, torch.tensor(template, device=device), torch.tensor(starts, device=device),
+                                    summary_rules, summary_tokens, s_stop)
             t3 = clock(device)
         timing = {"prefill_s": t1 - t0, "think_s": t2 - t1, "summary_s": t3 - t2, "latency_s": t3 - t0}
         return self._outputs(prompt_ids, state, summary, template, timing, mode, termination, P)
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _validate(self, prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions):
+    def _validate(self, prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions, compat):
+        """Check the arguments; returns the control token ids and the layout (parathinker mode)."""
         for name, value, choices in (
             ("mode", mode, MODES),
             ("termination", termination, TERMINATIONS),
@@ -434,6 +457,7 @@ class ParaThinkerEngine:
         ):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        protocol.check_compat_name(compat)
         if not prompts:
             raise ValueError("prompts is empty")
         for i, p in enumerate(prompts):
@@ -444,7 +468,26 @@ class ParaThinkerEngine:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         if mode != "parathinker":
-            return None
+            if compat == "official":
+                raise ValueError(f"compat='official' applies to mode='parathinker' only, not mode={mode!r}")
+            return None, protocol.PAPER
+        layout = protocol.resolve_compat(compat, self.tokenizer)
+        if layout.max_paths is not None and num_paths > layout.max_paths:
+            raise ValueError(f"num_paths={num_paths}: the released engine (compat=official) runs at most {layout.max_paths} paths")
+        if layout.block_size is not None:
+            if max_new_tokens % layout.block_size:
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} must be a multiple of {layout.block_size} with compat=official "
+                    "(the released engine asserts it)"
+                )
+            if positions == "flattened":
+                raise ValueError("positions='flattened' has no equivalent in the released engine: use compat='paper'")
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str) and len(p) % layout.block_size:
+                    raise ValueError(
+                        f"prompts[{i}] has {len(p)} token ids; with compat=official a prompt is a multiple of "
+                        f"{layout.block_size} long: pass the text, or ids from protocol.OFFICIAL.prompt_ids"
+                    )
         ids = self._control_ids()
         if num_paths > ids.num_control_paths:
             raise ValueError(
@@ -453,19 +496,31 @@ class ParaThinkerEngine:
         max_segments = getattr(self.model.config, "max_segments", protocol.DEFAULT_MAX_SEGMENTS)
         if num_paths >= max_segments:
             raise ValueError(f"num_paths={num_paths} needs segment ids up to {num_paths}, but max_segments={max_segments}")
-        return ids
+        return ids, layout
 
-    def _check_positions(self, prompt_ids, num_paths, budget, template_len, summary_max, positions):
+    def _check_lengths(self, prompt_ids, num_paths, budget, template_len, summary_tokens, positions, layout):
+        """The summary must have room to generate, and every position must exist."""
+        if template_len and summary_tokens < 1:
+            raise ValueError(
+                f"summary_max_tokens leaves no room after the {template_len}-token summary template "
+                f"(compat={layout.name} counts the template)"
+            )
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is None:
             return
-        path_span = budget * (num_paths if positions == "flattened" else 1)
-        needed = max(map(len, prompt_ids)) + path_span + template_len + summary_max
+        path_lens = [budget] * (num_paths if positions == "flattened" else 1)
+        last_path = layout.summary_position(max(map(len, prompt_ids)), path_lens, positions == "flattened")
+        needed = last_path + (template_len + summary_tokens if template_len else 0)
         if needed > limit:
             raise ValueError(
                 f"prompt + max_new_tokens={budget} (+ summary) needs {needed} positions, beyond the "
                 f"model's max_position_embeddings={limit}"
             )
+
+    def _rope_theta(self) -> float:
+        config = self.model.config
+        params = getattr(config, "rope_parameters", None) or {}
+        return params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
 
     def _stop_check(self, stop_strings):
         """Per step: which paths' text now contains a stop string (independent modes)."""

@@ -13,12 +13,19 @@ A ParaThinker sequence is
 * positions: prompt 0..Lp-1, token j of every path at Lp+j (all paths overlap), summary token s
   at Lp + max_k(len_k) + s;
 * attention: causal, plus the two-phase rule of :func:`may_attend`.
+
+Two layouts of that sequence are legitimate (:class:`Compat`): ``paper``, the method as trained
+(summary at Lp + max_k len_k), and ``official``, what the released vLLM engine feeds the released
+checkpoint (block-aligned ``<vllm_pad>`` padding, EOS as an ordinary token, summary at
+2 Lp + max_k len_k, YaRN for long budgets; see :data:`OFFICIAL`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import math
 
 import torch
 
@@ -49,6 +56,10 @@ OFFICIAL_ASSISTANT = "<｜Assistant｜>"
 
 PROMPT_BLOCK = 0
 SUMMARY_BLOCK = -1
+
+# The math tasks' doc_to_text (tasks/_parathinker_math_template_yaml; a test keeps the two equal):
+# the question that the paper layout wraps in build_prompt, in training as at evaluation.
+TASK_QUESTION = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
 def think_open(k: int) -> str:
@@ -92,6 +103,117 @@ def build_prompt(question: str, tokenizer=None) -> str:
     return content + "\n"
 
 
+PAD = "<vllm_pad>"  # the released tokenizer's padding token (id 151683, after the control tokens)
+COMPAT_CHOICES = ("auto", "paper", "official")
+
+
+@dataclass(frozen=True)
+class Compat:
+    """One layout of the protocol: every point where the released engine differs from training.
+
+    ``paper`` is the method as trained; ``official`` reproduces the released vLLM fork (method
+    notes section 8.1), whose behaviour the released checkpoint has learned to expect.
+    """
+
+    name: str
+    block_size: int | None  # prompt and every path padded with PAD to a multiple of it (vLLM's KV block)
+    extra_bos: bool  # vLLM re-tokenizes the example's decoded prompt, which adds a second BOS
+    question_alone: bool  # the template gets the problem text alone, not the task's doc_to_text
+    eos_ends_path: bool  # official: ignore_eos, EOS is an ordinary token
+    summary_after_prompt_twice: bool  # <summary> at 2 Lp + max len_k (vLLM's position offset)
+    summary_cap_counts_template: bool  # summary_max_tokens counts from <summary>, template included
+    max_paths: int | None  # the fork's parthink_size limit
+    yarn_above: int | None  # per-path budget above which the example enables YaRN
+
+    def question(self, problem: str) -> str:
+        """The question put into :func:`build_prompt` for a benchmark problem."""
+        return problem if self.question_alone else TASK_QUESTION.format(problem=problem)
+
+    def padded(self, length: int) -> int:
+        """``length`` rounded up to the block size (unchanged without one)."""
+        return length if self.block_size is None else -(-length // self.block_size) * self.block_size
+
+    def prompt_ids(self, text: str, tokenizer) -> list[int]:
+        """Token ids of a prompt string, as this layout feeds them to the model.
+
+        paper: as lm-eval's HFLM encodes (the tokenizer's special tokens, unless the text already
+        starts with BOS). official: the example's pipeline, ``BOS BOS template PAD...`` with the
+        length a multiple of the block size (the second BOS is vLLM's, added when it re-tokenizes
+        the decoded prompt).
+        """
+        bos = tokenizer.bos_token
+        ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+        if self.block_size is None:
+            return ids
+        lead = ids[:1] if self.extra_bos and ids[:1] == [tokenizer.bos_token_id] else []
+        ids = lead + ids
+        return ids + [tokenizer.convert_tokens_to_ids(PAD)] * (self.padded(len(ids)) - len(ids))
+
+    def summary_position(self, prompt_len: int, path_lens: Sequence[int], flattened: bool = False,
+                         stride: int | None = None) -> int:
+        """Position of ``<summary>``: Lp + max_k len_k as trained, 2 Lp + max_k len_k in the released engine."""
+        gap = prompt_len if self.summary_after_prompt_twice else 0
+        return prompt_len + gap + summary_offset(path_lens, flattened, stride)
+
+    def summary_tokens(self, summary_max_tokens: int, template_len: int) -> int:
+        """How many tokens the summary may generate after its forced template."""
+        return summary_max_tokens - (template_len if self.summary_cap_counts_template else 0)
+
+    def rope_parameters(self, budget: int, rope_theta: float) -> dict | None:
+        """The YaRN rope configuration the official example sets for a per-path ``budget`` (None: no
+        scaling). No ``attention_factor``: vLLM drops the example's 1.0 and scales cos/sin by
+        0.1 ln(factor) + 1, which is also what transformers infers from ``factor``."""
+        if self.yarn_above is None or budget <= self.yarn_above:
+            return None
+        return {
+            "rope_type": "yarn",
+            "rope_theta": rope_theta,
+            "factor": budget / self.yarn_above,
+            "original_max_position_embeddings": OFFICIAL_YARN_ORIGINAL_MAX_POSITIONS,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+        }
+
+
+OFFICIAL_YARN_ORIGINAL_MAX_POSITIONS = 9280  # the example's "max_prompt_len + max_reasoning_path_len + max_summary_len"
+
+PAPER = Compat("paper", block_size=None, extra_bos=False, question_alone=False, eos_ends_path=True,
+               summary_after_prompt_twice=False, summary_cap_counts_template=False, max_paths=None,
+               yarn_above=None)
+OFFICIAL = Compat("official", block_size=16, extra_bos=True, question_alone=True, eos_ends_path=False,
+                  summary_after_prompt_twice=True, summary_cap_counts_template=True, max_paths=8,
+                  yarn_above=8192)
+
+
+def yarn_scale(factor: float) -> float:
+    """vLLM's YaRN cos/sin scale (``_yarn_get_mscale``)."""
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def check_compat_name(compat: str) -> str:
+    if compat not in COMPAT_CHOICES:
+        raise ValueError(f"compat={compat!r} is not one of {', '.join(COMPAT_CHOICES)}")
+    return compat
+
+
+def resolve_compat(compat: str, tokenizer) -> Compat:
+    """``auto``: the released engine's layout when the tokenizer has PAD (the released checkpoint's
+    does), the training layout otherwise. ``official`` needs PAD and the control tokens."""
+    check_compat_name(compat)
+    vocab = tokenizer.get_vocab()
+    if compat == "auto":
+        return OFFICIAL if PAD in vocab else PAPER
+    if compat == "paper":
+        return PAPER
+    missing = [t for t in [*control_tokens(), PAD] if t not in vocab]
+    if missing:
+        raise ValueError(
+            f"compat=official needs the released checkpoint's tokenizer, but this one lacks {missing} "
+            "(use compat=paper, or a checkpoint trained with training.sft --compat official)"
+        )
+    return OFFICIAL
+
+
 @dataclass(frozen=True)
 class ControlTokenIds:
     """Token ids of the protocol in one tokenizer."""
@@ -129,8 +251,9 @@ class ControlTokenIds:
         """Tokens a path must not emit: another path's opener or the summary opener."""
         return [*self.think_open, self.summary_open]
 
-    def path_enders(self, eos_ids: Sequence[int]) -> list[int]:
-        """Tokens that end a path (each is rewritten to that path's own </think k>)."""
+    def path_enders(self, eos_ids: Sequence[int] = ()) -> list[int]:
+        """Tokens that end a path (each is rewritten to that path's own </think k>); the official
+        engine's stop list has no EOS."""
         enders = [*self.think_close, self.summary_close, *eos_ids]
         return enders + ([self.think_end] if self.think_end is not None else [])
 
@@ -202,13 +325,14 @@ def sequence_layout(
     thought_embedding: bool = True,
     flattened: bool = False,
     path_stride: int | None = None,
+    compat: Compat = PAPER,
 ) -> SequenceLayout:
     """Layout of ``prompt | path 1 | ... | path P | summary`` packed in one row.
 
     ``path_indices`` are the control indices of the paths in packed order (default 1..P; the
     training extrapolation trick renames some of them). ``flattened`` positions put path i at
     ``Lp + (i-1) * path_stride`` (back to back when no stride is given); the engine uses its
-    per-path budget as the stride.
+    per-path budget as the stride. ``compat`` places the summary (:meth:`Compat.summary_position`).
     """
     indices = list(path_indices) if path_indices is not None else list(range(1, len(path_lens) + 1))
     if len(indices) != len(path_lens):
@@ -219,7 +343,8 @@ def sequence_layout(
         blocks.append(torch.full((n,), k))
         positions.append(prompt_len + off + torch.arange(n))
     blocks.append(torch.full((summary_len,), SUMMARY_BLOCK))
-    positions.append(prompt_len + summary_offset(path_lens, flattened, path_stride) + torch.arange(summary_len))
+    start = compat.summary_position(prompt_len, path_lens, flattened, path_stride)
+    positions.append(start + torch.arange(summary_len))
     block_ids = torch.cat(blocks).long()
     return SequenceLayout(
         block_ids=block_ids,

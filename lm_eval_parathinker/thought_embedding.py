@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .protocol import DEFAULT_MAX_SEGMENTS, DEFAULT_NUM_CONTROL_PATHS, control_tokens
+from .protocol import DEFAULT_MAX_SEGMENTS, DEFAULT_NUM_CONTROL_PATHS, PAD, control_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -156,14 +156,17 @@ def load_thought_embeddings(model: nn.Module, path: str | Path | None) -> bool:
     return True
 
 
-def add_control_tokens(model: nn.Module, tokenizer, num_control_paths: int = DEFAULT_NUM_CONTROL_PATHS) -> list[str]:
+def add_control_tokens(
+    model: nn.Module, tokenizer, num_control_paths: int = DEFAULT_NUM_CONTROL_PATHS, pad: bool = False
+) -> list[str]:
     """Add the control tokens the tokenizer lacks, in the official order; returns those added.
+    ``pad`` also adds the released tokenizer's ``<vllm_pad>`` after them (the ``official`` layout).
 
     The embedding matrix is resized only when the tokenizer outgrows it (as the official recipe:
     Qwen's padded rows already hold the new ids).
     """
     vocab = tokenizer.get_vocab()
-    new = [t for t in control_tokens(num_control_paths) if t not in vocab]
+    new = [t for t in control_tokens(num_control_paths) + ([PAD] if pad else []) if t not in vocab]
     if new:
         tokenizer.add_tokens(new, special_tokens=True)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, processors
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 from lm_eval_parathinker import protocol
@@ -37,7 +37,21 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(arch: str = "qwen2", seed: int = 0) -> torch.nn.Module:
+def tiny_official_tokenizer() -> PreTrainedTokenizerFast:
+    """Shaped like the released checkpoint's tokenizer: it adds a BOS to every text, knows the
+    official prompt's role tokens (so build_prompt gives the official template), then the control
+    tokens and ``<vllm_pad>`` in the official order (add them with ``add_control_tokens(pad=True)``)."""
+    tok = tiny_tokenizer()
+    tok.add_tokens(["<bos>", protocol.OFFICIAL_USER, protocol.OFFICIAL_ASSISTANT], special_tokens=True)
+    tok.bos_token = "<bos>"
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
+    )
+    return tok
+
+
+def tiny_model(arch: str = "qwen2", seed: int = 0, max_position_embeddings: int = 4096) -> torch.nn.Module:
     config = CONFIGS[arch](
         vocab_size=VOCAB_SIZE,
         hidden_size=64,
@@ -46,7 +60,7 @@ def tiny_model(arch: str = "qwen2", seed: int = 0) -> torch.nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
-        max_position_embeddings=4096,
+        max_position_embeddings=max_position_embeddings,
         eos_token_id=1,
         pad_token_id=0,
         tie_word_embeddings=False,
@@ -55,10 +69,13 @@ def tiny_model(arch: str = "qwen2", seed: int = 0) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
-def tiny_parathinker(arch: str = "qwen2", seed: int = 0, table_std: float = 0.5):
-    """(model, tokenizer) with the control tokens and random (non-zero) thought embeddings."""
-    model, tok = tiny_model(arch, seed), tiny_tokenizer()
-    add_control_tokens(model, tok)
+def tiny_parathinker(arch: str = "qwen2", seed: int = 0, table_std: float = 0.5, official: bool = False,
+                     max_position_embeddings: int = 4096):
+    """(model, tokenizer) with the control tokens and random (non-zero) thought embeddings;
+    ``official``: the released checkpoint's tokenizer shape (BOS, role tokens, ``<vllm_pad>``)."""
+    model = tiny_model(arch, seed, max_position_embeddings)
+    tok = tiny_official_tokenizer() if official else tiny_tokenizer()
+    add_control_tokens(model, tok, pad=official)
     attach_thought_embeddings(model)
     torch.manual_seed(seed + 1)
     for table in thought_embedding_tables(model):
@@ -66,9 +83,10 @@ def tiny_parathinker(arch: str = "qwen2", seed: int = 0, table_std: float = 0.5)
     return model, tok
 
 
-def save_tiny_checkpoint(path: str | Path, arch: str = "qwen2", parathinker: bool = True) -> Path:
-    """A tiny checkpoint directory: official ParaThinker format, or a plain model + tokenizer."""
-    model, tok = tiny_parathinker(arch) if parathinker else (tiny_model(arch), tiny_tokenizer())
+def save_tiny_checkpoint(path: str | Path, arch: str = "qwen2", parathinker: bool = True, official: bool = False) -> Path:
+    """A tiny checkpoint directory: official ParaThinker format (``official``: with the released
+    tokenizer's shape), or a plain model + tokenizer."""
+    model, tok = tiny_parathinker(arch, official=official) if parathinker else (tiny_model(arch), tiny_tokenizer())
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)
