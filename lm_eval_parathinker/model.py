@@ -6,7 +6,10 @@ PEFT adapters, ``accelerate launch`` data parallelism, loglikelihood) and implem
 
 * ``method=parathinker``: P paths ``<think k> ... </think k>`` decoded in parallel after the
   ParaThinker prompt (:func:`protocol.build_prompt`), then one summary; the response is the whole
-  transcript (paths, then summary), so ``--log_samples`` shows every path;
+  transcript (paths, then summary), so ``--log_samples`` shows every path. ``compat`` picks the
+  layout (:class:`protocol.Compat`): ``official`` reproduces the released vLLM engine (the
+  template gets the doc's ``problem`` alone, prompt and paths padded to blocks of 16, ...),
+  ``paper`` the method as trained, ``auto`` official when the tokenizer has ``<vllm_pad>``;
 * ``method=sequential``: one plain sample of exactly the prompt lm-eval hands over (greedy
   decoding gives the same text as ``--model hf``);
 * ``method=majority``: P plain samples sharing one prefill; the response is the sample whose
@@ -96,11 +99,15 @@ class ParaThinkerOptions:
     summary_kv: str = "reuse"
     thought_embedding: bool = True
     positions: str = "aligned"
+    compat: str = "auto"
 
     @classmethod
     def parse(cls, method="parathinker", num_paths=None, termination="first", summary_max_tokens=128,
-              summary_kv="reuse", thought_embedding=True, positions="aligned") -> ParaThinkerOptions:
+              summary_kv="reuse", thought_embedding=True, positions="aligned", compat="auto") -> ParaThinkerOptions:
         method = _choice("method", method, METHODS)
+        compat = protocol.check_compat_name(compat)
+        if compat == "official" and method != "parathinker":
+            raise ValueError(f"compat=official applies to method=parathinker only, not method={method}")
         if method == "sequential":
             if num_paths not in (None, 1, "1"):
                 raise ValueError(f"num_paths={num_paths!r} has no meaning for method=sequential (one path); omit it")
@@ -123,6 +130,7 @@ class ParaThinkerOptions:
             summary_kv=_choice("summary_kv", summary_kv, SUMMARY_KV),
             thought_embedding=_as_bool("thought_embedding", thought_embedding),
             positions=_choice("positions", positions, POSITIONS),
+            compat=compat,
         )
 
 
@@ -215,11 +223,12 @@ class ParaThinkerLM(HFLM):
         summary_kv: str = "reuse",
         thought_embedding: bool = True,
         positions: str = "aligned",
+        compat: str = "auto",
         **kwargs: Any,
     ) -> None:
         # Everything is validated before any loading; HFLM forwards unknown kwargs to from_pretrained.
         self.options = ParaThinkerOptions.parse(
-            method, num_paths, termination, summary_max_tokens, summary_kv, thought_embedding, positions
+            method, num_paths, termination, summary_max_tokens, summary_kv, thought_embedding, positions, compat
         )
         if str(kwargs.get("batch_size", 1)).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by --model parathinker: pass a number of prompts")
@@ -233,6 +242,8 @@ class ParaThinkerLM(HFLM):
         self.control_tokens_added: list[str] = []
         self.tables_source: str | None = None
         self.termination_reasons: Counter = Counter()
+        self.compat: protocol.Compat | None = None  # resolved with the tokenizer (method=parathinker)
+        self._warned_no_problem = False
         super().__init__(pretrained=embedded.resolve_pretrained(pretrained), **kwargs)
         self._engine: ParaThinkerEngine | None = None
 
@@ -245,6 +256,10 @@ class ParaThinkerLM(HFLM):
             if adapter is not None and (adapter / "tokenizer_config.json").is_file():
                 tokenizer = str(adapter)
         super()._create_tokenizer(pretrained, tokenizer, *args, **kwargs)
+        if self.options.method == "parathinker":  # HFLM loads the tokenizer before the model: fail early
+            self.compat = protocol.resolve_compat(self.options.compat, self.tokenizer)
+            if self.compat.block_size and self.options.positions == "flattened":
+                raise ValueError("positions=flattened has no equivalent in the released engine (compat=official)")
 
     def _create_model(self, pretrained, *args, peft=None, revision="main", **kwargs) -> None:
         """HFLM's loading without its PEFT step, then control tokens, thought embeddings, adapter.
@@ -314,7 +329,7 @@ class ParaThinkerLM(HFLM):
         if not requests:
             return []
         collator = Collator(
-            [req.args for req in requests],
+            [(*req.args[:2], self._question(req)) for req in requests],
             sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
             group_by="gen_kwargs",
             group_fn=lambda args: args[1],
@@ -323,13 +338,28 @@ class ParaThinkerLM(HFLM):
         bar = tqdm(total=len(requests), disable=not show, desc=f"parathinker {self.options.method} requests")
         results = []
         for chunk in collator.get_batched(n=self.batch_size):
-            contexts, all_kwargs = zip(*chunk)
-            for context, response in zip(contexts, self._generate_batch(list(contexts), all_kwargs[0], show)):
+            contexts, all_kwargs, questions = zip(*chunk)
+            for context, response in zip(contexts, self._generate_batch(list(questions), all_kwargs[0], show)):
                 results.append(response)
                 self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), response)
                 bar.update(1)
         bar.close()
         return collator.get_original(results)
+
+    def _question(self, request: Instance) -> str:
+        """What the prompt is built from: the context lm-eval hands over, except that the released
+        engine's template takes the doc's ``problem`` alone (compat=official)."""
+        context = request.args[0]
+        if self.compat is None or not self.compat.question_alone:
+            return context
+        problem = (request.doc or {}).get("problem") if isinstance(request.doc, dict) else None
+        if isinstance(problem, str):
+            return self.compat.question(problem)
+        if not self._warned_no_problem:
+            logger.warning("compat=official: the task's docs have no 'problem' field; the template gets the "
+                           "task prompt instead of the problem alone")
+            self._warned_no_problem = True
+        return context
 
     def _generate_batch(self, contexts: list[str], gen_kwargs: dict, progress: bool) -> list[ParaThinkerResponse]:
         opts = self.options
@@ -339,6 +369,12 @@ class ParaThinkerLM(HFLM):
         budget = kwargs.pop("max_gen_toks")
         sampling = _sampling(kwargs)
         parathinker = opts.method == "parathinker"
+        block = self.compat.block_size if parathinker else None
+        if block and budget % block:
+            raise ValueError(
+                f"max_gen_toks={budget} (the per-path budget) must be a multiple of {block} with compat=official "
+                "(the released engine asserts it)"
+            )
         prompts = [protocol.build_prompt(c, self.tokenizer) for c in contexts] if parathinker else contexts
         outputs = self.engine.generate(
             self._encode(prompts, budget),
@@ -350,6 +386,7 @@ class ParaThinkerLM(HFLM):
             summary_kv=opts.summary_kv,
             thought_embedding=opts.thought_embedding,
             positions=opts.positions,
+            compat=self.compat.name if parathinker else "paper",
             stop_strings=[s for s in until if s and s != eos],  # EOS is handled by token id
             progress=progress,
             **sampling,
@@ -374,6 +411,8 @@ class ParaThinkerLM(HFLM):
                 f"max_gen_toks={budget} (per path) leaves no room for the prompt within the model's "
                 f"max_length={self.max_length}"
             )
+        if self.compat is not None and self.compat.block_size:  # the released engine's ids, never truncated
+            return [self.compat.prompt_ids(p, self.tokenizer) for p in prompts]
         ids, mask = self.tok_batch_encode(prompts, left_truncate_len=room, truncation=self.truncation)
         return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
 
@@ -401,6 +440,7 @@ class ParaThinkerLM(HFLM):
         info = super().get_model_info()
         info["parathinker"] = {
             **asdict(self.options),
+            "compat": self.compat.name if self.compat is not None else None,  # as resolved (auto -> paper/official)
             "training_free": self.training_free if self.options.method == "parathinker" else None,
             "thought_embeddings_from": self.tables_source,
             "control_tokens_added": len(self.control_tokens_added),

@@ -24,7 +24,6 @@ from training import make_data  # noqa: E402
 from training.data import DataError, convert, load_records  # noqa: E402
 from training.sequence import (  # noqa: E402
     IGNORE_INDEX,
-    QUESTION_TEMPLATE,
     Collator,
     SequenceBuilder,
     extrapolation_indices,
@@ -62,14 +61,18 @@ def data_file(tmp_path_factory) -> Path:
 # ------------------------------------------------------------------ training == inference
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
-def test_training_forward_matches_engine_logits(arch):
-    model, tok = tiny_parathinker(arch)
+@pytest.mark.parametrize("arch, compat", [("qwen2", protocol.PAPER), ("qwen3", protocol.PAPER),
+                                          ("qwen2", protocol.OFFICIAL), ("qwen3", protocol.OFFICIAL)])
+def test_training_forward_matches_engine_logits(arch, compat):
+    official = compat is protocol.OFFICIAL
+    model, tok = tiny_parathinker(arch, official=official)
+    template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
     out = ParaThinkerEngine(model, tok).generate(
-        ["What is 2+3?"], num_paths=3, max_new_tokens=7, termination="last", summary_max_tokens=6,
-        output_logits=True, temperature=1.0, seed=3,
+        ["What is 2+3?"], num_paths=3, max_new_tokens=16 if official else 7, termination="last",
+        summary_max_tokens=template + 6 if official else 6, output_logits=True, temperature=1.0, seed=3,
+        compat=compat.name,
     )[0]
-    ex = pack(out.prompt_ids, out.path_ids, out.summary_ids)
+    ex = pack(out.prompt_ids, out.path_ids, out.summary_ids, compat=compat)
     with torch.no_grad():
         logits = forward_logits(model, _batch([ex], tok))[0]
     start = len(out.prompt_ids)
@@ -126,14 +129,38 @@ def test_labels_cover_paths_closers_and_summary_only(tiny):
     prompt_len = int((ex.layout.block_ids == protocol.PROMPT_BLOCK).sum())
     untrained = ex.input_ids[prompt_len:][~labelled[prompt_len:]].tolist()
     assert untrained == [ids.think_open[0], ids.think_open[1], ids.think_open[2], *builder.template]
-    prompt = protocol.build_prompt(QUESTION_TEMPLATE.format(problem=record["problem"]), tok)
+    prompt = protocol.build_prompt(protocol.TASK_QUESTION.format(problem=record["problem"]), tok)
     assert tok.decode(ex.input_ids[:prompt_len]) == prompt
+
+
+def test_official_layout_is_the_released_engines():
+    _, tok = tiny_parathinker("qwen2", official=True)
+    builder = SequenceBuilder(tok, compat=protocol.OFFICIAL, max_path_tokens=32)
+    pad = tok.convert_tokens_to_ids(protocol.PAD)
+    record = {**RECORDS[3], "paths": [*RECORDS[3]["paths"][:2], "a long path " * 12]}
+    ex = builder.build(builder.encode(record))
+    blocks, labels = ex.layout.block_ids, ex.labels
+    prompt = ex.input_ids[blocks == protocol.PROMPT_BLOCK].tolist()
+    text = protocol.build_prompt(record["problem"], tok)  # the problem alone, official template
+    assert prompt == protocol.OFFICIAL.prompt_ids(text, tok) and len(prompt) % 16 == 0
+    lengths = []
+    for k in (1, 2, 3):
+        tokens = ex.input_ids[blocks == k].tolist()
+        lengths.append(len(tokens))
+        closer = tokens.index(builder.ids.think_close[k - 1])
+        assert len(tokens) % 16 == 0 and tokens[closer + 1 :] == [pad] * (len(tokens) - closer - 1)
+        assert (labels[blocks == k][closer + 1 :] == IGNORE_INDEX).all()  # pads are force-fed, not learned
+    assert lengths[2] == 32  # cut to the budget: body, untrained closer, no pad
+    summary_start = ex.layout.position_ids[blocks == protocol.SUMMARY_BLOCK][0]
+    assert summary_start == 2 * len(prompt) + max(lengths)
+    with pytest.raises(ValueError, match="max_path_tokens=20 must be a multiple of 16"):
+        SequenceBuilder(tok, compat=protocol.OFFICIAL, max_path_tokens=20)
 
 
 def test_question_template_is_the_tasks_doc_to_text():
     yaml_text = (REPO / "tasks" / "_parathinker_math_template_yaml").read_text()
     doc_to_text = json.loads(re.search(r"^doc_to_text: (\".*\")$", yaml_text, re.M).group(1))
-    assert QUESTION_TEMPLATE.format(problem="P") == doc_to_text.replace("{{problem}}", "P")
+    assert protocol.TASK_QUESTION.format(problem="P") == doc_to_text.replace("{{problem}}", "P")
 
 
 def test_truncated_path_keeps_closer_without_label(tiny):
@@ -303,9 +330,9 @@ def _initial_loss(base) -> float:
     return _dataset_loss(*load_base(str(base)))
 
 
-def _lm_eval(model_args: str, tmp_path) -> dict:
+def _lm_eval(model_args: str, tmp_path, max_gen_toks: int = 6) -> dict:
     cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "parathinker", "--model_args", model_args,
-           "--tasks", "aime24", "--limit", "1", "--gen_kwargs", "max_gen_toks=6",
+           "--tasks", "aime24", "--limit", "1", "--gen_kwargs", f"max_gen_toks={max_gen_toks}",
            "--metadata", json.dumps({"repeats": 1, "data_dir": str(DATA_DIR)}),
            "--output_path", str(tmp_path / "eval"), "--log_samples"]
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -334,6 +361,18 @@ def test_full_sft_lowers_loss_and_loads_in_lm_eval(base, data_file):
     assert _dataset_loss(model, tok) < 0.8 * _initial_loss(base)
     res = _lm_eval(f"pretrained={out},num_paths=2", tmp / "eval_full")
     assert "aime24" in res["results"]
+
+
+def test_official_layout_sft_makes_a_checkpoint_lm_eval_runs_as_official(base, data_file):
+    from transformers import AutoTokenizer
+
+    tmp = data_file.parent
+    out = tmp / "official"
+    proc = _sft(tmp, base, out, "--full", "--compat", "official", "--max-steps", "2", "--max-path-tokens", "32")
+    assert "compat=official" in proc.stderr
+    assert protocol.PAD in AutoTokenizer.from_pretrained(out).get_vocab()
+    res = _lm_eval(f"pretrained={out},num_paths=2,summary_max_tokens=70", tmp / "eval_official", max_gen_toks=16)
+    assert res["config"]["parathinker"]["compat"] == "official"  # auto: the checkpoint has <vllm_pad>
 
 
 def test_lora_adapter_lowers_loss_and_loads_with_peft(base, data_file):

@@ -2,14 +2,17 @@
 
 A record becomes one packed row ``prompt | <think k> path </think k> ... | summary`` whose block
 ids, segment ids, positions and two-phase mask all come from
-:func:`lm_eval_parathinker.protocol.sequence_layout`. Labels (the tokens that carry loss):
+:func:`lm_eval_parathinker.protocol.sequence_layout`, in the layout the engine uses for the same
+``compat`` (``official``: the released engine's prompt ids, ``<vllm_pad>`` after each path's closer
+up to a multiple of 16, summary at 2 Lp + max len). Labels (the tokens that carry loss):
 
 * path body tokens and the path's ``</think k>`` (not for a path cut by the token budget: at
   inference a cut path emits no closing token, so learning one mid-sentence would be wrong);
 * the summary text after the template, and ``</summary>``.
 
 Not trained: the prompt, every ``<think k>`` (force-fed by the engine, and masked in the official
-data) and the summary template (force-fed by the engine in one forward). Because every trained
+data), the pads after a closer (force-fed too) and the summary template (force-fed by the engine
+in one forward). Because every trained
 token follows a token of its own block in packed order, the usual shift-by-one loss is right.
 """
 
@@ -22,12 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from lm_eval_parathinker import protocol
-from lm_eval_parathinker.protocol import ControlTokenIds, SequenceLayout
+from lm_eval_parathinker.protocol import PAPER, Compat, ControlTokenIds, SequenceLayout
 
 IGNORE_INDEX = -100
-# The math tasks' doc_to_text (tasks/_parathinker_math_template_yaml): the question the model
-# class wraps in build_prompt at evaluation time, so training prompts are the evaluated ones.
-QUESTION_TEMPLATE = "{problem}\nPlease reason step by step, and put your final answer within \\boxed{{}}."
 
 
 @dataclass(frozen=True)
@@ -57,16 +57,19 @@ def pack(
     *,
     path_indices: Sequence[int] | None = None,
     trained: Sequence[bool] | None = None,
+    compat: Compat = PAPER,
 ) -> TrainingExample:
     """Pack complete blocks (paths with their control tokens, summary with its template: the token
-    ids the engine produces) into one row. ``trained`` flags each path and summary token, in packed
-    order, that carries a label (default: none)."""
+    ids the engine produces) into one row laid out as ``compat``. ``trained`` flags each path and
+    summary token, in packed order, that carries a label (default: none)."""
     body = [t for p in paths for t in p] + list(summary)
     trained = [False] * len(body) if trained is None else list(trained)
     if len(trained) != len(body):
         raise ValueError(f"trained has {len(trained)} flags for {len(body)} path and summary tokens")
     indices = tuple(path_indices) if path_indices is not None else tuple(range(1, len(paths) + 1))
-    layout = protocol.sequence_layout(len(prompt_ids), [len(p) for p in paths], len(summary), path_indices=indices)
+    layout = protocol.sequence_layout(
+        len(prompt_ids), [len(p) for p in paths], len(summary), path_indices=indices, compat=compat
+    )
     input_ids = torch.tensor([*prompt_ids, *body], dtype=torch.long)
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     flags = torch.tensor([False] * len(prompt_ids) + trained, dtype=torch.bool)
@@ -95,15 +98,21 @@ class SequenceBuilder:
         self,
         tokenizer,
         *,
+        compat: Compat = PAPER,
         max_path_tokens: int | None = None,
         max_length: int | None = None,
         max_paths: int | None = None,
     ):
         if max_path_tokens is not None and max_path_tokens < 3:
             raise ValueError(f"max_path_tokens={max_path_tokens} must leave room for <think k>, a token and </think k>")
+        if max_path_tokens is not None and compat.padded(max_path_tokens) != max_path_tokens:
+            raise ValueError(f"max_path_tokens={max_path_tokens} must be a multiple of {compat.block_size} "
+                             f"with compat={compat.name}, as the engine's budget")
         if max_paths is not None and max_paths < 1:
             raise ValueError(f"max_paths={max_paths} must be at least 1")
         self.tokenizer = tokenizer
+        self.compat = compat
+        self.pad_id = tokenizer.convert_tokens_to_ids(protocol.PAD) if compat.block_size else None
         self.ids = ControlTokenIds.from_tokenizer(tokenizer)
         self.template = self._tokens(protocol.SUMMARY_TEMPLATE)  # tokenized alone, as the engine does
         self.max_path_tokens = max_path_tokens
@@ -113,16 +122,10 @@ class SequenceBuilder:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _prompt_tokens(self, question: str) -> list[int]:
-        """The ParaThinker prompt tokenized as lm-eval's HFLM does: the tokenizer's special tokens,
-        unless the (chat-templated) string already starts with BOS."""
-        text = protocol.build_prompt(question, self.tokenizer)
-        bos = self.tokenizer.bos_token
-        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-
     def encode(self, record: dict) -> EncodedRecord | None:
         """Tokenize a record; None when even its first two paths exceed ``max_length``."""
-        prompt = self._prompt_tokens(QUESTION_TEMPLATE.format(problem=record["problem"]))
+        text = protocol.build_prompt(self.compat.question(record["problem"]), self.tokenizer)
+        prompt = self.compat.prompt_ids(text, self.tokenizer)
         paths, truncated = [], []
         for text in record["paths"][: self.max_paths]:
             body = self._tokens(text)
@@ -135,7 +138,7 @@ class SequenceBuilder:
 
     def length(self, enc: EncodedRecord) -> int:
         """Packed length of an encoded record."""
-        paths = sum(len(p) + 2 for p in enc.paths)
+        paths = sum(self.compat.padded(len(p) + 2) for p in enc.paths)
         return len(enc.prompt) + paths + len(self.template) + len(enc.summary) + 1
 
     def _fit(self, enc: EncodedRecord) -> EncodedRecord | None:
@@ -151,11 +154,12 @@ class SequenceBuilder:
         indices = list(path_indices) if path_indices is not None else list(range(1, len(enc.paths) + 1))
         blocks, trained = [], []
         for k, body, cut in zip(indices, enc.paths, enc.truncated):
-            blocks.append([self.ids.think_open[k - 1], *body, self.ids.think_close[k - 1]])
-            trained += [False] + [True] * len(body) + [not cut]
+            pads = self.compat.padded(len(body) + 2) - len(body) - 2
+            blocks.append([self.ids.think_open[k - 1], *body, self.ids.think_close[k - 1], *[self.pad_id] * pads])
+            trained += [False] + [True] * len(body) + [not cut] + [False] * pads
         summary = [*self.template, *enc.summary, self.ids.summary_close]
         trained += [False] * len(self.template) + [True] * (len(enc.summary) + 1)
-        return pack(enc.prompt, blocks, summary, path_indices=indices, trained=trained)
+        return pack(enc.prompt, blocks, summary, path_indices=indices, trained=trained, compat=self.compat)
 
 
 class MultiPathDataset(torch.utils.data.Dataset):

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lm_eval_parathinker.protocol import ControlTokenIds
+from lm_eval_parathinker.protocol import COMPAT_CHOICES, ControlTokenIds, resolve_compat
 from lm_eval_parathinker.thought_embedding import (
     add_control_tokens,
     attach_thought_embeddings,
@@ -71,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-path-tokens", type=int, default=None, help="per-path budget incl. <think k> and </think k>")
     p.add_argument("--max-paths", type=int, default=6, help="paths used per problem (official data: up to 6)")
     p.add_argument("--extrapolate-prob", type=float, default=0.3)
+    p.add_argument("--compat", choices=COMPAT_CHOICES, default="auto",
+                   help="sequence layout: paper (as the method is trained), official (as the released vLLM engine "
+                        "runs the released checkpoint: adds <vllm_pad>), auto (official if the tokenizer has <vllm_pad>)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the last OUT/checkpoint-*")
     p.add_argument("--save-adapter", action="store_true", help="save a PEFT adapter instead of merged weights")
@@ -95,8 +98,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # -- model ------------------------------------------------------------------------------------
 
 
-def load_base(model_name: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) with control tokens and thought-embedding tables attached, unwrapped."""
+def load_base(model_name: str, dtype: torch.dtype = torch.float32, pad: bool = False):
+    """(model, tokenizer) with control tokens (and ``<vllm_pad>`` when ``pad``) and thought-embedding
+    tables attached, unwrapped."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_name)
@@ -104,7 +108,7 @@ def load_base(model_name: str, dtype: torch.dtype = torch.float32):
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    add_control_tokens(model, tokenizer)
+    add_control_tokens(model, tokenizer, pad=pad)
     if Path(model_name).is_dir() and read_thought_embeddings(model_name):
         load_thought_embeddings(model, model_name)
     else:
@@ -280,8 +284,11 @@ def plot_loss(rows: list[dict], path: Path) -> None:
 
 def build_dataset(args, tokenizer) -> MultiPathDataset:
     records = load_records(args.data)
+    compat = resolve_compat(args.compat, tokenizer)
+    logger.info("sequence layout: compat=%s", compat.name)
     builder = SequenceBuilder(
-        tokenizer, max_path_tokens=args.max_path_tokens, max_length=args.max_length, max_paths=args.max_paths
+        tokenizer, compat=compat, max_path_tokens=args.max_path_tokens, max_length=args.max_length,
+        max_paths=args.max_paths,
     )
     dataset = MultiPathDataset(records, builder, extrapolate_prob=args.extrapolate_prob, seed=args.seed)
     if dataset.skipped:
@@ -299,7 +306,7 @@ def train(args: argparse.Namespace) -> Path:
         mixed_precision="bf16" if args.bf16 else "no", gradient_accumulation_steps=args.gradient_accumulation_steps
     )
     set_seed(args.seed)
-    model, tokenizer = load_base(args.model)
+    model, tokenizer = load_base(args.model, pad=args.compat == "official")
     dataset = build_dataset(args, tokenizer)  # before any output is written: bad data leaves nothing
     out.mkdir(parents=True, exist_ok=True)
     if args.gradient_checkpointing:
