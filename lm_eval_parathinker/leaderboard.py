@@ -4,6 +4,8 @@
 
 Every ``**/results_*.json`` under RESULTS_DIR (as written by ``lm_eval --output_path``) becomes one CSV row per
 run x task x metric. Partial or corrupt files are skipped with a warning. Outputs are written atomically.
+The picture puts each run's accuracy beside its cost (generated tokens and seconds per problem), so runs
+compare even when every one of them scores 0.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ COLUMNS = [
     "method",
     "num_paths",
     "termination",
+    "compat",
     "task",
     "metric",
     "value",
@@ -101,6 +104,7 @@ def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
     if num_paths in (None, "") and method == "sequential":
         num_paths = 1
     termination = settings.get("termination", margs.get("termination", "")) if method == "parathinker" else ""
+    compat = settings.get("compat") or ""  # "paper" or "official", recorded by --model parathinker runs
     configs = data.get("configs") or {}
     n_samples = data.get("n-samples") or {}
     limit = config.get("limit")
@@ -135,6 +139,7 @@ def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
                     "method": method,
                     "num_paths": "" if num_paths is None else num_paths,
                     "termination": termination,
+                    "compat": compat,
                     "task": task,
                     "metric": metric if filt in ("all", "none") else f"{metric},{filt}",
                     "value": "" if value is None else value,
@@ -201,6 +206,8 @@ def _run_label(r: dict[str, Any]) -> str:
     label = f"{name} {r['method']}"
     if r.get("num_paths") not in ("", None):
         label += f" P={r['num_paths']}"
+    if r.get("compat") == "official":
+        label += " official"
     return label
 
 
@@ -208,12 +215,18 @@ def _task_sort(tasks: Iterable[str]) -> list[str]:
     return sorted(set(tasks), key=lambda t: (_TASK_ORDER.index(t) if t in _TASK_ORDER else len(_TASK_ORDER), t))
 
 
-def pivot(rows: list[dict[str, Any]], metric: str = MAIN_METRIC) -> tuple[list[str], list[str], dict]:
-    """(row labels, tasks, {(label, task): value}) of ``metric``; later runs win on duplicates."""
+def pivot(
+    rows: list[dict[str, Any]], metric: str = MAIN_METRIC, per_problem: bool = False
+) -> tuple[list[str], list[str], dict]:
+    """(row labels, tasks, {(label, task): value}) of ``metric``; later runs win on duplicates.
+
+    ``per_problem``: a per-response mean times the task's repeats (the k responses of each problem).
+    """
     cells: dict[tuple[str, str], float] = {}
     for r in sorted(rows, key=lambda r: str(r["date"])):
         if r["metric"] == metric and r["value"] != "":
-            cells[(_run_label(r), r["task"])] = float(r["value"])
+            repeats = _num(r.get("repeats")) if per_problem else None
+            cells[(_run_label(r), r["task"])] = float(r["value"]) * (repeats or 1.0)
     labels = sorted({k[0] for k in cells})
     tasks = _task_sort(k[1] for k in cells)
     return labels, tasks, cells
@@ -231,44 +244,50 @@ def format_table(rows: list[dict[str, Any]], metric: str = MAIN_METRIC) -> str:
     return "\n".join(lines)
 
 
+# The cost panels of the picture: per-response means (gen_tokens, latency_s) times k, per problem.
+COST_PANELS = (("gen_tokens", "generated tokens per problem"), ("latency_s", "seconds per problem (k x sample latency)"))
+
+
+def _bar_text(value: float | None, cost: bool) -> str:
+    if value is None:
+        return "n/a"
+    if not cost:
+        return f"{value:.3f}"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
+
+
 def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN_METRIC) -> None:
-    """Grouped bars (accuracy per task and method) and lines (accuracy vs number of paths) to a PNG."""
+    """Accuracy and its cost side by side, one horizontal bar per run and task in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, tasks, cells = pivot(rows, metric)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.8 / max(len(labels), 1)
-    for i, lab in enumerate(labels):
-        xs = [j + i * width for j in range(len(tasks))]
-        ax1.bar(xs, [cells.get((lab, t), 0.0) for t in tasks], width=width, label=lab)
-    ax1.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))])
-    ax1.set_xticklabels(tasks)
-    ax1.set_ylabel(metric)
-    ax1.set_ylim(0, 1)
-    ax1.set_title(f"{metric} per task and method")
-    if labels:
-        ax1.legend(fontsize=7)
-
-    # accuracy vs number of paths: one line per (pretrained, method, task)
-    series: dict[tuple[str, str, str], dict[float, float]] = {}
-    for r in sorted(rows, key=lambda r: str(r["date"])):
-        p = _num(r.get("num_paths"))
-        if r["metric"] != metric or r["value"] == "" or p is None:
-            continue
-        key = (Path(str(r["pretrained"])).name or r["model"], str(r["method"]), r["task"])
-        series.setdefault(key, {})[p] = float(r["value"])
-    for (name, method, task), pts in sorted(series.items()):
-        xs = sorted(pts)
-        ax2.plot(xs, [pts[x] for x in xs], marker="o", label=f"{name} {method} {task}")
-    ax2.set_xlabel("number of paths")
-    ax2.set_ylabel(metric)
-    ax2.set_ylim(0, 1)
-    ax2.set_title(f"{metric} vs number of parallel paths")
-    if series:
-        ax2.legend(fontsize=7)
+    labels = sorted({_run_label(r) for r in rows if r["metric"] == metric})
+    panels = [(metric, f"{metric} (accuracy)", False)] + [(m, title, True) for m, title in COST_PANELS]
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 1.8 + 0.5 * max(len(labels), 1)), sharey=True)
+    for ax, (name, title, per_problem) in zip(axes, panels):
+        _, tasks, cells = pivot(rows, name, per_problem)
+        height = 0.8 / max(len(tasks), 1)
+        for j, task in enumerate(tasks):
+            ys = [i + (j - (len(tasks) - 1) / 2) * height for i in range(len(labels))]
+            values = [cells.get((lab, task)) for lab in labels]
+            bars = ax.barh(ys, [v or 0.0 for v in values], height=height, label=task)
+            # the value beside every bar: a run that scores 0 still shows its number
+            ax.bar_label(bars, labels=[_bar_text(v, per_problem) for v in values], fontsize=7, padding=2)
+        if not cells:
+            ax.text(0.5, 0.5, f"no {name} in these runs", transform=ax.transAxes, ha="center", fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+        ax.margins(x=0.25)
+    axes[0].set_xlim(0, 1.15)
+    axes[0].set_yticks(range(len(labels)))
+    axes[0].set_yticklabels(labels, fontsize=8)
+    axes[0].invert_yaxis()
+    tasks = _task_sort(r["task"] for r in rows)
+    if len(tasks) > 1:
+        axes[0].legend(fontsize=7)
+    fig.suptitle(f"accuracy and cost per run ({', '.join(tasks)})", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

@@ -55,13 +55,14 @@ def run_lm_eval(args: list[str], out_dir: str | os.PathLike, timeout: float = 30
 def tiny_hf_aime24_run(tmp_root: str | os.PathLike):
     """Once per test process: a real ``lm_eval --model hf --tasks aime24 --limit 2`` run on a tiny Llama.
 
-    Returns (output dir, results dict). Shared by test_tasks and test_leaderboard to keep the suite fast.
+    Returns (output dir, results dict); the run's console output is kept in ``<output dir>/lm_eval.log``.
+    Shared by test_tasks and test_leaderboard to keep the suite fast.
     """
     if "hf" not in _RUN_CACHE:
         root = Path(tmp_root)
         ckpt = save_tiny_checkpoint(root / "tiny_llama", "llama", parathinker=False)
         out = root / "runs"
-        _, res = run_lm_eval(
+        proc, res = run_lm_eval(
             [
                 "--model", "hf",
                 "--model_args", f"pretrained={ckpt},dtype=float32",
@@ -74,5 +75,6 @@ def tiny_hf_aime24_run(tmp_root: str | os.PathLike):
             ],
             out,
         )
+        (out / "lm_eval.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
         _RUN_CACHE["hf"] = (out, res)
     return _RUN_CACHE["hf"]

@@ -12,10 +12,11 @@ import pytest
 from helpers import DATA_DIR, REPO_ROOT, run_lm_eval, tiny_hf_aime24_run
 
 from lm_eval_parathinker import _autoload, data
+from lm_eval_parathinker.model import META_METRICS
+from lm_eval_parathinker.scoring import METRICS
 
 OUR_TASKS = ["aime24", "aime25", "amc23", "math500"]
 SIZES = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500}
-METRICS = ["pass_at_1", "pass_at_k", "maj_at_k", "no_answer", "verify_timeouts"]
 
 
 def test_tasks_dir_editable_layout():
@@ -89,6 +90,10 @@ def test_task_configs_and_repeats_override():
     aime = loaded["aime24"].dataset["test"]
     assert any(a.startswith("0") for a in aime["answer"])  # "025"-style answers kept as strings
 
+    # every key process_results can return has a declared aggregation: lm-eval's lookup never misses
+    for task in loaded.values():
+        assert set(task.aggregation()) == set(task.higher_is_better()) == set(METRICS) | set(META_METRICS)
+
     tm2 = TaskManager(include_defaults=False, metadata={"data_dir": str(DATA_DIR), "repeats": 3})
     t = tm2.load(["amc23"])["tasks"]["amc23"]
     assert t.config.repeats == 3 and t.config.filter_list[0]["filter"][0]["k"] == 3
@@ -145,6 +150,9 @@ def test_lm_eval_hf_tiny_model(tmp_path_factory):
     first = json.loads(samples[0].read_text().splitlines()[0])
     assert len(first["resps"][0]) == 2  # both repeats reached process_results
     assert "Please reason step by step" in first["arguments"]["gen_args_0"]["arg_0"]
+    log = (Path(out) / "lm_eval.log").read_text()
+    assert "pass_at_1" in log  # the console output (results table) was captured
+    assert "No aggregation function defined" not in log
 
 
 def test_lm_eval_dummy_group(tmp_path):

@@ -1,0 +1,85 @@
+"""Per-problem metrics for lm-eval: pass@1, pass@k, majority vote, no-answer rate, timeouts, and the
+means of the responses' numeric statistics."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from .answer import extract_answer
+from .worker import judge
+
+#: metric keys returned by process_results (plus one key per numeric ``.meta`` entry of the responses)
+METRICS = ("pass_at_1", "pass_at_k", "maj_at_k", "no_answer", "verify_timeouts")
+
+
+def _groups(answers: Sequence[str | None], timeout: float | None = None) -> tuple[list[list[int]], int]:
+    """Indices of equal answers grouped by the judge (first member first), and the timeout count."""
+    groups: list[list[int]] = []
+    timeouts = 0
+    for i, answer in enumerate(answers):
+        if answer is None:
+            continue
+        for group in groups:
+            same, timed_out = judge(answer, answers[group[0]], timeout)
+            timeouts += timed_out
+            if same:
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups, timeouts
+
+
+def _largest(groups: list[list[int]]) -> list[int]:
+    return max(groups, key=lambda g: (len(g), -g[0]))
+
+
+def majority_answer(answers: Sequence[str | None], timeout: float | None = None) -> int | None:
+    """Index of the majority answer: answers are grouped by the same judge as correctness, the
+    largest group wins, ties go to the group seen first; the index returned is that group's first
+    member. ``None`` if no answer at all."""
+    groups, _ = _groups(answers, timeout)
+    return _largest(groups)[0] if groups else None
+
+
+def _numeric_meta(response: Any) -> dict[str, float]:
+    meta = getattr(response, "meta", None)
+    if not isinstance(meta, dict):
+        return {}
+    return {
+        str(k): float(v)
+        for k, v in meta.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def score_responses(responses: Sequence[Any], gold: str, timeout: float | None = None) -> dict[str, float]:
+    """Metrics of the k responses to one problem (see ``METRICS``), plus the means of numeric ``.meta``."""
+    responses = list(responses)
+    k = len(responses)
+    answers = [extract_answer(r) for r in responses]
+    verdicts = [judge(a, gold, timeout) for a in answers]
+    correct = [ok for ok, _ in verdicts]
+    groups, group_timeouts = _groups(answers, timeout)
+    out: dict[str, float] = {
+        "pass_at_1": sum(correct) / k if k else 0.0,
+        "pass_at_k": float(any(correct)),
+        "maj_at_k": float(correct[_largest(groups)[0]]) if groups else 0.0,
+        "no_answer": sum(a is None for a in answers) / k if k else 1.0,
+        "verify_timeouts": float(sum(t for _, t in verdicts) + group_timeouts),
+    }
+    values: dict[str, list[float]] = {}
+    for r in responses:
+        for key, v in _numeric_meta(r).items():
+            values.setdefault(key, []).append(v)
+    for key, vs in values.items():
+        out.setdefault(key, sum(vs) / len(vs))
+    return out
+
+
+def process_results(doc: dict, results: list) -> dict[str, float]:
+    """lm-eval ``process_results``: ``results[0]`` is the list of k responses (filter ``take_first_k``)."""
+    first = results[0] if results else []
+    responses = list(first) if isinstance(first, (list, tuple)) else [first]
+    return score_responses(responses, str(doc["answer"]))
