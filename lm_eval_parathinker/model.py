@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from .engine import (
     GenerationOutput,
     ParaThinkerEngine,
 )
+from .engine.sampling import request_seeds
 from .thought_embedding import (
     add_control_tokens,
     attach_thought_embeddings,
@@ -100,10 +102,12 @@ class ParaThinkerOptions:
     thought_embedding: bool = True
     positions: str = "aligned"
     compat: str = "auto"
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
 
     @classmethod
     def parse(cls, method="parathinker", num_paths=None, termination="first", summary_max_tokens=128,
-              summary_kv="reuse", thought_embedding=True, positions="aligned", compat="auto") -> ParaThinkerOptions:
+              summary_kv="reuse", thought_embedding=True, positions="aligned", compat="auto",
+              compile=False) -> ParaThinkerOptions:
         method = _choice("method", method, METHODS)
         compat = protocol.check_compat_name(compat)
         if compat == "official" and method != "parathinker":
@@ -131,6 +135,7 @@ class ParaThinkerOptions:
             thought_embedding=_as_bool("thought_embedding", thought_embedding),
             positions=_choice("positions", positions, POSITIONS),
             compat=compat,
+            compile=_as_bool("compile", compile),
         )
 
 
@@ -204,7 +209,7 @@ def _meta(out: GenerationOutput) -> dict:
         "num_paths": s["num_paths"],
         "paths_finished": s["paths_finished"],
         "cut_paths": s["num_paths"] - s["paths_finished"],
-        "latency_s": s["latency_s"],  # wall time of the whole engine call (the batch), not per request
+        "latency_s": s["latency_s"],  # wall time from the request's admission to its end
         "termination": s["termination"],  # a string: kept out of the metrics by process_results
     }
 
@@ -224,11 +229,13 @@ class ParaThinkerLM(HFLM):
         thought_embedding: bool = True,
         positions: str = "aligned",
         compat: str = "auto",
+        compile: bool = False,
         **kwargs: Any,
     ) -> None:
         # Everything is validated before any loading; HFLM forwards unknown kwargs to from_pretrained.
         self.options = ParaThinkerOptions.parse(
-            method, num_paths, termination, summary_max_tokens, summary_kv, thought_embedding, positions, compat
+            method, num_paths, termination, summary_max_tokens, summary_kv, thought_embedding, positions, compat,
+            compile,
         )
         if str(kwargs.get("batch_size", 1)).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by --model parathinker: pass a number of prompts")
@@ -310,7 +317,7 @@ class ParaThinkerLM(HFLM):
     @property
     def engine(self) -> ParaThinkerEngine:
         if self._engine is None:
-            self._engine = ParaThinkerEngine(self.model, self.tokenizer)
+            self._engine = ParaThinkerEngine(self.model, self.tokenizer, compile=self.options.compile)
         return self._engine
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
@@ -324,25 +331,29 @@ class ParaThinkerLM(HFLM):
     # -- generation ------------------------------------------------------------------------
 
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
-        """All requests with identical gen_kwargs are decoded ``batch_size`` prompts at a time
-        (each prompt with its P paths) in one engine call."""
+        """Requests with identical gen_kwargs go to the engine together: ``batch_size`` of them
+        run at a time, and a finished one's slot is refilled at once (continuous batching). Each
+        request samples from its own random stream (the gen_kwargs ``seed``, else torch's global
+        generator, and the request's index), so its result does not depend on the batching."""
         if not requests:
             return []
         collator = Collator(
-            [(*req.args[:2], self._question(req)) for req in requests],
-            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),
+            [(*req.args[:2], self._question(req), i) for i, req in enumerate(requests)],
+            sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),  # longest first: the last slots free up sooner
             group_by="gen_kwargs",
             group_fn=lambda args: args[1],
         )
         show = not disable_tqdm and self.rank == 0
         bar = tqdm(total=len(requests), disable=not show, desc=f"parathinker {self.options.method} requests")
         results = []
-        for chunk in collator.get_batched(n=self.batch_size):
-            contexts, all_kwargs, questions = zip(*chunk)
-            for context, response in zip(contexts, self._generate_batch(list(questions), all_kwargs[0], show)):
-                results.append(response)
-                self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), response)
+        for group in collator.get_batched(n=0):  # n=0: each gen_kwargs group whole
+            contexts, all_kwargs, questions, indices = zip(*group)
+
+            def finished(i: int, response: ParaThinkerResponse) -> None:
+                self.cache_hook.add_partial("generate_until", (contexts[i], all_kwargs[0]), response)
                 bar.update(1)
+
+            results += self._generate(list(questions), list(indices), len(requests), all_kwargs[0], finished)
         bar.close()
         return collator.get_original(results)
 
@@ -361,13 +372,16 @@ class ParaThinkerLM(HFLM):
             self._warned_no_problem = True
         return context
 
-    def _generate_batch(self, contexts: list[str], gen_kwargs: dict, progress: bool) -> list[ParaThinkerResponse]:
+    def _generate(self, contexts: list[str], indices: list[int], total: int, gen_kwargs: dict,
+                  on_response: Callable[[int, ParaThinkerResponse], None]) -> list[ParaThinkerResponse]:
+        """One engine call for ``contexts`` (requests ``indices`` of ``total``), all with ``gen_kwargs``."""
         opts = self.options
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         budget = kwargs.pop("max_gen_toks")
         sampling = _sampling(kwargs)
+        seeds = request_seeds(sampling.pop("seed"), total)
         parathinker = opts.method == "parathinker"
         block = self.compat.block_size if parathinker else None
         if block and budget % block:
@@ -376,7 +390,15 @@ class ParaThinkerLM(HFLM):
                 "(the released engine asserts it)"
             )
         prompts = [protocol.build_prompt(c, self.tokenizer) for c in contexts] if parathinker else contexts
-        outputs = self.engine.generate(
+        responses: list[ParaThinkerResponse | None] = [None] * len(contexts)
+
+        def respond(i: int, out: GenerationOutput) -> None:
+            self.termination_reasons[out.stats["termination"]] += 1
+            text = self._transcript(out, until) if parathinker else self._plain_response(out, until)
+            responses[i] = ParaThinkerResponse(text, _meta(out))
+            on_response(i, responses[i])
+
+        self.engine.generate(
             self._encode(prompts, budget),
             mode=_ENGINE_MODE[opts.method],
             num_paths=opts.num_paths,
@@ -388,14 +410,11 @@ class ParaThinkerLM(HFLM):
             positions=opts.positions,
             compat=self.compat.name if parathinker else "paper",
             stop_strings=[s for s in until if s and s != eos],  # EOS is handled by token id
-            progress=progress,
+            seed=[seeds[i] for i in indices],
+            num_slots=self.batch_size,
+            on_output=respond,
             **sampling,
         )
-        responses = []
-        for out in outputs:
-            self.termination_reasons[out.stats["termination"]] += 1
-            text = self._transcript(out, until) if parathinker else self._plain_response(out, until)
-            responses.append(ParaThinkerResponse(text, _meta(out)))
         return responses
 
     def _encode(self, prompts: list[str], budget: int) -> list[list[int]]:

@@ -10,9 +10,10 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from scripted import Script
 from tiny import save_tiny_checkpoint, tiny_model, tiny_parathinker, tiny_tokenizer
 
-import lm_eval_parathinker.engine as engine_mod
+import lm_eval_parathinker.engine.scheduler as scheduler_mod
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.protocol import ControlTokenIds
@@ -68,8 +69,9 @@ def full_sequence_summary_logits(model, out, **layout_kwargs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("termination", ["half", "last"])
-def test_summary_with_kv_reuse_equals_full_sequence_and_reprefill(parathinker, termination):
+def test_summary_with_kv_reuse_equals_full_sequence_and_reprefill(parathinker, termination, monkeypatch):
     model, tok = parathinker
+    Script({3: {0: tok.eos_token_id}}).install(monkeypatch)  # path 1 ends early: its columns stop, the rest go on
     kwargs = dict(num_paths=3, max_new_tokens=12, termination=termination, summary_max_tokens=6,
                   temperature=1.0, seed=3, output_logits=True)
     reuse = ParaThinkerEngine(model, tok).generate(PROMPTS, **kwargs)
@@ -166,39 +168,24 @@ def test_zero_tables_leave_the_model_unchanged():
     torch.testing.assert_close(before, after, atol=0, rtol=0)
 
 
-class Scripted:
-    """Replaces sampling with a script: step s of the think stage returns script[s] ([B, P])."""
-
-    def __init__(self, script):
-        self.script, self.calls = script, 0
-
-    def __call__(self, logits, params, generator):
-        if logits.dim() == 2:  # summary stage: always end
-            return torch.full(logits.shape[:1], self.summary_close)
-        out = torch.tensor(self.script[min(self.calls, len(self.script) - 1)]).expand(logits.shape[:-1])
-        self.calls += 1
-        return out.clone()
-
-
 @pytest.fixture
 def scripted_engine(monkeypatch):
+    """Runs one prompt with P = 3 under a Script (words by default, summaries end at once)."""
     model, tok = tiny_parathinker("qwen2")
     ids = ControlTokenIds.from_tokenizer(tok)
+    w = tok.convert_tokens_to_ids("x")
 
-    def run(script, **kwargs):
-        fake = Scripted(script)
-        fake.summary_close = ids.summary_close
-        monkeypatch.setattr(engine_mod, "sample", fake)
+    def run(paths=None, **kwargs):
+        Script(paths, path_default=w, summary_default=ids.summary_close).install(monkeypatch)
         return ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=3, **kwargs)[0]
 
-    return run, ids, tok
+    return run, ids, tok, w
 
 
 def test_first_finish_and_stop_token_rewriting(scripted_engine):
-    run, ids, tok = scripted_engine
-    w = tok.convert_tokens_to_ids("x")
-    # step 0: path 2 samples EOS -> rewritten to its own </think2>; ends the stage (first finish)
-    out = run([[w, tok.eos_token_id, w]], max_new_tokens=8, termination="first")
+    run, ids, tok, w = scripted_engine
+    # token 1 of path 2 is EOS -> rewritten to its own </think2>; it ends the stage (first finish)
+    out = run({1: {1: tok.eos_token_id}}, max_new_tokens=8, termination="first")
     assert out.path_ids[1] == [ids.think_open[1], ids.think_close[1]]
     assert [len(p) for p in out.path_ids] == [2, 2, 2]
     assert out.path_finished == [False, True, False]
@@ -208,10 +195,9 @@ def test_first_finish_and_stop_token_rewriting(scripted_engine):
 
 
 def test_half_and_last_termination_and_stray_tokens(scripted_engine):
-    run, ids, tok = scripted_engine
-    w = tok.convert_tokens_to_ids("x")
+    run, ids, tok, w = scripted_engine
     end = ids.think_close[0]  # another path's closer also ends a path, as its own closer
-    script = [[ids.think_open[2], w, ids.summary_open], [end, w, w], [w, w, w], [w, w, tok.eos_token_id]]
+    script = {1: {0: ids.think_open[2], 2: ids.summary_open}, 2: {0: end}, 4: {2: tok.eos_token_id}}
     half = run(script, max_new_tokens=8, termination="half")
     # stray <think3> / <summary> inside a path become the base model's <think>
     assert half.path_ids[0][1] == ids.think and half.path_ids[2][1] == ids.think
@@ -224,28 +210,29 @@ def test_half_and_last_termination_and_stray_tokens(scripted_engine):
 
 
 def test_budget_cuts_every_path(scripted_engine):
-    run, ids, tok = scripted_engine
-    w = tok.convert_tokens_to_ids("x")
-    out = run([[w, w, w]], max_new_tokens=5, termination="first")
+    run, ids, tok, w = scripted_engine
+    out = run(max_new_tokens=5, termination="first")
     assert [len(p) for p in out.path_ids] == [5, 5, 5]
     assert out.path_finished == [False] * 3 and out.stats["termination"] == "budget"
 
 
-def test_one_prefill_one_forward_per_step_one_cache(monkeypatch):
+def test_one_prefill_per_prompt_one_forward_per_step_one_cache(monkeypatch):
     model, tok = tiny_parathinker("llama")
     shapes, caches = [], []
     model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
-    real_cache = engine_mod.ParallelKVCache
-    monkeypatch.setattr(engine_mod, "ParallelKVCache", lambda *a, **k: caches.append(1) or real_cache(*a, **k))
+    real_cache = scheduler_mod.SlotKVCache
+    monkeypatch.setattr(scheduler_mod, "SlotKVCache", lambda *a, **k: caches.append(1) or real_cache(*a, **k))
     out = ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=4, max_new_tokens=6, termination="last",
                                                  summary_max_tokens=3, temperature=1.0, seed=0)
-    steps = max(len(p) for o in out for p in o.path_ids)
     template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
     assert len(caches) == 1
-    assert shapes[0][0] == 2  # prompts prefilled once each, not once per path
-    assert shapes[1 : 1 + steps] == [(2, 4)] * steps  # all B x P paths in one forward per step
-    assert shapes[1 + steps] == (2, template)  # summary template force-fed in one forward
-    assert all(s == (2, 1) for s in shapes[2 + steps :])
+    assert shapes[:2] == [(1, len(o.prompt_ids)) for o in out]  # each prompt prefilled once, not once per path
+    assert shapes.count((1, template)) == 2  # each summary template force-fed in one forward
+    steps = [s for s in shapes[2:] if s != (1, template)]
+    assert set(steps) == {(2, 4)}  # all slots x P paths in one forward per step
+    # no idle step: both requests start together, and the run ends with the longer one
+    generated = [max(map(len, o.path_ids)) + len(o.summary_ids) - template - 1 for o in out]
+    assert len(steps) == max(generated)
 
 
 def test_independent_and_sequential_modes(parathinker):
@@ -336,14 +323,8 @@ def test_summary_stop_tokens_become_summary_close_and_strays_are_rewritten(monke
     model, tok = tiny_parathinker("qwen2")
     ids = ControlTokenIds.from_tokenizer(tok)
     w = tok.convert_tokens_to_ids("x")
-    summary_script = iter([ids.think_open[0], w, ids.think_close[2]])
-
-    def fake(logits, params, generator):
-        if logits.dim() == 2:  # summary: a stray <think1>, a word, then a path's closer
-            return torch.full(logits.shape[:1], next(summary_script))
-        return torch.full(logits.shape[:-1], tok.eos_token_id)  # every path ends at once
-
-    monkeypatch.setattr(engine_mod, "sample", fake)
+    # every path ends at once; the summary: a stray <think1>, a word, then a path's closer
+    Script(path_default=tok.eos_token_id, summary=[ids.think_open[0], w, ids.think_close[2]]).install(monkeypatch)
     out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=4)[0]
     template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
     assert out.summary_ids == template + [ids.think, w, ids.summary_close]

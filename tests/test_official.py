@@ -9,14 +9,14 @@ import math
 import pytest
 import torch
 from helpers import run_lm_eval
+from scripted import Script
 from tiny import save_tiny_checkpoint, tiny_parathinker
 from transformers import Qwen2Config, Qwen2Model
 
-import lm_eval_parathinker.engine as engine_mod
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.protocol import OFFICIAL, PAPER, ControlTokenIds
-from lm_eval_parathinker.rope import rope_scaling
+from lm_eval_parathinker.engine.rope import rope_scaling
 
 PROMPTS = ["Find x.", "Let x be the answer, so x = 3 + 4 and then put the final answer in a box."]
 
@@ -66,28 +66,6 @@ def test_official_sequence_layout_puts_the_summary_at_twice_the_prompt():
 # ------------------------------------------------------------------------------ token stream
 
 
-class Forcing:
-    """Wraps the engine's sampler: the model samples, except where ``think[step][path]`` or
-    ``summary[step]`` force a token (every row alike)."""
-
-    def __init__(self, think=None, summary=None):
-        self.think, self.summary = think or {}, summary or []
-        self.steps = self.summary_steps = 0
-        self.real = engine_mod.sample
-
-    def __call__(self, logits, params, generator):
-        tokens = self.real(logits, params, generator)
-        if logits.dim() == 3:  # think stage: [B, P, V]
-            for k, token in self.think.get(self.steps, {}).items():
-                tokens[:, k] = token
-            self.steps += 1
-        else:
-            if self.summary_steps < len(self.summary):
-                tokens[:] = self.summary[self.summary_steps]
-            self.summary_steps += 1
-        return tokens
-
-
 def summary_forward_positions(model, template_first: int) -> list:
     """Records the positions of the forward that force-feeds the summary template."""
     seen = []
@@ -104,14 +82,10 @@ def test_token_stream_pads_after_the_closer_and_keeps_eos(official, monkeypatch)
     model, tok = official
     ids = ControlTokenIds.from_tokenizer(tok)
     pad, eos, w = tok.convert_tokens_to_ids(protocol.PAD), tok.eos_token_id, tok.convert_tokens_to_ids("x")
-    # what is sampled after feeding token s: path 1 closes with the base model's </think> as
-    # token 4; path 2 writes EOS as token 2; path 3 writes a stray <think2> as token 2
-    think = {s: {0: w, 1: w, 2: w} for s in range(40)}
-    think[3][0] = ids.think_end
-    think[1][1] = eos
-    think[1][2] = ids.think_open[1]
-    summary = [eos, ids.think_open[0], w, ids.think_close[1]]
-    monkeypatch.setattr(engine_mod, "sample", Forcing(think, summary))
+    # path 1 closes with the base model's </think> as token 4; path 2 writes EOS as token 2;
+    # path 3 a stray <think2> as token 2
+    script = {4: {0: ids.think_end}, 2: {1: eos, 2: ids.think_open[1]}}
+    Script(script, [eos, ids.think_open[0], w, ids.think_close[1]], path_default=w).install(monkeypatch)
     template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
     seen, handle = summary_forward_positions(model, template[0])
     out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=3, max_new_tokens=48, compat="official")[0]
@@ -131,9 +105,8 @@ def test_closer_on_a_block_boundary_needs_no_pad(official, monkeypatch):
     model, tok = official
     ids = ControlTokenIds.from_tokenizer(tok)
     w = tok.convert_tokens_to_ids("x")
-    think = {s: {0: w, 1: w} for s in range(40)}
-    think[14][1] = ids.summary_close  # token 15 of path 2: length 16 with the closer
-    monkeypatch.setattr(engine_mod, "sample", Forcing(think, [ids.summary_close]))
+    # token 15 of path 2: length 16 with the closer
+    Script({15: {1: ids.summary_close}}, [ids.summary_close], path_default=w).install(monkeypatch)
     out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=48, compat="official")[0]
     assert out.path_ids[1] == [ids.think_open[1]] + [w] * 14 + [ids.think_close[1]]
     assert [len(p) for p in out.path_ids] == [16, 16]
@@ -144,10 +117,8 @@ def test_half_and_last_termination_keep_block_aligned_paths(official, monkeypatc
     model, tok = official
     ids = ControlTokenIds.from_tokenizer(tok)
     w = tok.convert_tokens_to_ids("x")
-    think = {s: {0: w, 1: w, 2: w} for s in range(80)}
-    think[2][0] = ids.think_close[0]
-    think[20][1] = ids.think_close[1]
-    monkeypatch.setattr(engine_mod, "sample", Forcing(think, [ids.summary_close]))
+    Script({3: {0: ids.think_close[0]}, 21: {1: ids.think_close[1]}}, [ids.summary_close], path_default=w).install(
+        monkeypatch)
     template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
     seen, handle = summary_forward_positions(model, template[0])
     out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=3, max_new_tokens=48, termination="last",
@@ -162,7 +133,7 @@ def test_summary_cap_counts_the_template(official, monkeypatch):
     model, tok = official
     w = tok.convert_tokens_to_ids("x")
     template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
-    monkeypatch.setattr(engine_mod, "sample", Forcing({0: {0: tok.convert_tokens_to_ids("</think1>")}}, [w] * 50))
+    Script({1: {0: tok.convert_tokens_to_ids("</think1>")}}, summary_default=w).install(monkeypatch)
     kwargs = dict(num_paths=2, max_new_tokens=16, summary_max_tokens=len(template) + 3)
     official_out = ParaThinkerEngine(model, tok).generate(["Find x."], compat="official", **kwargs)[0]
     paper_out = ParaThinkerEngine(model, tok).generate(["Find x."], compat="paper", **kwargs)[0]
@@ -196,8 +167,7 @@ def test_engine_logits_equal_an_explicit_full_sequence_forward(official, monkeyp
     model, tok = official
     ids = ControlTokenIds.from_tokenizer(tok)
     # path 2 closes as token 5 (then pads to 16), path 1 writes EOS as token 3
-    think = {4: {1: ids.think_close[1]}, 2: {0: tok.eos_token_id}}
-    monkeypatch.setattr(engine_mod, "sample", Forcing(think))
+    Script({5: {1: ids.think_close[1]}, 3: {0: tok.eos_token_id}}).install(monkeypatch)
     outs = ParaThinkerEngine(model, tok).generate(
         PROMPTS, num_paths=3, max_new_tokens=32, summary_max_tokens=70, compat="official",
         temperature=temperature, seed=5, output_logits=True,
@@ -280,7 +250,7 @@ def test_engine_runs_long_official_budgets_with_yarn(monkeypatch):
     model.model.rotary_emb.register_forward_hook(lambda m, a, out: scales.append(out[0].abs().amax().item()))
     for compat, scale in (("official", protocol.yarn_scale(2.0)), ("paper", 1.0)):
         scales.clear()
-        monkeypatch.setattr(engine_mod, "sample", Forcing({2: {0: ids.think_close[0]}}, [ids.summary_close]))
+        Script({3: {0: ids.think_close[0]}}, [ids.summary_close]).install(monkeypatch)
         ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=16384, compat=compat)
         assert len(scales) > 3 and all(s == pytest.approx(scale, rel=1e-3) for s in scales)  # every forward
 

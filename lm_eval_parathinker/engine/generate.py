@@ -1,0 +1,340 @@
+"""ParaThinker parallel decoding on any transformers decoder-only model: the public API.
+
+:class:`ParaThinkerEngine` validates a call, sets up its constants (:class:`step.Plan`) and runs the
+prompts through :class:`scheduler.Scheduler`: continuous batching over ``num_slots`` slots, each
+request in its own row of a preallocated cache, one forward per step for all slots (the P paths
+of a thinking request in that one forward, sharing its prompt's KV), the summary reading the
+paths' KV in place. The layers, from the device up: ``kv_cache`` (the rows and the mask),
+``step`` (one step's forward and bookkeeping), ``sampling`` (token rules, slot-independent
+random streams), ``scheduler`` (the host loop).
+
+Modes: ``parathinker`` (P paths + summary), ``independent`` (P plain samples sharing one prefill:
+majority voting) and ``sequential`` (one plain sample). ``compat`` picks the layout of
+:mod:`protocol` (``paper``: as trained; ``official``: as the released vLLM engine runs the released
+checkpoint; ``auto``: official when the tokenizer has ``<vllm_pad>``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import protocol
+from ..protocol import Compat, ControlTokenIds
+from . import step
+from .attention import packed_attention
+from .rope import rope_scaling
+from .sampling import SamplingParams, TokenRules, request_seeds
+from .scheduler import Finished, Scheduler
+
+MODES = ("parathinker", "independent", "sequential")
+TERMINATIONS = ("first", "half", "last")
+SUMMARY_KV = ("reuse", "reprefill")
+POSITIONS = ("aligned", "flattened")
+SCHEDULING = ("continuous", "static")
+
+
+@dataclass
+class GenerationOutput:
+    """What the engine returns for one prompt."""
+
+    prompt_ids: list[int]
+    path_ids: list[list[int]]
+    path_texts: list[str]
+    path_finished: list[bool]  # ended by its own closing token (or EOS / a stop string), not cut
+    summary_ids: list[int]  # summary template + generated summary ([] outside parathinker mode)
+    summary_text: str
+    transcript: str  # the paths, then the summary
+    stats: dict = field(default_factory=dict)
+    path_logits: list[torch.Tensor] | None = None  # per path: [len, vocab], logits that predicted each next token
+    summary_logits: torch.Tensor | None = None  # [len(summary_ids), vocab]
+
+
+class ParaThinkerEngine:
+    """Parallel decoding for a model and tokenizer (see the module docstring).
+
+    ``compile=True`` compiles the decode step with ``torch.compile`` (CUDA graphs on GPU,
+    ``mode="reduce-overhead"``; inductor's default mode elsewhere).
+
+    >>> engine = ParaThinkerEngine(model, tokenizer)
+    >>> out = engine.generate(["What is 2+3?"], num_paths=4, max_new_tokens=512)[0]
+    >>> print(out.transcript)
+    """
+
+    def __init__(self, model, tokenizer, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS,
+                 compile: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.num_control_paths = num_control_paths
+        self.compile = compile
+        self._compiled: Callable | None = None
+        eos = tokenizer.eos_token_id
+        self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos])} - {None})
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            self.eos_ids = sorted({*self.eos_ids, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])})
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _control_ids(self) -> ControlTokenIds:
+        return ControlTokenIds.from_tokenizer(self.tokenizer, self.num_control_paths)
+
+    def encode(self, prompts: Sequence[str | Sequence[int]], compat: Compat = protocol.PAPER) -> list[list[int]]:
+        """Token ids of each prompt: strings as ``compat`` encodes them, id lists as they are."""
+        return [compat.prompt_ids(p, self.tokenizer) if isinstance(p, str) else list(p) for p in prompts]
+
+    def compiled_step(self) -> Callable | None:
+        """The compiled decode step (compiled once per engine), or None when compile is off."""
+        if self.compile and self._compiled is None:
+            cuda = self.device.type == "cuda"
+            # dynamic: one compilation serves every key-length bucket (CUDA graphs are recorded per bucket)
+            self._compiled = torch.compile(step.model_forward, mode="reduce-overhead" if cuda else None, dynamic=True)
+        return self._compiled
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        mode: str = "parathinker",
+        num_paths: int = 8,
+        max_new_tokens: int = 1024,
+        termination: str = "first",
+        summary_max_tokens: int = 128,
+        summary_kv: str = "reuse",
+        thought_embedding: bool = True,
+        positions: str = "aligned",
+        compat: str = "auto",
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | Sequence[int] | None = None,
+        min_new_tokens: int = 0,
+        stop_strings: Sequence[str] = (),
+        num_slots: int | None = None,
+        scheduling: str = "continuous",
+        output_logits: bool = False,
+        progress: bool = False,
+        on_output: Callable[[int, GenerationOutput], None] | None = None,
+    ) -> list[GenerationOutput]:
+        """Generate for a list of prompts (strings, or token ids used as they are).
+
+        ``max_new_tokens`` is the per-path budget (the opening ``<think k>`` included);
+        ``min_new_tokens``: no path ends before it has that many tokens (like transformers'
+        ``min_new_tokens``; useful to make an untrained model think in training-free mode).
+        ``stop_strings`` end a plain sample (independent/sequential) or the summary; they make
+        the host read tokens at every step. ``compat`` (parathinker mode): ``paper``,
+        ``official`` or ``auto`` (see :class:`protocol.Compat`).
+
+        ``num_slots`` prompts run at a time (default: all); a finished one's slot is refilled at
+        once (``scheduling="static"``: only when every slot is free). ``seed`` (one int, or one
+        per prompt) makes sampling repeatable: each prompt's tokens depend on its own seed only,
+        not on its slot or its neighbours. ``on_output(i, output)`` is called as prompt i finishes.
+        """
+        ids, layout = self._validate(prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions,
+                                     compat, num_slots, scheduling)
+        if mode == "sequential":
+            num_paths = 1
+        parathinker = mode == "parathinker"
+        template = self.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"] if parathinker else []
+        prompt_ids = self.encode(prompts, layout)
+        summary_tokens = layout.summary_tokens(summary_max_tokens, len(template)) if parathinker else 0
+        self._check_lengths(prompt_ids, num_paths, max_new_tokens, len(template), summary_tokens, positions, layout)
+        plan = self._plan(ids, layout, mode, num_paths, max_new_tokens, termination, summary_tokens, thought_embedding,
+                          positions, SamplingParams(temperature, top_p, top_k), min_new_tokens)
+
+        def finished(done: Finished) -> None:
+            if on_output is not None:
+                on_output(done.index, self._output(prompt_ids[done.index], done, template, mode, termination, num_paths))
+
+        scheduler = Scheduler(
+            self.model, plan, prompt_ids, request_seeds(seed, len(prompt_ids)),
+            num_slots=num_slots or len(prompt_ids),
+            first_tokens=list(ids.think_open[:num_paths]) if parathinker else None,
+            template=template, layout=layout, flattened=positions == "flattened", reprefill=summary_kv == "reprefill",
+            compiled=self.compiled_step(), static=scheduling == "static", keep_logits=output_logits,
+            stopped=self._stop_check(stop_strings) if stop_strings and not parathinker else None,
+            summary_stopped=self._summary_stop_check(stop_strings) if stop_strings and parathinker else None,
+            on_finished=finished, progress=progress,
+        )
+        rope = layout.rope_parameters(max_new_tokens, self._rope_theta()) if parathinker else None
+        with packed_attention(self.model), rope_scaling(self.model, rope):
+            results = scheduler.run()
+        return [self._output(prompt_ids[r.index], r, template, mode, termination, num_paths) for r in results]
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _plan(self, ids, layout, mode, P, budget, termination, summary_tokens, thought_embedding, positions,
+              sampling, min_new_tokens) -> step.Plan:
+        device = self.device
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        parathinker = mode == "parathinker"
+        if parathinker:
+            enders = torch.tensor(ids.path_enders(self.eos_ids if layout.eos_ends_path else ()), device=device)
+            stray = torch.tensor(ids.stray_in_path(), device=device)
+            pad = self.tokenizer.convert_tokens_to_ids(protocol.PAD) if layout.block_size else None
+            path_rules = TokenRules(enders, torch.tensor(ids.think_close[:P], device=device), stray, ids.think,
+                                    min_new_tokens, pad, layout.block_size)
+            # The released engine appends what the summary samples as it is (no stray rewriting).
+            summary_rules = TokenRules(enders, ids.summary_close, None if layout.block_size else stray, ids.think)
+            needed = {"first": 1, "half": math.ceil(P / 2), "last": P}[termination]
+        else:
+            path_rules = TokenRules(torch.tensor(self.eos_ids, device=device), min_tokens=min_new_tokens)
+            summary_rules, needed = None, P
+        no_summary = torch.zeros(vocab, dtype=torch.bool, device=device)
+        return step.Plan(
+            num_paths=P,
+            budget=budget,
+            needed=needed,
+            offsets=torch.tensor(protocol.path_offsets([budget] * P, positions == "flattened", stride=budget),
+                                 device=device),
+            thought_embedding=thought_embedding and parathinker,
+            path_rules=path_rules,
+            summary_rules=summary_rules,
+            summary_tokens=summary_tokens,
+            sampling=sampling,
+            banned=torch.stack([path_rules.banned(vocab), summary_rules.banned(vocab) if summary_rules else no_summary]),
+            path_enders=path_rules.ender_mask(vocab),
+        )
+
+    def _validate(self, prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions, compat,
+                  num_slots, scheduling):
+        """Check the arguments; returns the control token ids and the layout (parathinker mode)."""
+        for name, value, choices in (
+            ("mode", mode, MODES),
+            ("termination", termination, TERMINATIONS),
+            ("summary_kv", summary_kv, SUMMARY_KV),
+            ("positions", positions, POSITIONS),
+            ("scheduling", scheduling, SCHEDULING),
+        ):
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        protocol.check_compat_name(compat)
+        if not prompts:
+            raise ValueError("prompts is empty")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise ValueError(f"prompts[{i}] is empty")
+        if num_paths < 1:
+            raise ValueError(f"num_paths={num_paths} must be at least 1")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+        if num_slots is not None and num_slots < 1:
+            raise ValueError(f"num_slots={num_slots} must be at least 1")
+        if mode != "parathinker":
+            if compat == "official":
+                raise ValueError(f"compat='official' applies to mode='parathinker' only, not mode={mode!r}")
+            return None, protocol.PAPER
+        layout = protocol.resolve_compat(compat, self.tokenizer)
+        if layout.max_paths is not None and num_paths > layout.max_paths:
+            raise ValueError(f"num_paths={num_paths}: the released engine (compat=official) runs at most {layout.max_paths} paths")
+        if layout.block_size is not None:
+            if max_new_tokens % layout.block_size:
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} must be a multiple of {layout.block_size} with compat=official "
+                    "(the released engine asserts it)"
+                )
+            if positions == "flattened":
+                raise ValueError("positions='flattened' has no equivalent in the released engine: use compat='paper'")
+            for i, p in enumerate(prompts):
+                if not isinstance(p, str) and len(p) % layout.block_size:
+                    raise ValueError(
+                        f"prompts[{i}] has {len(p)} token ids; with compat=official a prompt is a multiple of "
+                        f"{layout.block_size} long: pass the text, or ids from protocol.OFFICIAL.prompt_ids"
+                    )
+        ids = self._control_ids()
+        if num_paths > ids.num_control_paths:
+            raise ValueError(
+                f"num_paths={num_paths} exceeds the {ids.num_control_paths} <think k> control tokens available"
+            )
+        max_segments = getattr(self.model.config, "max_segments", protocol.DEFAULT_MAX_SEGMENTS)
+        if num_paths >= max_segments:
+            raise ValueError(f"num_paths={num_paths} needs segment ids up to {num_paths}, but max_segments={max_segments}")
+        return ids, layout
+
+    def _check_lengths(self, prompt_ids, num_paths, budget, template_len, summary_tokens, positions, layout):
+        """The summary must have room to generate, and every position must exist."""
+        if template_len and summary_tokens < 1:
+            raise ValueError(
+                f"summary_max_tokens leaves no room after the {template_len}-token summary template "
+                f"(compat={layout.name} counts the template)"
+            )
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit is None:
+            return
+        path_lens = [budget] * (num_paths if positions == "flattened" else 1)
+        last_path = layout.summary_position(max(map(len, prompt_ids)), path_lens, positions == "flattened")
+        needed = last_path + (template_len + summary_tokens if template_len else 0)
+        if needed > limit:
+            raise ValueError(
+                f"prompt + max_new_tokens={budget} (+ summary) needs {needed} positions, beyond the "
+                f"model's max_position_embeddings={limit}"
+            )
+
+    def _rope_theta(self) -> float:
+        config = self.model.config
+        params = getattr(config, "rope_parameters", None) or {}
+        return params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+
+    def _stop_check(self, stop_strings: Sequence[str]):
+        """Per step: which paths' text now ends in a stop string (plain samples; reads the tokens)."""
+        tail = max(len(s) for s in stop_strings) + 8  # tokens enough to hold any stop string
+
+        def check(state: step.SlotState) -> torch.Tensor:
+            hits = []
+            for slot, t in enumerate(state.t.tolist()):
+                window = state.path_tokens[slot, :, max(0, t + 1 - tail) : t + 1].tolist()
+                hits.append([any(s in self.tokenizer.decode(w) for s in stop_strings) for w in window])
+            return torch.tensor(hits, device=state.t.device)
+
+        return check
+
+    def _summary_stop_check(self, stop_strings: Sequence[str]):
+        """Per step: which summaries' text now contains a stop string (reads the tokens)."""
+
+        def check(state: step.SlotState) -> torch.Tensor:
+            texts = [self.tokenizer.decode(row[:n]) for row, n in zip(state.summary_ids.tolist(), state.summary_len.tolist())]
+            return torch.tensor([any(s in t for s in stop_strings) for t in texts], device=state.t.device)
+
+        return check
+
+    def _output(self, prompt: list[int], done: Finished, template: list[int], mode: str, termination: str,
+                num_paths: int) -> GenerationOutput:
+        decode = self.tokenizer.decode
+        paths, finished = done.path_ids, done.path_finished
+        if mode != "parathinker":  # plain samples: the EOS that ended a sample is not text
+            texts = [decode(p[:-1] if f and p and p[-1] in self.eos_ids else p) for p, f in zip(paths, finished)]
+        else:
+            texts = [decode(p) for p in paths]
+        summary_ids = template + done.summary_ids
+        summary_text = decode(summary_ids)
+        summary_logits = None if done.summary_logits is None else done.summary_logits[: len(summary_ids)]
+        think_tokens = sum(map(len, paths))
+        reason = done.reason
+        if mode == "parathinker" and reason == "finished":
+            reason = {"first": "first_finished", "half": "half_finished", "last": "all_finished"}[termination]
+        return GenerationOutput(
+            prompt_ids=prompt,
+            path_ids=paths,
+            path_texts=texts,
+            path_finished=finished,
+            summary_ids=summary_ids,
+            summary_text=summary_text,
+            transcript="".join(texts) + summary_text,
+            stats={
+                "num_paths": num_paths,
+                "think_tokens": think_tokens,
+                "summary_tokens": len(summary_ids),
+                "gen_tokens": think_tokens + len(summary_ids),
+                "paths_finished": sum(finished),
+                "termination": reason,
+                **done.timing,
+            },
+            path_logits=done.path_logits,
+            summary_logits=summary_logits,
+        )

@@ -1,0 +1,192 @@
+"""Continuous batching: results identical to decoding each prompt alone, no slot idle while work
+waits, no host round trip inside a step, the compiled step equal to the eager one, and sampling
+that depends on the request only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scripted import Script
+from tiny import tiny_parathinker
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
+
+import lm_eval_parathinker.engine.scheduler as scheduler_mod
+from lm_eval_parathinker.engine import ParaThinkerEngine, step
+from lm_eval_parathinker.engine.attention import packed_attention
+from lm_eval_parathinker.engine.sampling import Draw, SamplingParams, request_seeds, sample
+from lm_eval_parathinker.protocol import ControlTokenIds
+
+PROMPTS = ["Find x.", "Let x be the answer.", "x = 3 + 4", "Find the number of ways to do it.", "so x = 7"]
+CLOSE_AT = [3, 9, 5, 12, 7]  # path 2 of request i closes as token CLOSE_AT[i]: think stages of different lengths
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_parathinker("qwen2")
+
+
+def _closing(ids: ControlTokenIds, i: int) -> dict:
+    return {CLOSE_AT[i]: {1: ids.think_close[1]}}
+
+
+def _tokens(outs):
+    return [(o.path_ids, o.summary_ids) for o in outs]
+
+
+def test_greedy_continuous_batching_equals_each_prompt_alone(tiny, monkeypatch):
+    model, tok = tiny
+    ids = ControlTokenIds.from_tokenizer(tok)
+    engine = ParaThinkerEngine(model, tok)
+    kwargs = dict(num_paths=3, max_new_tokens=16, summary_max_tokens=5, output_logits=True)
+    Script(by_request={i: _closing(ids, i) for i in range(len(PROMPTS))}).install(monkeypatch)
+    batch = engine.generate(PROMPTS, num_slots=2, **kwargs)
+    assert len({len(o.path_ids[0]) for o in batch}) >= 3  # requests end at different steps: slots refill mid-run
+    for i, prompt in enumerate(PROMPTS):
+        Script(_closing(ids, i)).install(monkeypatch)
+        alone = engine.generate([prompt], **kwargs)[0]
+        assert _tokens([batch[i]]) == _tokens([alone])
+        for a, b in zip(batch[i].path_logits, alone.path_logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch[i].summary_logits, alone.summary_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["parathinker", "independent", "sequential"])
+def test_sampled_tokens_depend_on_the_request_only(tiny, mode):
+    model, tok = tiny
+    eos = tok.eos_token_id
+
+    def likelier_eos(module, args, logits):  # paths end now and then, at different steps
+        logits[..., eos] += 4.0
+        return logits
+
+    hook = model.lm_head.register_forward_hook(likelier_eos)
+    try:
+        _check_sampling_is_per_request(ParaThinkerEngine(model, tok), mode)
+    finally:
+        hook.remove()
+
+
+def _check_sampling_is_per_request(engine: ParaThinkerEngine, mode: str) -> None:
+    kwargs = dict(mode=mode, num_paths=3, max_new_tokens=16, summary_max_tokens=5, temperature=1.5, top_p=0.9, seed=7)
+    runs = [_tokens(engine.generate(PROMPTS, num_slots=n, **kwargs)) for n in (1, 2, 5)]
+    assert runs[0] == runs[1] == runs[2]  # any number of slots, any neighbours
+    assert len({len(p) for paths, _ in runs[1] for p in paths}) > 2  # paths of varied lengths
+    seeds = request_seeds(7, len(PROMPTS))
+    for i, prompt in enumerate(PROMPTS):  # alone, with its own seed
+        assert _tokens(engine.generate([prompt], **{**kwargs, "seed": [seeds[i]]})) == [runs[1][i]]
+    assert _tokens(engine.generate(PROMPTS, **{**kwargs, "seed": 8})) != runs[0]
+
+
+def _record_steps(monkeypatch):
+    """Phases of the slots at every step, and the step count at every admission."""
+    phases, admitted = [], []
+    advance, prefill = scheduler_mod.advance, scheduler_mod.Scheduler._prefill
+
+    def recording_advance(state, *args, **kwargs):
+        phases.append(state.phase.tolist())
+        return advance(state, *args, **kwargs)
+
+    def recording_prefill(self, slot, request):
+        admitted.append(self.steps)
+        return prefill(self, slot, request)
+
+    monkeypatch.setattr(scheduler_mod, "advance", recording_advance)
+    monkeypatch.setattr(scheduler_mod.Scheduler, "_prefill", recording_prefill)
+    return phases, admitted
+
+
+@pytest.mark.parametrize("mode", ["parathinker", "independent"])
+def test_no_slot_idles_while_requests_wait(tiny, monkeypatch, mode):
+    model, tok = tiny
+    ids = ControlTokenIds.from_tokenizer(tok)
+    eos = tok.eos_token_id
+    by_request = {i: {CLOSE_AT[i]: {k: (ids.think_close[1] if mode == "parathinker" else eos) for k in range(3)}}
+                  for i in range(len(PROMPTS))}
+    Script(by_request=by_request).install(monkeypatch)
+    kwargs = dict(mode=mode, num_paths=3, max_new_tokens=16, summary_max_tokens=5, num_slots=2)
+    counts = {}
+    for scheduling in ("continuous", "static"):
+        phases, admitted = _record_steps(monkeypatch)
+        outs = ParaThinkerEngine(model, tok).generate(PROMPTS, scheduling=scheduling, **kwargs)
+        counts[scheduling] = (len(phases), _tokens(outs))
+        if scheduling == "continuous":
+            # until the last request is admitted every slot computes a token it keeps
+            assert all(set(p) <= {step.THINK, step.SUMMARY} for p in phases[: admitted[-1]])
+        else:
+            assert any(step.IDLE in p or step.DONE in p for p in phases[: admitted[-1]])
+    assert counts["continuous"][1] == counts["static"][1]  # same results
+    assert counts["continuous"][0] < counts["static"][0]  # in fewer steps
+
+
+def test_a_step_never_waits_for_the_host(tiny, monkeypatch):
+    """A step's forward and bookkeeping run under FakeTensorMode, where any read of a tensor's
+    values by the host (.item(), .tolist(), bool(), ...) raises."""
+    model, tok = tiny
+    captured = {}
+    run = scheduler_mod.Scheduler.run
+    monkeypatch.setattr(scheduler_mod.Scheduler, "run", lambda self: captured.setdefault("s", self) and run(self))
+    ParaThinkerEngine(model, tok).generate(PROMPTS[:2], num_paths=3, max_new_tokens=6, temperature=1.0, seed=0)
+    scheduler = captured["s"]
+    state, plan, cache = scheduler.state, scheduler.plan, scheduler.cache
+    with torch.inference_mode():  # one slot thinking, one in its summary
+        state.phase.copy_(torch.tensor([step.THINK, step.SUMMARY]))
+        state.summary_len.fill_(1)
+        state.summary_col.fill_(cache.capacity - 4)
+    with torch.inference_mode(), packed_attention(model), FakeTensorMode(allow_non_fake_inputs=True):
+        inputs = step.step_inputs(state, plan, cache.scratch)
+        logits = step.forward(model, cache, slice(None), inputs.tokens, inputs.columns, inputs.positions,
+                              inputs.blocks, inputs.real, cache.capacity, plan.thought_embedding)
+        step.advance(state, plan, logits, inputs)
+        with pytest.raises(DataDependentOutputException):
+            state.phase.tolist()  # the check itself: a host read fails here
+
+
+def test_attention_reads_a_few_bucketed_lengths(tiny, monkeypatch):
+    model, tok = tiny
+    lengths = []
+    write = scheduler_mod.SlotKVCache.write
+
+    def recording_write(self, rows, columns, blocks, valid, key_len):
+        if rows == slice(None):
+            lengths.append((key_len, self.capacity))
+        return write(self, rows, columns, blocks, valid, key_len)
+
+    monkeypatch.setattr(scheduler_mod.SlotKVCache, "write", recording_write)
+    ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=3, max_new_tokens=40, termination="last", num_slots=2)
+    capacity = lengths[0][1]
+    bucket = -(-capacity // scheduler_mod.KEY_BUCKETS)
+    assert all(n == capacity or n % bucket == 0 for n, _ in lengths)
+    assert len({n for n, _ in lengths}) <= scheduler_mod.KEY_BUCKETS
+    assert max(n for n, _ in lengths) < capacity or len({n for n, _ in lengths}) > 1
+
+
+def test_compiled_step_gives_the_eager_logits(tiny):
+    model, tok = tiny
+    kwargs = dict(num_paths=2, max_new_tokens=6, summary_max_tokens=3, output_logits=True, num_slots=2)
+    eager = ParaThinkerEngine(model, tok).generate(PROMPTS[:3], **kwargs)
+    compiled = ParaThinkerEngine(model, tok, compile=True).generate(PROMPTS[:3], **kwargs)
+    assert _tokens(eager) == _tokens(compiled)
+    for a, b in zip(eager, compiled):
+        for x, y in zip(a.path_logits, b.path_logits):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.summary_logits, b.summary_logits, atol=1e-4, rtol=0)
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    n = 40000
+    logits = probs.log().expand(n, 1, 5)
+    draw = Draw(seed=torch.full((n,), 11), request=torch.zeros(n, dtype=torch.long),
+                path=torch.zeros(n, 1, dtype=torch.long), index=torch.arange(n)[:, None])
+
+    def frequencies(params):
+        return torch.bincount(sample(logits, params, draw).flatten(), minlength=5).float() / n
+
+    torch.testing.assert_close(frequencies(SamplingParams(temperature=1.0)), probs, atol=0.01, rtol=0)
+    torch.testing.assert_close(frequencies(SamplingParams(temperature=1.0, top_k=2)),
+                               torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.01, rtol=0)
+    torch.testing.assert_close(frequencies(SamplingParams(temperature=1.0, top_p=0.7)),
+                               torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.01, rtol=0)
+    assert torch.equal(draw.uniform(), draw.uniform())  # a function of the coordinates
+    other = Draw(torch.full((n,), 12), draw.request, draw.path, draw.index)
+    assert (other.uniform() != draw.uniform()).float().mean() > 0.99  # another seed, another stream
