@@ -12,16 +12,24 @@ Each benchmark times the engine and its baseline in the same process and writes
   P = 1), same model, prompt, dtype, sampling and number of tokens;
 * ``summary``: summary stage with the paths' KV reused in place vs recomputed (``reprefill``);
 * ``length``: per-step decode time as the context grows, engine vs a transformers DynamicCache loop;
-* ``memory``: peak memory against weights + the theoretical KV size.
+* ``memory``: peak memory against weights + the theoretical KV size;
+* ``eval_workload``: an evaluation-like workload (many prompts, think stages of long-tailed
+  lengths) through ``num_slots`` slots: lockstep static batches vs continuous batching
+  (and, with ``--compile``, the compiled decode step);
+* ``decode_step``: time of one decode step of ``slots x P`` paths against the time to read the
+  weights and the KV in use once from memory (bandwidth measured in the same run).
 
 Token counts are forced: a hook on the LM head bans EOS and every control token, so every path
-runs to its budget and runs are comparable.
+runs to its budget and runs are comparable; ``eval_workload`` also forces each prompt's paths to
+close at a chosen step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import math
 import sys
 import threading
 import time
@@ -33,14 +41,13 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from lm_eval_parathinker import engine as engine_mod
 from lm_eval_parathinker import protocol
-from lm_eval_parathinker.attention import packed_attention
-from lm_eval_parathinker.engine import ParaThinkerEngine
-from lm_eval_parathinker.kv_cache import ParallelKVCache
+from lm_eval_parathinker.engine import ParaThinkerEngine, step
+from lm_eval_parathinker.engine.attention import packed_attention
+from lm_eval_parathinker.engine.kv_cache import SlotKVCache
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings
 
-BENCHMARKS = ("width", "vs_hf", "summary", "length", "memory")
+BENCHMARKS = ("width", "vs_hf", "summary", "length", "memory", "eval_workload", "decode_step")
 NUM_CONTROL_PATHS = 16  # width goes up to P = 16
 
 SHAPES = {
@@ -75,17 +82,28 @@ class Preset:
     length_steps: int
     memory_paths: tuple[int, ...]
     memory_budget: int
+    workload_prompts: int  # eval_workload: prompts, P, per-path budget, slots, median think length
+    workload_paths: int
+    workload_budget: int
+    workload_slots: int
+    workload_median: int
+    step_slots: int  # decode_step: slots x P paths, steps timed
+    step_paths: int
+    step_budget: int
 
 
 PRESETS = {
-    "smoke": Preset("tiny", 8, (1, 2), 4, (1, 2), 4, 2, 4, 2, (2,), (8,), 2, (16, 32), 2, (2,), 8),
-    # CPU grid, sized for a shared 2-core box (a forward runs at ~40 prompt tokens/s there):
-    # short budgets, summary at P = 2, 8 and up to 512 tokens per path, contexts up to 1024.
-    # The end-to-end row is P = 8 x 128 = 1024 generated think tokens.
-    "cpu": Preset("smollm2-135m", 64, (1, 2, 4, 8, 16), 32, (1, 8), 128, 8, 128, 8,
-                  (2, 8), (128, 512), 8, (128, 512, 1024), 8, (1, 8, 16), 32),
-    "gpu": Preset("qwen2-1.5b", 128, (1, 2, 4, 8, 16), 2048, (1, 8), 2048, 8, 2048, 128,
-                  (2, 4, 8, 16), (256, 512, 1024, 2048), 128, (128, 512, 1024, 2048, 4096), 32, (1, 8, 16), 2048),
+    "smoke": Preset("tiny", 8, (1, 2), 4, (1, 2), 4, 2, 4, 2, (2,), (8,), 2, (16, 32), 2, (2,), 8,
+                    6, 2, 16, 2, 4, 2, 2, 8),
+    # CPU grid, sized for a 2-core box (a forward runs at ~40 prompt tokens/s there): short
+    # budgets, summary at P = 2, 8 and up to 512 tokens per path, contexts up to 1024, a
+    # 256-token prompt for vs_hf. The end-to-end row is P = 8 x 128 = 1024 generated think tokens.
+    "cpu": Preset("smollm2-135m", 256, (1, 2, 4, 8, 16), 32, (1, 8), 128, 8, 128, 8,
+                  (2, 8), (128, 512), 8, (128, 512, 1024), 8, (1, 8, 16), 32,
+                  32, 8, 128, 4, 24, 4, 8, 16),
+    "gpu": Preset("qwen2-1.5b", 256, (1, 2, 4, 8, 16), 2048, (1, 8), 2048, 8, 2048, 128,
+                  (2, 4, 8, 16), (256, 512, 1024, 2048), 128, (128, 512, 1024, 2048, 4096), 32, (1, 8, 16), 2048,
+                  32, 8, 2048, 4, 384, 4, 8, 512),
 }
 
 
@@ -119,6 +137,26 @@ def ban_tokens(model: torch.nn.Module, token_ids: Sequence[int]) -> None:
     model.get_output_embeddings().register_forward_hook(hook)
 
 
+@contextlib.contextmanager
+def force_token_at(model: torch.nn.Module, position: int, token: int):
+    """While active, the model predicts ``token`` (and nothing else) after any query at ``position``
+    (without a host round trip: the step stays as it is in a real run)."""
+    seen = {}
+    pre = model.register_forward_pre_hook(lambda m, a, kw: seen.update(positions=kw["position_ids"]), with_kwargs=True)
+
+    def hook(module, args, logits):
+        at = seen["positions"][:, -logits.shape[1] :] == position
+        only = torch.full_like(logits, float("-inf")).index_fill(-1, torch.tensor([token], device=logits.device), 0.0)
+        return torch.where(at[..., None], only, logits)
+
+    post = model.get_output_embeddings().register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+
+
 @dataclass
 class Bench:
     """Everything a benchmark needs: one model, its tokenizer and engine, and where to write."""
@@ -131,10 +169,11 @@ class Bench:
     dtype: torch.dtype
     output: Path
     suffix: str
+    compile: bool = False  # also time the compiled decode step
     hf_seconds: dict = field(default_factory=dict)  # (P, tokens per path) -> generate's time
 
     @classmethod
-    def create(cls, preset: Preset, device: str, dtype: torch.dtype, output: Path) -> Bench:
+    def create(cls, preset: Preset, device: str, dtype: torch.dtype, output: Path, compile: bool = False) -> Bench:
         model, tok = build_model(preset.shape, device, dtype), build_tokenizer()
         add_control_tokens(model, tok, NUM_CONTROL_PATHS)
         attach_thought_embeddings(model)  # zero tables: same cost as trained ones
@@ -142,7 +181,7 @@ class Bench:
         ban_tokens(model, [tok.eos_token_id, ids.summary_open, ids.summary_close, *ids.think_open, *ids.think_close])
         engine = ParaThinkerEngine(model, tok, num_control_paths=NUM_CONTROL_PATHS)
         suffix = "" if device == "cpu" else f"_{torch.device(device).type}"
-        return cls(model, tok, engine, preset, device, dtype, output, suffix)
+        return cls(model, tok, engine, preset, device, dtype, output, suffix, compile)
 
     def prompt(self, length: int, seed: int = 0) -> list[int]:
         """Random token ids above the tokenizer's own (never a control token)."""
@@ -306,47 +345,45 @@ def bench_summary(b: Bench) -> Path:
 
 
 def _summary_times(b: Bench, paths: int, length: int, summary_tokens: int) -> tuple[float, float]:
-    """Fill a cache as the think stage leaves it (paths interleaved column by column), then time
-    the summary stage on it both ways."""
+    """The summary stage on a cache row holding a prompt and ``paths`` paths of ``length`` tokens
+    (interleaved as the think stage leaves them), as the scheduler runs it: the template in one
+    forward, then one forward per summary token; ``reprefill`` first recomputes prompt + paths."""
+    lp = b.preset.prompt_len
     template = torch.tensor(b.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"],
                             device=b.device)
-    prompt_len = b.preset.prompt_len
-    run = _filled_run(b, paths, length, template.numel() + summary_tokens)
-    filled_length = run.cache.length
-    summary_pos = torch.tensor([prompt_len + length], device=b.device)
-    rules = engine_mod.TokenRules(torch.tensor([b.tokenizer.eos_token_id], device=b.device))
+    n = lp + paths * length
+    tokens = torch.tensor([b.prompt(lp) + b.prompt(paths * length, seed=1)], device=b.device)
+    steps = torch.arange(paths * length, device=b.device)
+    interleaved_blocks = torch.cat([torch.zeros(lp, dtype=torch.long, device=b.device), steps % paths + 1])[None]
+    interleaved_pos = torch.cat([torch.arange(lp, device=b.device), lp + steps // paths])[None]
+    cache = SlotKVCache(b.model, 1, n + template.numel() + summary_tokens, b.device, b.dtype)
+    order = torch.cat([torch.arange(lp, device=b.device), lp + (steps % paths) * length + steps // paths])
+    packed = (tokens[:, order.argsort()], interleaved_pos[:, order.argsort()], interleaved_blocks[:, order.argsort()])
+
+    def fill(ids, positions, blocks, chunk=512):  # chunks bound the [Q, K] mask
+        for start in range(0, n, chunk):
+            cols = torch.arange(start, min(start + chunk, n), device=b.device)[None]
+            step.forward(b.model, cache, slice(0, 1), ids[:, cols[0]], cols, positions[:, cols[0]],
+                         blocks[:, cols[0]], torch.ones_like(cols, dtype=torch.bool), int(cols[0, -1]) + 1, True,
+                         last_only=True)
 
     def summarize():
-        return engine_mod.summarize(run, template, summary_pos, rules, summary_tokens)
+        cols = n + torch.arange(template.numel(), device=b.device)[None]
+        pos = lp + length + torch.arange(template.numel(), device=b.device)[None]
+        logits = step.forward(b.model, cache, slice(0, 1), template[None], cols, pos,
+                              torch.full_like(cols, protocol.SUMMARY_BLOCK), torch.ones_like(cols, dtype=torch.bool),
+                              n + template.numel(), True, last_only=True)
+        for i in range(summary_tokens):
+            col = torch.tensor([[n + template.numel() + i]], device=b.device)
+            logits = step.forward(b.model, cache, slice(0, 1), logits[:, -1].argmax(-1, keepdim=True), col,
+                                  col - n + lp + length, torch.full_like(col, protocol.SUMMARY_BLOCK),
+                                  torch.ones_like(col, dtype=torch.bool), int(col) + 1, True)
 
     with torch.inference_mode(), packed_attention(b.model):  # as inside generate
+        fill(tokens, interleaved_pos, interleaved_blocks)
         _, reuse_s = b.timed(summarize)
-        run.cache.length = filled_length  # drop the summary columns: the same cache again
-        _, reprefill_s = b.timed(lambda: (engine_mod.reprefill(run, template.numel(), summary_tokens), summarize()))
+        _, reprefill_s = b.timed(lambda: (fill(*packed), summarize()))
     return reuse_s, reprefill_s
-
-
-def _filled_run(b: Bench, paths: int, length: int, extra: int, chunk: int = 512):
-    """An engine run whose cache holds a prompt and ``paths`` paths of ``length`` random tokens."""
-    prompt = torch.tensor([b.prompt(b.preset.prompt_len)])
-    lp = prompt.shape[1]
-    steps = torch.arange(paths * length)
-    tokens = torch.cat([prompt, torch.tensor([b.prompt(paths * length, seed=1)])], dim=1)
-    blocks = torch.cat([torch.zeros(lp, dtype=torch.long), steps % paths + 1])[None]
-    positions = torch.cat([torch.arange(lp), lp + steps // paths])[None]
-    total = tokens.shape[1]
-    run = engine_mod._Run(
-        model=b.model, cache=ParallelKVCache(b.model, 1, total + extra, b.device, b.dtype), num_paths=paths,
-        budget=length, sampling=engine_mod.SamplingParams(), generator=None, thought_embedding=True,
-        flattened=False, prompt_lens=torch.tensor([lp], device=b.device), keep_logits=False,
-    )
-    valid = torch.ones(1, total, dtype=torch.bool)
-    with torch.inference_mode(), packed_attention(b.model):
-        for start in range(0, total, chunk):  # chunks bound the [Q, K] mask
-            cols = torch.arange(start, min(start + chunk, total))
-            engine_mod.forward(run, *(t.to(b.device) for t in (tokens[:, cols], cols, positions[:, cols],
-                                                                blocks[:, cols], valid[:, cols])), last_only=True)
-    return run
 
 
 def bench_length(b: Bench) -> Path:
@@ -470,8 +507,102 @@ def _rss_peak_during(fn: Callable[[], object], interval_s: float = 0.002) -> int
     return max(peak, _rss()) - before
 
 
+def workload_lengths(p: Preset, seed: int = 0) -> list[int]:
+    """Think-stage lengths (tokens per path, the closer included) of the eval workload: log-normal
+    around ``workload_median`` (a long tail, as reasoning lengths are), within [4, budget]."""
+    g = torch.Generator().manual_seed(seed)
+    draws = torch.randn(p.workload_prompts, generator=g) * 0.9 + math.log(p.workload_median)
+    return [int(min(max(round(math.exp(x)), 4), p.workload_budget)) for x in draws.tolist()]
+
+
+def bench_eval_workload(b: Bench) -> Path:
+    """Problems per minute on an evaluation-like workload: ``workload_prompts`` ParaThinker requests
+    whose think stages end after long-tailed numbers of steps, through ``workload_slots`` slots.
+    Prompt i is ``budget - L_i`` tokens longer than the shortest, so that its paths reach position
+    F = base + budget - 2 after L_i - 1 tokens: a hook forces the closer there (first-finish after
+    L_i tokens per path) with no knowledge of slots or requests."""
+    p = b.preset
+    lengths = workload_lengths(p)
+    prompts = [b.prompt(p.prompt_len + p.workload_budget - n, seed=i) for i, n in enumerate(lengths)]
+    closer = protocol.ControlTokenIds.from_tokenizer(b.tokenizer, NUM_CONTROL_PATHS).think_close[0]
+    kwargs = dict(num_paths=p.workload_paths, max_new_tokens=p.workload_budget, summary_max_tokens=p.summary_tokens,
+                  temperature=1.0, seed=0, num_slots=p.workload_slots)
+    variants = [("static", "static", b.engine), ("continuous", "continuous", b.engine)]
+    if b.compile:
+        variants.append(("continuous+compile", "continuous",
+                         ParaThinkerEngine(b.model, b.tokenizer, NUM_CONTROL_PATHS, compile=True)))
+    rows = []
+    with force_token_at(b.model, p.prompt_len + p.workload_budget - 2, closer):
+        b.engine.generate(prompts[:2], **{**kwargs, "max_new_tokens": 2})  # warm-up
+        for name, scheduling, engine in variants:
+            if engine.compile:  # compile outside the timing
+                engine.generate(prompts[:p.workload_slots], scheduling=scheduling, **kwargs)
+            outs, seconds = b.timed(lambda: engine.generate(prompts, scheduling=scheduling, **kwargs))
+            assert [len(o.path_ids[0]) for o in outs] == lengths, "the forced think lengths did not hold"
+            tokens = sum(o.stats["gen_tokens"] for o in outs)
+            rows.append({"scheduling": name, "prompts": len(prompts), "paths": p.workload_paths,
+                         "slots": p.workload_slots, "mean_think_len": sum(lengths) / len(lengths),
+                         "max_think_len": max(lengths), "seconds": seconds, "problems_per_min": 60 * len(prompts) / seconds,
+                         "gen_tokens_per_s": tokens / seconds})
+    for r in rows:
+        r["speedup_vs_static"] = rows[0]["seconds"] / r["seconds"]
+
+    def plot(ax):
+        ax.bar([r["scheduling"] for r in rows], [r["problems_per_min"] for r in rows])
+        for i, r in enumerate(rows):
+            ax.annotate(f"{r['speedup_vs_static']:.2f}x", (i, r["problems_per_min"]), ha="center", va="bottom")
+        ax.set(ylabel="problems / minute")
+
+    return b.write("eval_workload", rows, plot)
+
+
+def memory_bandwidth(b: Bench, mib: int = 512) -> float:
+    """Bytes per second of a large device copy (read + write), measured now."""
+    x = torch.empty(mib << 20, dtype=torch.uint8, device=b.device)
+    y = torch.empty_like(x)
+    y.copy_(x)  # warm-up
+    _, seconds = b.timed(lambda: [y.copy_(x) for _ in range(5)])
+    return 2 * 5 * x.numel() / seconds
+
+
+def bench_decode_step(b: Bench) -> Path:
+    """One decode step of ``step_slots`` slots x ``step_paths`` paths (independent samples, so
+    every step is a think step) against reading the weights and the KV in use once from memory."""
+    p = b.preset
+    config = b.model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * b.dtype.itemsize
+    weights = sum(t.numel() * t.element_size() for t in b.model.parameters())
+    bandwidth = memory_bandwidth(b)
+    prompts = [b.prompt(p.prompt_len, seed=i) for i in range(p.step_slots)]
+    kwargs = dict(mode="independent", num_paths=p.step_paths, max_new_tokens=p.step_budget, temperature=1.0, seed=0,
+                  num_slots=p.step_slots)
+    engines = [("eager", b.engine)]
+    if b.compile:
+        engines.append(("compiled", ParaThinkerEngine(b.model, b.tokenizer, NUM_CONTROL_PATHS, compile=True)))
+    # mean KV in use over the steps: every slot's prompt and the P paths so far
+    mean_tokens = p.step_slots * (p.prompt_len + p.step_paths * (p.step_budget + 1) / 2)
+    roofline_s = (weights + mean_tokens * kv_per_token) / bandwidth
+    rows = []
+    for name, engine in engines:
+        engine.generate(prompts, **kwargs)  # warm-up (and compilation)
+        outs, seconds = b.timed(lambda: engine.generate(prompts, **kwargs))
+        step_s = (seconds - sum(o.stats["prefill_s"] for o in outs)) / p.step_budget
+        rows.append({"step": name, "slots": p.step_slots, "paths": p.step_paths, "steps": p.step_budget,
+                     "weights_mb": weights / 2**20, "mean_kv_mb": mean_tokens * kv_per_token / 2**20,
+                     "bandwidth_gb_s": bandwidth / 1e9, "step_ms": 1000 * step_s, "roofline_ms": 1000 * roofline_s,
+                     "ratio_to_roofline": step_s / roofline_s})
+
+    def plot(ax):
+        ax.bar([r["step"] for r in rows], [r["step_ms"] for r in rows], label="decode step")
+        ax.axhline(rows[0]["roofline_ms"], color="grey", ls="--", label="weights + KV read once")
+        ax.set(ylabel="ms per step")
+
+    return b.write("decode_step", rows, plot)
+
+
 RUNNERS = {"width": bench_width, "vs_hf": bench_vs_hf, "summary": bench_summary, "length": bench_length,
-           "memory": bench_memory}
+           "memory": bench_memory, "eval_workload": bench_eval_workload, "decode_step": bench_decode_step}
 
 
 # -- command line --------------------------------------------------------------------------
@@ -485,6 +616,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--output", type=Path, default=Path("results"), help="directory for the CSV/PNG files")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="also time the compiled decode step (eval_workload, decode_step)")
     args = parser.parse_args(argv)
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in args.only if name not in RUNNERS]
@@ -500,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PRESETS["smoke" if args.smoke else ("cpu" if args.device == "cpu" else "gpu")]
-    bench = Bench.create(preset, args.device, getattr(torch, args.dtype), args.output)
+    bench = Bench.create(preset, args.device, getattr(torch, args.dtype), args.output, args.compile)
     print(f"# {preset.shape} on {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads)")
     return [RUNNERS[name](bench) for name in args.only]
 

@@ -17,7 +17,12 @@ COLUMNS = {
     "length": ["context", "steps", "engine_ms_per_step", "hf_ms_per_step", "speedup"],
     "memory": ["paths", "tokens_per_path", "weights_mb", "kv_theory_mb", "engine_extra_mb", "hf_extra_mb",
                "engine_peak_over_theory", "hf_peak_over_theory"],
+    "eval_workload": ["scheduling", "prompts", "paths", "slots", "mean_think_len", "max_think_len", "seconds",
+                      "problems_per_min", "gen_tokens_per_s", "speedup_vs_static"],
+    "decode_step": ["step", "slots", "paths", "steps", "weights_mb", "mean_kv_mb", "bandwidth_gb_s", "step_ms",
+                    "roofline_ms", "ratio_to_roofline"],
 }
+TEXT_COLUMNS = {"mode", "scheduling", "step"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +45,7 @@ def test_smoke_writes_csv_and_png(smoke_run, name):
     rows = read(csv_path)
     assert list(rows[0]) == COLUMNS[name]
     assert (out / f"bench_{name}.png").read_bytes()[:4] == b"\x89PNG"
-    numbers = [float(v) for r in rows for k, v in r.items() if k != "mode"]
+    numbers = [float(v) for r in rows for k, v in r.items() if k not in TEXT_COLUMNS]
     assert all(v >= 0 for v in numbers) and all(v == v for v in numbers)  # no negatives, no NaN
 
 
@@ -64,6 +69,33 @@ def test_smoke_grids_and_forced_lengths(smoke_run):
         (p, n) for p in smoke.summary_paths for n in smoke.summary_lens
     ]
     assert [int(r["context"]) for r in read(out / "bench_length.csv")] == list(smoke.length_contexts)
+
+
+def test_eval_workload_forces_long_tailed_think_lengths(smoke_run):
+    out, _ = smoke_run
+    smoke = bench.PRESETS["smoke"]
+    rows = read(out / "bench_eval_workload.csv")
+    assert [r["scheduling"] for r in rows] == ["static", "continuous"]
+    lengths = bench.workload_lengths(smoke)  # the run asserted that every request thought exactly this long
+    assert float(rows[0]["mean_think_len"]) == pytest.approx(sum(lengths) / len(lengths))
+    assert len(set(lengths)) > 2 and max(lengths) <= smoke.workload_budget
+    big = bench.workload_lengths(bench.PRESETS["cpu"])
+    assert max(big) > 3 * sorted(big)[len(big) // 2]  # a long tail: the longest is several medians
+
+
+def test_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--smoke", "--output", str(tmp_path)], capture_output=True,
+                          text=True, cwd=bench.Path(__file__).resolve().parents[1], timeout=600,
+                          env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = read(tmp_path / "bench_decode_step.csv")
+    assert [r["step"] for r in steps] == ["eager", "compiled"]
+    assert [r["scheduling"] for r in read(tmp_path / "bench_eval_workload.csv")] == [
+        "static", "continuous", "continuous+compile"]
+    assert (tmp_path / "bench_width.png").is_file()
 
 
 def test_memory_theory_is_the_kv_of_prompt_plus_paths(smoke_run):
@@ -95,7 +127,7 @@ def test_bad_arguments_exit_with_a_clear_message(capsys):
 def test_packed_gqa_attention_equals_transformers_sdpa(queries):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from lm_eval_parathinker.attention import packed_gqa_sdpa
+    from lm_eval_parathinker.engine.attention import packed_gqa_sdpa
 
     module = torch.nn.Module()
     module.num_key_value_groups, module.is_causal = 3, True
