@@ -216,23 +216,32 @@ def test_budget_cuts_every_path(scripted_engine):
     assert out.path_finished == [False] * 3 and out.stats["termination"] == "budget"
 
 
-def test_one_prefill_per_prompt_one_forward_per_step_one_cache(monkeypatch):
+@pytest.mark.parametrize("ragged", [False, True])
+def test_one_prefill_per_prompt_one_forward_per_step_one_cache(monkeypatch, ragged):
     model, tok = tiny_parathinker("llama")
-    shapes, caches = [], []
-    model.register_forward_pre_hook(lambda m, a, kw: shapes.append(tuple(kw["input_ids"].shape)), with_kwargs=True)
+    monkeypatch.setattr(ParaThinkerEngine, "_ragged_steps", lambda self: ragged)
+    forwards, caches = [], []  # (input shape, a decode step?)
+    model.register_forward_pre_hook(
+        lambda m, a, kw: forwards.append((tuple(kw["input_ids"].shape), kw.get("position_ids").shape[0] == 2
+                                          or kw.get("row_spans") is not None)), with_kwargs=True)
     real_cache = scheduler_mod.SlotKVCache
     monkeypatch.setattr(scheduler_mod, "SlotKVCache", lambda *a, **k: caches.append(1) or real_cache(*a, **k))
     out = ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=4, max_new_tokens=6, termination="last",
                                                  summary_max_tokens=3, temperature=1.0, seed=0)
     template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
     assert len(caches) == 1
-    assert shapes[:2] == [(1, len(o.prompt_ids)) for o in out]  # each prompt prefilled once, not once per path
-    assert shapes.count((1, template)) == 2  # each summary template force-fed in one forward
-    steps = [s for s in shapes[2:] if s != (1, template)]
-    assert set(steps) == {(2, 4)}  # all slots x P paths in one forward per step
+    others = [shape for shape, is_step in forwards if not is_step]
+    assert others[:2] == [(1, len(o.prompt_ids)) for o in out]  # each prompt prefilled once, not once per path
+    assert others[2:] == [(1, template)] * 2  # each summary template force-fed in one forward
+    steps = [shape for shape, is_step in forwards if is_step]
     # no idle step: both requests start together, and the run ends with the longer one
     generated = [max(map(len, o.path_ids)) + len(o.summary_ids) - template - 1 for o in out]
     assert len(steps) == max(generated)
+    if ragged:  # only the tokens that are kept: every path token, every summary token but the last
+        kept = sum(sum(map(len, o.path_ids)) + len(o.summary_ids) - template - 1 for o in out)
+        assert all(shape[0] == 1 for shape in steps) and sum(shape[1] for shape in steps) == kept
+    else:  # all slots x P paths in one forward per step
+        assert set(steps) == {(2, 4)}
 
 
 def test_independent_and_sequential_modes(parathinker):

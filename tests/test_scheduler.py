@@ -146,10 +146,10 @@ def test_attention_reads_a_few_bucketed_lengths(tiny, monkeypatch):
     lengths = []
     write = scheduler_mod.SlotKVCache.write
 
-    def recording_write(self, rows, columns, blocks, valid, key_len):
+    def recording_write(self, rows, columns, blocks, valid, key_len, query_rows=None):
         if rows == slice(None):
             lengths.append((key_len, self.capacity))
-        return write(self, rows, columns, blocks, valid, key_len)
+        return write(self, rows, columns, blocks, valid, key_len, query_rows)
 
     monkeypatch.setattr(scheduler_mod.SlotKVCache, "write", recording_write)
     ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=3, max_new_tokens=40, termination="last", num_slots=2)
@@ -158,6 +158,22 @@ def test_attention_reads_a_few_bucketed_lengths(tiny, monkeypatch):
     assert all(n == capacity or n % bucket == 0 for n, _ in lengths)
     assert len({n for n, _ in lengths}) <= scheduler_mod.KEY_BUCKETS
     assert max(n for n, _ in lengths) < capacity or len({n for n, _ in lengths}) > 1
+
+
+def test_ragged_steps_give_the_rectangles_results(tiny, monkeypatch):
+    """Steps on the real tokens only (eager CPU) against [slots, P] rectangles with padding."""
+    model, tok = tiny
+    kwargs = dict(num_paths=3, max_new_tokens=10, summary_max_tokens=4, termination="half", temperature=1.0, seed=2,
+                  output_logits=True, num_slots=2)
+    ragged = ParaThinkerEngine(model, tok).generate(PROMPTS, **kwargs)
+    monkeypatch.setattr(ParaThinkerEngine, "_ragged_steps", lambda self: False)
+    padded = ParaThinkerEngine(model, tok).generate(PROMPTS, **kwargs)
+    assert _tokens(ragged) == _tokens(padded)
+    assert any(len({len(p) for p in o.path_ids}) > 1 for o in ragged)  # done paths left padding in their rows
+    for a, b in zip(ragged, padded):
+        for x, y in zip(a.path_logits, b.path_logits):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.summary_logits, b.summary_logits, atol=1e-4, rtol=0)
 
 
 def test_compiled_step_gives_the_eager_logits(tiny):

@@ -157,7 +157,8 @@ class ParaThinkerEngine:
             num_slots=num_slots or len(prompt_ids),
             first_tokens=list(ids.think_open[:num_paths]) if parathinker else None,
             template=template, layout=layout, flattened=positions == "flattened", reprefill=summary_kv == "reprefill",
-            compiled=self.compiled_step(), static=scheduling == "static", keep_logits=output_logits,
+            compiled=self.compiled_step(), static=scheduling == "static", ragged=self._ragged_steps(),
+            keep_logits=output_logits,
             stopped=self._stop_check(stop_strings) if stop_strings and not parathinker else None,
             summary_stopped=self._summary_stop_check(stop_strings) if stop_strings and parathinker else None,
             on_finished=finished, progress=progress,
@@ -168,6 +169,11 @@ class ParaThinkerEngine:
         return [self._output(prompt_ids[r.index], r, template, mode, termination, num_paths) for r in results]
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _ragged_steps(self) -> bool:
+        """Steps on the real tokens only: for eager steps on the CPU (a padding query costs a full
+        token there) of an sdpa model (whose attention the engine runs row by row)."""
+        return not self.compile and self.device.type == "cpu" and self.model.config._attn_implementation == "sdpa"
 
     def _plan(self, ids, layout, mode, P, budget, termination, summary_tokens, thought_embedding, positions,
               sampling, min_new_tokens) -> step.Plan:

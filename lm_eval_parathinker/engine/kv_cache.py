@@ -10,6 +10,10 @@ Besides K and V, each column records its block (protocol.PROMPT_BLOCK, path inde
 protocol.SUMMARY_BLOCK) and whether it holds a real token; the attention mask is derived from
 these on the device. A forward reads the first ``key_len`` columns of its rows: the scheduler
 picks that length from a few buckets, so a compiled step sees few shapes.
+
+A forward's queries come either as a rectangle ``[rows, Q]`` (static shapes: the compiled step,
+the prefills) or, in a ragged step, as one flat ``[1, N]`` list of real tokens whose rows are
+given per token (attention then runs row by row: see ``attention.per_row_sdpa``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class SlotKVCache:
         self.slots = torch.arange(num_slots, device=device)
         # the forward in flight (set by write)
         self._rows: slice = slice(None)
-        self._columns = self._query_blocks = None
+        self._query_rows = self._columns = self._query_blocks = None
+        self._ragged = False
         self.key_len = 0
 
     def mark_static(self) -> None:
@@ -47,21 +52,26 @@ class SlotKVCache:
         """Forget the row's previous request before a new one is prefilled into it."""
         self.valid[slot] = False
 
-    def write(self, rows: slice, columns: torch.Tensor, blocks: torch.Tensor, valid: torch.Tensor, key_len: int) -> None:
+    def write(self, rows: slice, columns: torch.Tensor, blocks: torch.Tensor, valid: torch.Tensor, key_len: int,
+              query_rows: torch.Tensor | None = None) -> None:
         """Record the tokens about to be forwarded into ``columns`` ([B, Q]) of ``rows``, which
-        then attend to their first ``key_len`` columns."""
-        index = self.slots[rows][:, None]
-        self.block[index, columns] = blocks
-        self.valid[index, columns] = valid
+        then attend to their first ``key_len`` columns. ``query_rows`` ([1, N], a ragged step):
+        the row of each token, ``rows`` then being all of them."""
+        self._ragged = query_rows is not None
+        self._query_rows = query_rows if self._ragged else self.slots[rows][:, None].expand_as(columns)
+        self.block[self._query_rows, columns] = blocks
+        self.valid[self._query_rows, columns] = valid
         self._rows, self._columns, self._query_blocks, self.key_len = rows, columns, blocks, key_len
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive [B, 1, Q, key_len] mask of the forward in flight: real keys, not after the
         query in the row, allowed by the two-phase rule."""
         n = self.key_len
-        key_block = self.block[self._rows, :n][:, None]
-        key_valid = self.valid[self._rows, :n][:, None]
-        columns = torch.arange(n, device=key_block.device)
+        columns = torch.arange(n, device=self.block.device)
+        # the keys' metadata: [B, 1, K] per row of a rectangle, [1, N, K] per token of a ragged step
+        key_rows = self._query_rows if self._ragged else self.slots[self._rows][:, None]
+        key_block = self.block[key_rows[..., None], columns]
+        key_valid = self.valid[key_rows[..., None], columns]
         causal = columns <= self._columns[:, :, None]
         allowed = key_valid & causal & may_attend(self._query_blocks[:, :, None], key_block)
         # Column 0 (the prompt's first token) is visible to every real query anyway; opening it
@@ -73,7 +83,6 @@ class SlotKVCache:
         """Write this forward's K/V (already rotated, thought embedding included) into its columns
         and return the rows' first ``key_len`` columns."""
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        index = self.slots[self._rows][:, None]
-        k[index, :, self._columns] = key_states.transpose(1, 2).to(k.dtype)
-        v[index, :, self._columns] = value_states.transpose(1, 2).to(v.dtype)
+        k[self._query_rows, :, self._columns] = key_states.transpose(1, 2).to(k.dtype)
+        v[self._query_rows, :, self._columns] = value_states.transpose(1, 2).to(v.dtype)
         return k[self._rows, :, : self.key_len], v[self._rows, :, : self.key_len]

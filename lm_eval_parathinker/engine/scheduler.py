@@ -10,9 +10,12 @@ Each slot holds one request at a time, in its own row of a :class:`SlotKVCache`.
   back and its slot refilled with the next request.
 
 So every row-step of a busy slot computes a token that is kept, and a request costs the host a
-few reads (when it enters its summary and when it ends), not one per step. ``static=True``
-admits requests only when every slot is free: the fixed batches of a lockstep engine, kept as a
-baseline for the benchmarks.
+few reads (when it enters its summary and when it ends), not one per step. A step is a
+rectangle ``[slots, P]`` of queries (static shapes, for a compiled step and the GPU, where a
+padding query costs next to nothing) or, with ``ragged=True`` (eager CPU steps, where it costs as
+much as a real one), the flat list of the real queries only. ``static=True`` admits requests
+only when every slot is free and steps as rectangles: the fixed batches of a lockstep engine,
+kept as a baseline for the benchmarks.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from .step import (
     advance,
     choose,
     forward,
+    ragged_forward,
     step_inputs,
 )
 
@@ -132,6 +136,7 @@ class Scheduler:
         reprefill: bool,
         compiled: Callable | None = None,
         static: bool = False,
+        ragged: bool = False,
         keep_logits: bool = False,
         stopped: Callable | None = None,
         summary_stopped: Callable | None = None,
@@ -152,7 +157,7 @@ class Scheduler:
         self.first_tokens = None if first_tokens is None else torch.tensor(first_tokens, device=self.device)
         self.template = torch.tensor(template, device=self.device)
         self.layout, self.flattened, self.reprefill, self.compiled = layout, flattened, reprefill, compiled
-        self.static, self.keep_logits = static, keep_logits
+        self.static, self.ragged, self.keep_logits = static, ragged and not static, keep_logits
         self.stopped, self.summary_stopped, self.on_finished = stopped, summary_stopped, on_finished
         self.busy: list[_Busy | None] = [None] * slots
         self.view = PhaseView(self.device, slots)
@@ -196,12 +201,18 @@ class Scheduler:
             if busy is not None:
                 busy.steps += 1
         inputs = step_inputs(self.state, self.plan, self.cache.scratch)
-        logits = forward(self.model, self.cache, slice(None), inputs.tokens, inputs.columns, inputs.positions,
-                         inputs.blocks, inputs.real, self._key_len(), self.plan.thought_embedding,
-                         compiled=self.compiled)
-        if self.keep_logits:
-            self._keep(logits, inputs)
-        advance(self.state, self.plan, logits, inputs, self.stopped, self.summary_stopped)
+        index = None
+        if self.ragged:
+            ragged = ragged_forward(self.model, self.cache, inputs, self._key_len(), self.plan.thought_embedding)
+            logits, index = ragged if ragged is not None else (None, None)
+        else:
+            logits = forward(self.model, self.cache, slice(None), inputs.tokens, inputs.columns, inputs.positions,
+                             inputs.blocks, inputs.real, self._key_len(), self.plan.thought_embedding,
+                             compiled=self.compiled)
+        if logits is not None:  # None: every slot waits for the host
+            if self.keep_logits:
+                self._keep(logits, index)
+            advance(self.state, self.plan, logits, inputs, self.stopped, self.summary_stopped, index)
         self.steps += 1
         self.view.push(self.steps, self.state.phase)
 
@@ -325,8 +336,11 @@ class Scheduler:
             self.on_finished(done)
         return done
 
-    def _keep(self, logits: torch.Tensor, inputs) -> None:
+    def _keep(self, logits: torch.Tensor, index: torch.Tensor | None) -> None:
         """``output_logits``: file each busy slot's logits under its request (reads the phases: tests only)."""
+        if index is not None:  # a ragged step: back to [S, P, V] (zeros for padding)
+            S, P = self.state.cur.shape
+            logits = logits.new_zeros(S * P, logits.shape[-1]).index_copy(0, index, logits[0]).view(S, P, -1)
         phases = self.state.phase.tolist()
         for slot, busy in enumerate(self.busy):
             if busy is None:

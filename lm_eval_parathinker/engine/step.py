@@ -117,7 +117,8 @@ def step_inputs(state: SlotState, plan: Plan, scratch: int) -> StepInputs:
     )
 
 
-def model_forward(model, cache: SlotKVCache, tokens, positions, segments, logits_to_keep: int = 0) -> torch.Tensor:
+def model_forward(model, cache: SlotKVCache, tokens, positions, segments, logits_to_keep: int = 0,
+                  row_spans: list | None = None) -> torch.Tensor:
     """The model on ``tokens`` ([B, Q]) with the cache's mask: the function ``torch.compile`` compiles."""
     return model(
         input_ids=tokens,
@@ -127,15 +128,47 @@ def model_forward(model, cache: SlotKVCache, tokens, positions, segments, logits
         use_cache=True,
         segment_ids=segments,
         logits_to_keep=logits_to_keep,
+        row_spans=row_spans,  # a ragged step's rows (see attention.per_row_sdpa)
     ).logits
 
 
 def forward(model, cache: SlotKVCache, rows: slice, tokens, columns, positions, blocks, valid, key_len: int,
-            thought_embedding: bool, last_only: bool = False, compiled: Callable | None = None) -> torch.Tensor:
-    """One forward of ``tokens`` ([B, Q]) into ``columns`` of the cache ``rows``."""
-    cache.write(rows, columns, blocks, valid, key_len)
+            thought_embedding: bool, last_only: bool = False, compiled: Callable | None = None,
+            query_rows: torch.Tensor | None = None, row_spans: list | None = None) -> torch.Tensor:
+    """One forward of ``tokens`` ([B, Q]) into ``columns`` of the cache ``rows`` (a ragged step:
+    ``[1, N]`` tokens of rows ``query_rows``, grouped as ``row_spans``)."""
+    cache.write(rows, columns, blocks, valid, key_len, query_rows)
     segments = protocol.segment_id(blocks, thought_embedding)
-    return (compiled or model_forward)(model, cache, tokens, positions, segments, 1 if last_only else 0)
+    return (compiled or model_forward)(model, cache, tokens, positions, segments, 1 if last_only else 0, row_spans)
+
+
+def ragged_forward(model, cache: SlotKVCache, inputs: StepInputs, key_len: int,
+                   thought_embedding: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A step's forward on its real tokens only, ``[1, N]`` grouped by row: no padding query is
+    computed. Returns the logits [1, N, V] and each token's flat index in [S, P], or None when no
+    slot has a token. It reads the number of real tokens, a host round trip: the scheduler takes
+    this path only on the CPU, where that costs nothing."""
+    S, P = inputs.real.shape
+    index = inputs.real.flatten().nonzero()[:, 0]
+    if index.numel() == 0:
+        return None
+    rows = index // P
+    slots, counts = torch.unique_consecutive(rows, return_counts=True)
+    spans, start = [], 0  # consecutive rows with as many tokens each share one attention call
+    for slot, n in zip(slots.tolist(), counts.tolist()):
+        if spans and spans[-1][0] + spans[-1][1] == slot and (spans[-1][3] - spans[-1][2]) == spans[-1][1] * n:
+            spans[-1] = (spans[-1][0], spans[-1][1] + 1, spans[-1][2], start + n)
+        else:
+            spans.append((slot, 1, start, start + n))
+        start += n
+
+    def pick(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten()[index][None]
+
+    logits = forward(model, cache, slice(None), pick(inputs.tokens), pick(inputs.columns), pick(inputs.positions),
+                     pick(inputs.blocks), pick(inputs.real), key_len, thought_embedding, query_rows=rows[None],
+                     row_spans=spans)
+    return logits, index
 
 
 def choose(logits: torch.Tensor, plan: Plan, draw: sampling.Draw, banned: torch.Tensor, rules: TokenRules) -> torch.Tensor:
@@ -150,9 +183,11 @@ def _store(buffer: torch.Tensor, index: torch.Tensor, values: torch.Tensor, keep
 
 def advance(state: SlotState, plan: Plan, logits: torch.Tensor, inputs: StepInputs,
             stopped: Callable[[SlotState], torch.Tensor] | None = None,
-            summary_stopped: Callable[[SlotState], torch.Tensor] | None = None) -> None:
-    """Bookkeeping after a step's forward (``logits``: [S, P, V]): record the fed path tokens, end
-    paths and think stages, sample every slot's next tokens under its stage's rules, end summaries.
+            summary_stopped: Callable[[SlotState], torch.Tensor] | None = None,
+            token_index: torch.Tensor | None = None) -> None:
+    """Bookkeeping after a step's forward (``logits``: [S, P, V]; a ragged step's [1, N, V] for the
+    flat indices ``token_index``): record the fed path tokens, end paths and think stages, sample
+    every slot's next tokens under its stage's rules, end summaries.
 
     ``stopped`` / ``summary_stopped`` (stop strings, checked on the host) flag paths / summaries
     whose text now contains one; without them the step makes no host round trip.
@@ -183,8 +218,17 @@ def advance(state: SlotState, plan: Plan, logits: torch.Tensor, inputs: StepInpu
         index=torch.where(summary_row, state.summary_len, t + 1)[:, None].expand(S, P),
     )
     short = think_row & (t + 1 < plan.path_rules.min_tokens)
-    banned = plan.banned[summary_row.long()][:, None] | (short[:, None, None] & plan.path_enders)
-    drawn = sampling.sample(logits.masked_fill(banned, float("-inf")), plan.sampling, draw)
+    banned = plan.banned[summary_row.long()][:, None] | (short[:, None, None] & plan.path_enders)  # [S, 1, V]
+    if token_index is None:
+        drawn = sampling.sample(logits.masked_fill(banned, float("-inf")), plan.sampling, draw)
+    else:  # only the real tokens have logits: draw theirs (with the same random numbers)
+        rows = token_index // P
+        picked = sampling.sample(
+            logits[0][:, None].masked_fill(banned[rows], float("-inf")), plan.sampling,
+            sampling.Draw(draw.seed[rows], draw.request[rows], draw.path.flatten()[token_index][:, None],
+                          draw.index.flatten()[token_index][:, None]),
+        )
+        drawn = torch.zeros(S * P, dtype=torch.long, device=t.device).index_copy(0, token_index, picked[:, 0]).view(S, P)
 
     nxt = plan.path_rules.rewrite(drawn)
     if plan.path_rules.pad is not None:  # an ended path is fed pads until it is done
