@@ -31,7 +31,8 @@ demo: $(STAMP)
 	$(PY) -m lm_eval_parathinker.demo --data-dir "$(PARATHINKER_DATA_DIR)" --output results
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.engine
+	$(PY) -m benchmarks.engine --threads 2
+	$(PY) -m benchmarks.grading
 
 clean:
 	rm -rf $(VENV) .pytest_cache
