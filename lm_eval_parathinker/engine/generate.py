@@ -148,9 +148,12 @@ class ParaThinkerEngine:
         plan = self._plan(ids, layout, mode, num_paths, max_new_tokens, termination, summary_tokens, thought_embedding,
                           positions, SamplingParams(temperature, top_p, top_k), min_new_tokens)
 
+        outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
+
         def finished(done: Finished) -> None:
+            outputs[done.index] = self._output(prompt_ids[done.index], done, template, mode, termination, num_paths)
             if on_output is not None:
-                on_output(done.index, self._output(prompt_ids[done.index], done, template, mode, termination, num_paths))
+                on_output(done.index, outputs[done.index])
 
         scheduler = Scheduler(
             self.model, plan, prompt_ids, request_seeds(seed, len(prompt_ids)),
@@ -165,8 +168,8 @@ class ParaThinkerEngine:
         )
         rope = layout.rope_parameters(max_new_tokens, self._rope_theta()) if parathinker else None
         with packed_attention(self.model), rope_scaling(self.model, rope):
-            results = scheduler.run()
-        return [self._output(prompt_ids[r.index], r, template, mode, termination, num_paths) for r in results]
+            scheduler.run()
+        return outputs
 
     # -- helpers -------------------------------------------------------------------------
 

@@ -140,7 +140,7 @@ class Scheduler:
         keep_logits: bool = False,
         stopped: Callable | None = None,
         summary_stopped: Callable | None = None,
-        on_finished: Callable[[Finished], None] | None = None,
+        on_finished: Callable[[Finished], None],
         progress: bool = False,
     ):
         self.model, self.plan, self.prompts, self.seeds = model, plan, prompts, seeds
@@ -166,9 +166,9 @@ class Scheduler:
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self) -> list[Finished]:
+    def run(self) -> None:
+        """Until every prompt has finished (each is handed to ``on_finished`` as it does)."""
         waiting = deque(range(len(self.prompts)))
-        results: list[Finished | None] = [None] * len(self.prompts)
         while True:
             self._admit(waiting)
             if not any(self.busy):
@@ -179,15 +179,11 @@ class Scheduler:
                     busy = self.busy[slot]
                     if busy is None or step <= busy.handled:  # a snapshot from before the host acted
                         continue
-                    done = None
                     if phase == THINK_DONE:
-                        done = self._start_summary(slot)
+                        self._start_summary(slot)
                     elif phase == DONE:
-                        done = self._harvest(slot)
-                    if done is not None:
-                        results[done.index] = done
+                        self._harvest(slot)
         self.bar.close()
-        return results
 
     def _admit(self, waiting: deque) -> None:
         if self.static and any(self.busy):
@@ -257,9 +253,9 @@ class Scheduler:
         busy.times["prefilled"] = time.perf_counter()
         self.busy[slot] = busy
 
-    def _start_summary(self, slot: int) -> Finished | None:
+    def _start_summary(self, slot: int) -> None:
         """The think stage of ``slot`` has ended: forward the summary template and draw summary
-        token 0 (the request is returned at once if that token ends it)."""
+        token 0 (the request is harvested at once if that token ends it)."""
         busy = self.busy[slot]
         busy.times["thought"] = time.perf_counter()
         P = self.plan.num_paths
@@ -288,7 +284,8 @@ class Scheduler:
         ended = bool(torch.isin(token, rules.enders)) or self.plan.summary_tokens <= 1
         if not ended and self.summary_stopped is not None:
             ended = bool(self.summary_stopped(self.state)[slot])
-        return self._harvest(slot) if ended else None
+        if ended:
+            self._harvest(slot)
 
     def _recompute_paths(self, slot: int, prompt_len: int, lengths: list[int]) -> int:
         """``summary_kv="reprefill"``: recompute the row's KV, prompt then path 1..P packed, with
@@ -309,8 +306,8 @@ class Scheduler:
                 torch.ones_like(cols, dtype=torch.bool), total, self.plan.thought_embedding, last_only=True)
         return total
 
-    def _harvest(self, slot: int) -> Finished:
-        """A request has ended: read it back, free its slot."""
+    def _harvest(self, slot: int) -> None:
+        """A request has ended: read it back, hand it to ``on_finished``, free its slot."""
         busy = self.busy[slot]
         state = self.state
         lengths = state.lengths[slot].tolist()
@@ -332,9 +329,7 @@ class Scheduler:
         state.start(slot, request=-1, phase=IDLE)
         self.busy[slot] = None
         self.bar.update(1)
-        if self.on_finished is not None:
-            self.on_finished(done)
-        return done
+        self.on_finished(done)
 
     def _keep(self, logits: torch.Tensor, index: torch.Tensor | None) -> None:
         """``output_logits``: file each busy slot's logits under its request (reads the phases: tests only)."""
