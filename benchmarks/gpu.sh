@@ -3,7 +3,8 @@
 # benchmarks/engine.py): think latency vs P (width), one decode step at 4 slots x 8 paths against
 # reading the weights and the KV in use once from HBM (decode_step, eager and compiled), and the
 # evaluation workload through 4 slots, static vs continuous vs compiled (eval_workload). Writes
-# results/bench_*_cuda.{csv,png} and prints the tables; sized for about 8 minutes on an H100.
+# results/bench_*_cuda.{csv,png} and prints the tables; sized for an estimated 8 minutes on
+# an H100 (never timed: no session has had a GPU yet).
 #
 #   bash benchmarks/gpu.sh [--smoke] [extra args for python -m benchmarks.engine, e.g. --output DIR]
 #

@@ -363,7 +363,7 @@ class ParaThinkerLM(HFLM):
         context = request.args[0]
         if self.compat is None or not self.compat.question_alone:
             return context
-        problem = (request.doc or {}).get("problem") if isinstance(request.doc, dict) else None
+        problem = request.doc.get("problem") if isinstance(request.doc, dict) else None
         if isinstance(problem, str):
             return self.compat.question(problem)
         if not self._warned_no_problem:

@@ -25,8 +25,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import math
-
 import torch
 
 DEFAULT_NUM_CONTROL_PATHS = 8
@@ -183,11 +181,6 @@ PAPER = Compat("paper", block_size=None, extra_bos=False, question_alone=False, 
 OFFICIAL = Compat("official", block_size=16, extra_bos=True, question_alone=True, eos_ends_path=False,
                   summary_after_prompt_twice=True, summary_cap_counts_template=True, max_paths=8,
                   yarn_above=8192)
-
-
-def yarn_scale(factor: float) -> float:
-    """vLLM's YaRN cos/sin scale (``_yarn_get_mscale``)."""
-    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
 def check_compat_name(compat: str) -> str:

@@ -20,10 +20,9 @@ from tiny import save_tiny_checkpoint
 
 from lm_eval_parathinker import _autoload, embedded, protocol
 from lm_eval_parathinker.__main__ import lm_eval_argv
-from lm_eval_parathinker.model import ParaThinkerLM, ParaThinkerResponse
+from lm_eval_parathinker.model import META_METRICS, ParaThinkerLM, ParaThinkerResponse
 
 P = 3  # paths of the CLI runs
-META_METRICS = ("gen_tokens", "think_tokens", "summary_tokens", "num_paths", "paths_finished", "cut_paths", "latency_s")
 # Near-uniform sampling over the tiny vocabulary: ~3% of tokens end a path, so paths end at different steps.
 HOT = "temperature=5.0,do_sample=True"
 # Tiny models gain nothing from more threads, and on a shared box OpenMP spinning costs a lot.

@@ -177,10 +177,14 @@ def test_ragged_steps_give_the_rectangles_results(tiny, monkeypatch):
 
 
 def test_compiled_step_gives_the_eager_logits(tiny):
+    from torch._dynamo.utils import counters
+
     model, tok = tiny
     kwargs = dict(num_paths=2, max_new_tokens=6, summary_max_tokens=3, output_logits=True, num_slots=2)
     eager = ParaThinkerEngine(model, tok).generate(PROMPTS[:3], **kwargs)
+    counters.clear()
     compiled = ParaThinkerEngine(model, tok, compile=True).generate(PROMPTS[:3], **kwargs)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1  # the whole step, one graph
     assert _tokens(eager) == _tokens(compiled)
     for a, b in zip(eager, compiled):
         for x, y in zip(a.path_logits, b.path_logits):
