@@ -13,9 +13,10 @@ from safetensors import safe_open
 from scripted import Script
 from tiny import save_tiny_checkpoint, tiny_model, tiny_parathinker, tiny_tokenizer
 
-import lm_eval_parathinker.engine.scheduler as scheduler_mod
+import lm_eval_parathinker.engine.generate as generate_mod
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.engine import ParaThinkerEngine
+from lm_eval_parathinker.engine.attention import PageReads
 from lm_eval_parathinker.protocol import ControlTokenIds
 from lm_eval_parathinker.thought_embedding import (
     add_control_tokens,
@@ -222,10 +223,10 @@ def test_one_prefill_per_prompt_one_forward_per_step_one_cache(monkeypatch, ragg
     monkeypatch.setattr(ParaThinkerEngine, "_ragged_steps", lambda self: ragged)
     forwards, caches = [], []  # (input shape, a decode step?)
     model.register_forward_pre_hook(
-        lambda m, a, kw: forwards.append((tuple(kw["input_ids"].shape), kw.get("position_ids").shape[0] == 2
-                                          or kw.get("row_spans") is not None)), with_kwargs=True)
-    real_cache = scheduler_mod.SlotKVCache
-    monkeypatch.setattr(scheduler_mod, "SlotKVCache", lambda *a, **k: caches.append(1) or real_cache(*a, **k))
+        lambda m, a, kw: forwards.append((tuple(kw["input_ids"].shape), isinstance(kw["reads"], PageReads))),
+        with_kwargs=True)
+    real_cache = generate_mod.PagedKVCache
+    monkeypatch.setattr(generate_mod, "PagedKVCache", lambda *a, **k: caches.append(1) or real_cache(*a, **k))
     out = ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=4, max_new_tokens=6, termination="last",
                                                  summary_max_tokens=3, temperature=1.0, seed=0)
     template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])

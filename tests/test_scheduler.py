@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 import lm_eval_parathinker.engine.scheduler as scheduler_mod
 from lm_eval_parathinker.engine import ParaThinkerEngine, step
-from lm_eval_parathinker.engine.attention import packed_attention
+from lm_eval_parathinker.engine import attention
 from lm_eval_parathinker.engine.sampling import Draw, SamplingParams, request_seeds, sample
 from lm_eval_parathinker.protocol import ControlTokenIds
 
@@ -119,8 +119,9 @@ def test_no_slot_idles_while_requests_wait(tiny, monkeypatch, mode):
 
 
 def test_a_step_never_waits_for_the_host(tiny, monkeypatch):
-    """A step's forward and bookkeeping run under FakeTensorMode, where any read of a tensor's
-    values by the host (.item(), .tolist(), bool(), ...) raises."""
+    """A step's forward (the rectangle of every slot's queries, flex reads of the pages) and its
+    bookkeeping run under FakeTensorMode, where any read of a tensor's values by the host
+    (.item(), .tolist(), bool(), ...) raises."""
     model, tok = tiny
     captured = {}
     run = scheduler_mod.Scheduler.run
@@ -131,33 +132,14 @@ def test_a_step_never_waits_for_the_host(tiny, monkeypatch):
     with torch.inference_mode():  # one slot thinking, one in its summary
         state.phase.copy_(torch.tensor([step.THINK, step.SUMMARY]))
         state.summary_len.fill_(1)
-        state.summary_col.fill_(cache.capacity - 4)
-    with torch.inference_mode(), packed_attention(model), FakeTensorMode(allow_non_fake_inputs=True):
-        inputs = step.step_inputs(state, plan, cache.scratch)
-        logits = step.forward(model, cache, slice(None), inputs.tokens, inputs.columns, inputs.positions,
-                              inputs.blocks, inputs.real, cache.capacity, plan.thought_embedding)
+    # the kernel the compiled step inlines (compiled or not, the same operator)
+    monkeypatch.setattr(attention, "flex_kernel", attention.flex_attention)
+    with torch.inference_mode(), attention.paged_attention_for(model), FakeTensorMode(allow_non_fake_inputs=True):
+        inputs = step.step_inputs(state, plan)
+        logits, _ = step.step_forward(model, cache, scheduler.pool.table, state, plan, inputs, "flex", ragged=False)
         step.advance(state, plan, logits, inputs)
         with pytest.raises(DataDependentOutputException):
             state.phase.tolist()  # the check itself: a host read fails here
-
-
-def test_attention_reads_a_few_bucketed_lengths(tiny, monkeypatch):
-    model, tok = tiny
-    lengths = []
-    write = scheduler_mod.SlotKVCache.write
-
-    def recording_write(self, rows, columns, blocks, valid, key_len, query_rows=None):
-        if rows == slice(None):
-            lengths.append((key_len, self.capacity))
-        return write(self, rows, columns, blocks, valid, key_len, query_rows)
-
-    monkeypatch.setattr(scheduler_mod.SlotKVCache, "write", recording_write)
-    ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=3, max_new_tokens=40, termination="last", num_slots=2)
-    capacity = lengths[0][1]
-    bucket = -(-capacity // scheduler_mod.KEY_BUCKETS)
-    assert all(n == capacity or n % bucket == 0 for n, _ in lengths)
-    assert len({n for n, _ in lengths}) <= scheduler_mod.KEY_BUCKETS
-    assert max(n for n, _ in lengths) < capacity or len({n for n, _ in lengths}) > 1
 
 
 def test_ragged_steps_give_the_rectangles_results(tiny, monkeypatch):

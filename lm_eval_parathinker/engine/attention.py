@@ -1,75 +1,207 @@
-"""The engine's attention kernel for sdpa models: GQA without copying K/V to every query head.
+"""Attention over KV pages: every query reads the keys it may see, and no others.
 
-transformers' sdpa path copies K/V to every query head (``repeat_kv``) whenever a mask is given,
-which the engine does at every decode step, over the whole used cache row. Here the query heads
-that share a KV head are folded into the query axis instead, and SDPA runs on the cache's KV heads
-as they are. Long queries (prefill, reprefill) keep transformers' path.
+A decode step's queries each read whole pages (:class:`PageReads`): a path query the prompt's
+pages and its own path's, a summary query the prompt's, every path's and the summary's. A page
+is *full* (every token visible) or the *partial* last page of a segment, whose first ``fill``
+tokens are visible (``fill`` counts the tokens written into each page). Two kernels read them:
 
-A ragged step (the scheduler's eager CPU steps: only the real tokens of all slots, ``[1, N]``)
-passes ``row_spans``: its tokens come grouped by cache row, and attention runs row by row on
-views of the rows, so no padding query is computed and no KV is copied.
+* ``flex``: PyTorch FlexAttention with a ``BlockMask`` whose blocks are the pages
+  (``BlockMask.from_kv_blocks``, as torch's own paged attention builds them): the kernel reads
+  the listed pages of the pool in place, skips the rest, and applies the ``fill`` mask to
+  partial pages only. Compiled (inference runs on CPUs with AVX2 and on CUDA); static shapes, so
+  the compiled step can be captured in a CUDA graph.
+* ``sdpa``: the pages a query reads gathered into one tensor, then SDPA (GQA folded into the
+  query axis, no ``repeat_kv`` copy): eager everywhere, the fallback and the reference.
+
+``auto`` picks ``flex`` where it runs (:func:`resolve_kernel`). Multi-token forwards (a
+prompt's prefill, a summary template, ``reprefill``) attend with :class:`FreshReads`: to this
+forward's own keys under a causal or given mask, after context pages they see in full.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-PACKED_SDPA = "parathinker_packed_sdpa"
-PACKED_MAX_QUERIES = 256  # beyond (prefill, reprefill), the mask copied per KV group would cost more than repeat_kv
+from ..protocol import additive_mask
+
+PAGED_ATTENTION = "parathinker_paged"
+KERNELS = ("auto", "flex", "sdpa")
+FLEX_Q_BLOCK = 128  # one query per batch row: a single query block
 
 
-def packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, row_spans=None,
-                    **kwargs):
-    """SDPA on the cache's K/V heads as they are: the query heads sharing a KV head are folded
-    into the query axis. (transformers' sdpa path copies K/V to every query head with
-    ``repeat_kv`` whenever a mask is given, i.e. at every engine step, over the whole row.)
-    Used for decode-sized queries (the engine always passes its [B, 1, Q, K] mask); longer ones
-    go to transformers' sdpa. ``row_spans``: see :func:`per_row_sdpa`."""
-    if row_spans is not None:
-        return per_row_sdpa(module, query, key, value, attention_mask, row_spans, dropout, scaling, **kwargs)
-    B, H, Q, D = query.shape
-    kv_heads = key.shape[1]
-    groups = H // kv_heads
-    if Q > PACKED_MAX_QUERIES or groups == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    mask = attention_mask[:, :, None].expand(B, attention_mask.shape[1], groups, Q, attention_mask.shape[-1])
-    out = F.scaled_dot_product_attention(
-        query.reshape(B, kv_heads, groups * Q, D), key, value,
-        attn_mask=mask.reshape(B, attention_mask.shape[1], groups * Q, -1), scale=scaling,
+def flex_available(device: torch.device) -> bool:
+    """Compiled FlexAttention runs on CUDA, and on x86 CPUs with AVX2 (inference only)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
+
+    return check_cpu_supported()
+
+
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """``auto``: flex where it runs, else sdpa; an explicit choice is checked."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention={kernel!r} is not one of {', '.join(KERNELS)}")
+    if kernel == "auto":
+        return "flex" if flex_available(device) else "sdpa"
+    if kernel == "flex" and not flex_available(device):
+        raise ValueError(f"attention='flex' does not run on {device} (CUDA, or an x86 CPU with AVX2): use 'sdpa'")
+    return kernel
+
+
+# FlexAttention compiled once per process (``dynamic``: any number of queries, any pool size;
+# torch.compile is lazy: nothing is compiled before the first call)
+flex_kernel = torch.compile(flex_attention, dynamic=True)
+
+
+@dataclass
+class PageReads:
+    """The pages every query of a decode step reads (``B`` queries, in the forward's order)."""
+
+    full: torch.Tensor  # [B, W] ids of the pages read in full (the first full_count of each row)
+    full_count: torch.Tensor  # [B]
+    partial: torch.Tensor  # [B, W] ids of partial last pages (the first partial_count of each row)
+    partial_count: torch.Tensor  # [B]
+    fill: torch.Tensor  # [num_pages] tokens written in each page
+    page_size: int
+    kernel: str  # "flex" or "sdpa"
+
+    def keys(self, pool: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        return pool  # the kernels read the pool in place
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """``query`` [B0, H, Q, D] (B0 * Q = B queries), ``key``/``value`` the pool [1, Hkv, N, D];
+        returns [B0, Q, H, D]."""
+        B0, H, Q, D = query.shape
+        q = query.transpose(1, 2).reshape(B0 * Q, H, 1, D)
+        run = _flex_pages if self.kernel == "flex" else _sdpa_pages
+        return run(q, key, value, self, scale).view(B0, Q, H, D)
+
+
+def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, reads: torch.Tensor,
+               fill: torch.Tensor, page_size: int, kernel: str) -> PageReads:
+    """The pages of each query: ``slot`` [B] its slot, ``reads`` [B, G] which of the slot's
+    segments it reads, ``lengths`` [S, G] the tokens in every segment (this step's included),
+    ``table`` [S, G, M] the slots' page ids. Tensor operations only (static shapes)."""
+    B = slot.shape[0]
+    width = fill.shape[0]  # the BlockMask convention: one column per page of the pool
+    n = torch.where(reads, lengths[slot], 0)  # [B, G]
+    index = torch.arange(table.shape[-1], device=table.device)
+    complete = (n // page_size)[..., None]
+    full = index < complete  # [B, G, M]
+    partial = (index == complete) & (n % page_size > 0)[..., None]
+    pages = table[slot].flatten(1)  # [B, G * M]
+
+    def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = mask.flatten(1)
+        at = torch.where(mask, mask.cumsum(1) - 1, width)  # unselected entries go to a dropped column
+        out = torch.zeros(B, width + 1, dtype=pages.dtype, device=pages.device).scatter_(1, at, pages)
+        return out[:, :width], mask.sum(1)
+
+    full_ids, full_count = compact(full)
+    partial_ids, partial_count = compact(partial)
+    return PageReads(full_ids, full_count, partial_ids, partial_count, fill, page_size, kernel)
+
+
+def _flex_pages(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, reads: PageReads,
+                scale: float | None) -> torch.Tensor:
+    ps, fill = reads.page_size, reads.fill
+
+    def within_fill(b, h, q_idx, kv_idx):
+        return kv_idx % ps < fill[kv_idx // ps]
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.int32)[:, None, None]
+
+    block_mask = BlockMask.from_kv_blocks(
+        rows(reads.partial_count), rows(reads.partial), rows(reads.full_count), rows(reads.full),
+        BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(1, key.shape[2]), compute_q_blocks=False,
     )
-    return out.reshape(B, H, Q, D).transpose(1, 2).contiguous(), None
+    return flex_kernel(q, key, value, block_mask=block_mask, scale=scale, enable_gqa=True).transpose(1, 2)
 
 
-def per_row_sdpa(module, query, key, value, attention_mask, row_spans, dropout=0.0, scaling=None, **kwargs):
-    """A ragged step: ``query`` [1, H, N, D] holds the tokens of several cache rows; each
-    ``(row, rows, start, end)`` of ``row_spans`` says that tokens ``start:end`` are ``rows``
-    consecutive rows from ``row`` on, as many tokens each. ``key``/``value`` are every row's
-    [S, Hkv, K, D], ``attention_mask`` [1, 1, N, K]. Each span attends on views of its rows."""
-    outputs = []
-    for row, rows, start, end in row_spans:
-        q = query[0, :, start:end].unflatten(1, (rows, -1)).transpose(0, 1)  # [rows, H, n, D]
-        mask = attention_mask[0, :, start:end].unflatten(1, (rows, -1)).transpose(0, 1)
-        out, _ = packed_gqa_sdpa(module, q, key[row : row + rows], value[row : row + rows], mask, dropout, scaling,
-                                 **kwargs)
-        outputs.append(out.flatten(0, 1)[None])  # [1, rows * n, H, D]
-    return torch.cat(outputs, dim=1), None
+def _sdpa_pages(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, reads: PageReads,
+                scale: float | None) -> torch.Tensor:
+    """Gather each query's pages (as many as the busiest query reads), mask the rest, SDPA."""
+    ps = reads.page_size
+    n_full, n_partial = int(reads.full_count.max()), int(reads.partial_count.max())  # eager only: host reads
+    pages = torch.cat([reads.full[:, :n_full], reads.partial[:, :n_partial]], 1)  # [B, Wb]
+    slot = torch.arange(pages.shape[1], device=pages.device)
+    listed = torch.where(slot < n_full, slot < reads.full_count[:, None], slot - n_full < reads.partial_count[:, None])
+    offset = torch.arange(ps, device=pages.device)
+    visible = listed[..., None] & (offset < torch.where(slot < n_full, ps, reads.fill[pages])[..., None])
+    B, H, _, D = q.shape
+    _, kv_heads, N, _ = key.shape
+
+    def gather(pool: torch.Tensor) -> torch.Tensor:  # [B, Hkv, Wb * ps, D]
+        by_page = pool[0].view(kv_heads, N // ps, ps, D).index_select(1, pages.flatten())
+        return by_page.view(kv_heads, B, -1, D).transpose(0, 1)
+
+    groups = H // kv_heads
+    out = F.scaled_dot_product_attention(
+        q.view(B, kv_heads, groups, D), gather(key), gather(value),
+        attn_mask=additive_mask(visible.flatten(1), q.dtype)[:, None, None], scale=scale,
+    )
+    return out.view(B, H, D)[:, None]
 
 
-AttentionInterface.register(PACKED_SDPA, packed_gqa_sdpa)
+@dataclass
+class FreshReads:
+    """A multi-token forward of one request: its queries attend to every token of ``context``
+    (pages [C], their first ``fill`` tokens) and to this forward's own keys under ``mask``
+    ([n, n] bool; None: causal)."""
+
+    mask: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+    fill: torch.Tensor | None = None
+    page_size: int = 1
+
+    def keys(self, pool: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+        if self.context is None:
+            return fresh
+        _, kv_heads, N, D = pool.shape
+        pages = pool[0].view(kv_heads, N // self.page_size, self.page_size, D).index_select(1, self.context)
+        return torch.cat([pages.reshape(1, kv_heads, -1, D).to(fresh.dtype), fresh], dim=2)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+        n = query.shape[2]
+        if self.context is None and self.mask is None:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            own = self.mask if self.mask is not None else torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+            allowed = own
+            if self.context is not None:
+                offset = torch.arange(self.page_size, device=query.device)
+                seen = (offset < self.fill[self.context][:, None]).flatten()
+                allowed = torch.cat([seen.expand(n, -1), own], dim=1)
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask(allowed, query.dtype),
+                                                 scale=scale, enable_gqa=True)
+        return out.transpose(1, 2)
+
+
+def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, reads=None, **kwargs):
+    """The engine's attention function (registered with transformers as ``PAGED_ATTENTION``):
+    ``key``/``value`` are what :meth:`kv_cache.PagedKVCache.update` returned for ``reads``."""
+    return reads.attend(query, key, value, scaling), None
+
+
+AttentionInterface.register(PAGED_ATTENTION, paged_attention)
 
 
 @contextlib.contextmanager
-def packed_attention(model):
-    """Run an sdpa model with :func:`packed_gqa_sdpa` (other implementations are left as they are)."""
+def paged_attention_for(model):
+    """Run ``model`` with :func:`paged_attention`, whatever its attention implementation."""
     config = model.config
     before = config._attn_implementation
-    if before == "sdpa":
-        config._attn_implementation = PACKED_SDPA
+    config._attn_implementation = PAGED_ATTENTION
     try:
         yield
     finally:

@@ -1,12 +1,13 @@
 """ParaThinker parallel decoding on any transformers decoder-only model: the public API.
 
-:class:`ParaThinkerEngine` validates a call, sets up its constants (:class:`step.Plan`) and runs the
-prompts through :class:`scheduler.Scheduler`: continuous batching over ``num_slots`` slots, each
-request in its own row of a preallocated cache, one forward per step for all slots (the P paths
-of a thinking request in that one forward, sharing its prompt's KV), the summary reading the
-paths' KV in place. The layers, from the device up: ``kv_cache`` (the rows and the mask),
-``step`` (one step's forward and bookkeeping), ``sampling`` (token rules, slot-independent
-random streams), ``scheduler`` (the host loop).
+:class:`ParaThinkerEngine` validates a call, sets up its constants (:class:`step.Plan`) and its KV
+pool, and runs the prompts through :class:`scheduler.Scheduler`: continuous batching over
+``num_slots`` slots, KV in pages allocated as requests grow (a request's P paths read its
+prompt's pages in place, its summary reads every path's pages as they are), one forward per step
+for all slots. The layers, from the device up: ``kv_cache`` (the pool), ``attention`` (kernels
+that read only the pages a query may see), ``pages`` (who holds which pages), ``step`` (one
+step's forward and bookkeeping), ``sampling`` (token rules, slot-independent random streams),
+``scheduler`` (the host loop), ``options`` (the options shared with the lm-eval model).
 
 Modes: ``parathinker`` (P paths + summary), ``independent`` (P plain samples sharing one prefill:
 majority voting) and ``sequential`` (one plain sample). ``compat`` picks the layout of
@@ -17,6 +18,7 @@ checkpoint; ``auto``: official when the tokenizer has ``<vllm_pad>``).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -25,15 +27,15 @@ import torch
 from .. import protocol
 from ..protocol import Compat, ControlTokenIds
 from . import step
-from .attention import packed_attention
+from .attention import paged_attention_for, resolve_kernel
+from .kv_cache import PagedKVCache
+from .options import EngineOptions
+from .pages import pages_for
 from .rope import rope_scaling
 from .sampling import SamplingParams, TokenRules, request_seeds
 from .scheduler import Finished, Scheduler
 
 MODES = ("parathinker", "independent", "sequential")
-TERMINATIONS = ("first", "half", "last")
-SUMMARY_KV = ("reuse", "reprefill")
-POSITIONS = ("aligned", "flattened")
 SCHEDULING = ("continuous", "static")
 
 
@@ -71,6 +73,8 @@ class ParaThinkerEngine:
         self.num_control_paths = num_control_paths
         self.compile = compile
         self._compiled: Callable | None = None
+        self._cache: PagedKVCache | None = None  # the KV pool, kept across calls
+        self.last_stats: dict = {}
         eos = tokenizer.eos_token_id
         self.eos_ids = sorted({*(eos if isinstance(eos, list) else [eos])} - {None})
         gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -92,74 +96,85 @@ class ParaThinkerEngine:
         """The compiled decode step (compiled once per engine), or None when compile is off."""
         if self.compile and self._compiled is None:
             cuda = self.device.type == "cuda"
-            # dynamic: one compilation serves every key-length bucket (CUDA graphs are recorded per bucket)
-            self._compiled = torch.compile(step.model_forward, mode="reduce-overhead" if cuda else None, dynamic=True)
+            # dynamic: one compilation serves any number of slots, paths and pages (CUDA graphs are
+            # recorded per shape)
+            self._compiled = torch.compile(step.decode_forward, mode="reduce-overhead" if cuda else None, dynamic=True)
         return self._compiled
 
     @torch.inference_mode()
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
+        options: EngineOptions | None = None,
         *,
         mode: str = "parathinker",
-        num_paths: int = 8,
         max_new_tokens: int = 1024,
-        termination: str = "first",
-        summary_max_tokens: int = 128,
-        summary_kv: str = "reuse",
-        thought_embedding: bool = True,
-        positions: str = "aligned",
-        compat: str = "auto",
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | Sequence[int] | None = None,
         min_new_tokens: int = 0,
         stop_strings: Sequence[str] = (),
+        banned_tokens: Sequence[int] = (),
         num_slots: int | None = None,
         scheduling: str = "continuous",
         output_logits: bool = False,
         progress: bool = False,
         on_output: Callable[[int, GenerationOutput], None] | None = None,
+        **option_values,
     ) -> list[GenerationOutput]:
         """Generate for a list of prompts (strings, or token ids used as they are).
+
+        ``options`` (an :class:`EngineOptions`; its fields can also be given as keywords, which
+        override it: ``num_paths``, ``termination``, ``summary_max_tokens``, ``summary_kv``,
+        ``thought_embedding``, ``positions``, ``compat``, ``attention``, ``block_size``,
+        ``num_blocks``, ``max_memory_percent``) say how requests decode.
 
         ``max_new_tokens`` is the per-path budget (the opening ``<think k>`` included);
         ``min_new_tokens``: no path ends before it has that many tokens (like transformers'
         ``min_new_tokens``; useful to make an untrained model think in training-free mode).
         ``stop_strings`` end a plain sample (independent/sequential) or the summary; they make
-        the host read tokens at every step. ``compat`` (parathinker mode): ``paper``,
-        ``official`` or ``auto`` (see :class:`protocol.Compat`).
+        the host read tokens at every step. ``banned_tokens`` are never sampled.
 
         ``num_slots`` prompts run at a time (default: all); a finished one's slot is refilled at
         once (``scheduling="static"``: only when every slot is free). ``seed`` (one int, or one
         per prompt) makes sampling repeatable: each prompt's tokens depend on its own seed only,
         not on its slot or its neighbours. ``on_output(i, output)`` is called as prompt i finishes.
+        After the call, :attr:`last_stats` holds the KV pool's use and the preemptions.
         """
-        ids, layout = self._validate(prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions,
-                                     compat, num_slots, scheduling)
+        opts = options or EngineOptions()
+        if option_values:
+            opts = opts.replace(**option_values)
+        num_paths = opts.num_paths
+        ids, layout = self._validate(prompts, mode, opts, max_new_tokens, num_slots, scheduling)
         if mode == "sequential":
             num_paths = 1
         parathinker = mode == "parathinker"
         template = self.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"] if parathinker else []
         prompt_ids = self.encode(prompts, layout)
-        summary_tokens = layout.summary_tokens(summary_max_tokens, len(template)) if parathinker else 0
-        self._check_lengths(prompt_ids, num_paths, max_new_tokens, len(template), summary_tokens, positions, layout)
-        plan = self._plan(ids, layout, mode, num_paths, max_new_tokens, termination, summary_tokens, thought_embedding,
-                          positions, SamplingParams(temperature, top_p, top_k), min_new_tokens)
+        summary_tokens = layout.summary_tokens(opts.summary_max_tokens, len(template)) if parathinker else 0
+        self._check_lengths(prompt_ids, num_paths, max_new_tokens, len(template), summary_tokens, opts.positions,
+                            layout)
+        plan = self._plan(ids, layout, mode, num_paths, max_new_tokens, opts, summary_tokens, len(template),
+                          SamplingParams(temperature, top_p, top_k), min_new_tokens, banned_tokens)
+        slots = min(num_slots or len(prompt_ids), len(prompt_ids))
+        kernel = resolve_kernel(opts.attention, self.device)
+        cache = self._pool(opts, plan, prompt_ids, len(template), slots)
 
         outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
 
         def finished(done: Finished) -> None:
-            outputs[done.index] = self._output(prompt_ids[done.index], done, template, mode, termination, num_paths)
+            outputs[done.index] = self._output(prompt_ids[done.index], done, template, mode, opts.termination,
+                                               num_paths)
             if on_output is not None:
                 on_output(done.index, outputs[done.index])
 
         scheduler = Scheduler(
             self.model, plan, prompt_ids, request_seeds(seed, len(prompt_ids)),
-            num_slots=num_slots or len(prompt_ids),
+            cache=cache, num_slots=slots, kernel=kernel,
             first_tokens=list(ids.think_open[:num_paths]) if parathinker else None,
-            template=template, layout=layout, flattened=positions == "flattened", reprefill=summary_kv == "reprefill",
+            template=template, layout=layout, flattened=opts.positions == "flattened",
+            reprefill=opts.summary_kv == "reprefill",
             compiled=self.compiled_step(), static=scheduling == "static", ragged=self._ragged_steps(),
             keep_logits=output_logits,
             stopped=self._stop_check(stop_strings) if stop_strings and not parathinker else None,
@@ -167,19 +182,59 @@ class ParaThinkerEngine:
             on_finished=finished, progress=progress,
         )
         rope = layout.rope_parameters(max_new_tokens, self._rope_theta()) if parathinker else None
-        with packed_attention(self.model), rope_scaling(self.model, rope):
+        with paged_attention_for(self.model), rope_scaling(self.model, rope):
             scheduler.run()
+        self.last_stats = {"attention": kernel, **scheduler.pool.stats.as_dict(cache.bytes_per_token)}
         return outputs
 
     # -- helpers -------------------------------------------------------------------------
 
+    def _pool(self, opts: EngineOptions, plan: step.Plan, prompt_ids: list[list[int]], template_len: int,
+              slots: int) -> PagedKVCache:
+        """The KV pool for a call: ``num_blocks`` pages, else as many as ``max_memory_percent`` of
+        the free memory holds; never more than every slot's worst case needs. Reused across calls
+        when its size is unchanged (a compiled step keeps its shapes and addresses)."""
+        cuda = self.device.type == "cuda"
+        page_size = opts.block_size or (128 if cuda else 64)
+        dtype = next(self.model.parameters()).dtype
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        page_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize * page_size
+        summary = template_len + plan.summary_tokens if plan.summary_rules is not None else 0
+        worst = max(pages_for(len(p), page_size) for p in prompt_ids) + plan.num_paths * pages_for(plan.budget, page_size) \
+            + (pages_for(summary, page_size) if summary else 0)
+        held = self._cache
+        if opts.num_blocks is not None:
+            budget, source = opts.num_blocks - 1, f"num_blocks={opts.num_blocks}"
+        else:
+            fraction = opts.max_memory_percent or (0.9 if cuda else 0.5)
+            free = _free_memory(self.device) + (held.num_pages * page_bytes if held is not None else 0)
+            budget = int(fraction * free) // page_bytes
+            source = f"max_memory_percent={fraction} of the free memory"
+        if worst > budget:
+            raise ValueError(
+                f"a request needs up to {worst} KV pages of {page_size} tokens ({worst * page_bytes / 2**20:.1f} MiB: "
+                f"prompt, {plan.num_paths} paths x max_new_tokens={plan.budget}, summary), but the pool holds "
+                f"{budget} ({source}): raise num_blocks or max_memory_percent, or lower max_new_tokens or num_paths"
+            )
+        num_pages = min(budget, slots * worst) + 1  # + the scratch page
+        if held is not None and held.matches(self.model, page_size, self.device, dtype) and (
+            held.num_pages == num_pages or (opts.num_blocks is None and num_pages <= held.num_pages <= budget + 1)
+        ):
+            return held  # a pool at least as large, within the budget
+        self._cache = None  # free the old pool first
+        if cuda:
+            torch.cuda.empty_cache()
+        self._cache = PagedKVCache(self.model, num_pages, page_size, self.device, dtype)
+        return self._cache
+
     def _ragged_steps(self) -> bool:
         """Steps on the real tokens only: for eager steps on the CPU (a padding query costs a full
-        token there) of an sdpa model (whose attention the engine runs row by row)."""
-        return not self.compile and self.device.type == "cpu" and self.model.config._attn_implementation == "sdpa"
+        token there)."""
+        return not self.compile and self.device.type == "cpu"
 
-    def _plan(self, ids, layout, mode, P, budget, termination, summary_tokens, thought_embedding, positions,
-              sampling, min_new_tokens) -> step.Plan:
+    def _plan(self, ids, layout, mode, P, budget, opts: EngineOptions, summary_tokens, template_len, sampling,
+              min_new_tokens, banned_tokens) -> step.Plan:
         device = self.device
         vocab = self.model.get_output_embeddings().weight.shape[0]
         parathinker = mode == "parathinker"
@@ -191,46 +246,41 @@ class ParaThinkerEngine:
                                     min_new_tokens, pad, layout.block_size)
             # The released engine appends what the summary samples as it is (no stray rewriting).
             summary_rules = TokenRules(enders, ids.summary_close, None if layout.block_size else stray, ids.think)
-            needed = {"first": 1, "half": math.ceil(P / 2), "last": P}[termination]
+            needed = {"first": 1, "half": math.ceil(P / 2), "last": P}[opts.termination]
         else:
             path_rules = TokenRules(torch.tensor(self.eos_ids, device=device), min_tokens=min_new_tokens)
             summary_rules, needed = None, P
         no_summary = torch.zeros(vocab, dtype=torch.bool, device=device)
+        never = torch.zeros(vocab, dtype=torch.bool, device=device)
+        never[list(banned_tokens)] = True
         return step.Plan(
             num_paths=P,
             budget=budget,
             needed=needed,
-            offsets=torch.tensor(protocol.path_offsets([budget] * P, positions == "flattened", stride=budget),
+            offsets=torch.tensor(protocol.path_offsets([budget] * P, opts.positions == "flattened", stride=budget),
                                  device=device),
-            thought_embedding=thought_embedding and parathinker,
+            thought_embedding=opts.thought_embedding and parathinker,
             path_rules=path_rules,
             summary_rules=summary_rules,
             summary_tokens=summary_tokens,
+            template_len=template_len,
             sampling=sampling,
-            banned=torch.stack([path_rules.banned(vocab), summary_rules.banned(vocab) if summary_rules else no_summary]),
+            banned=torch.stack([path_rules.banned(vocab), summary_rules.banned(vocab) if summary_rules else no_summary])
+            | never,
             path_enders=path_rules.ender_mask(vocab),
         )
 
-    def _validate(self, prompts, mode, num_paths, max_new_tokens, termination, summary_kv, positions, compat,
-                  num_slots, scheduling):
+    def _validate(self, prompts, mode, opts: EngineOptions, max_new_tokens, num_slots, scheduling):
         """Check the arguments; returns the control token ids and the layout (parathinker mode)."""
-        for name, value, choices in (
-            ("mode", mode, MODES),
-            ("termination", termination, TERMINATIONS),
-            ("summary_kv", summary_kv, SUMMARY_KV),
-            ("positions", positions, POSITIONS),
-            ("scheduling", scheduling, SCHEDULING),
-        ):
+        for name, value, choices in (("mode", mode, MODES), ("scheduling", scheduling, SCHEDULING)):
             if value not in choices:
                 raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-        protocol.check_compat_name(compat)
+        num_paths, compat, positions = opts.num_paths, opts.compat, opts.positions
         if not prompts:
             raise ValueError("prompts is empty")
         for i, p in enumerate(prompts):
             if len(p) == 0:
                 raise ValueError(f"prompts[{i}] is empty")
-        if num_paths < 1:
-            raise ValueError(f"num_paths={num_paths} must be at least 1")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         if num_slots is not None and num_slots < 1:
@@ -342,8 +392,24 @@ class ParaThinkerEngine:
                 "gen_tokens": think_tokens + len(summary_ids),
                 "paths_finished": sum(finished),
                 "termination": reason,
+                "preemptions": done.preemptions,  # times the request was restarted to free KV pages
                 **done.timing,
             },
             path_logits=done.path_logits,
             summary_logits=summary_logits,
         )
+
+
+def _free_memory(device: torch.device) -> int:
+    """Bytes free for the KV pool: the device's free memory on CUDA, the system's available
+    memory elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,88 +1,65 @@
-"""A preallocated KV cache with one row per slot, in which the paths of a request share its row.
+"""The KV pool: every layer's keys and values in fixed-size pages, as one tensor per layer.
 
-Row s holds the request running in slot s, column by column: its prompt, then its paths
-interleaved step by step (column ``Lp + t * P + (k - 1)`` is token t of path k), then its summary.
-The summary attends to the paths' KV in place: no copy and no recomputation. The last column of
-every row is a scratch column that absorbs the writes of padding queries (an idle slot, a path
-that is done, the unused queries of a summary row); it is never read.
+Layer l's keys are ``keys[l]`` of shape [1, Hkv, num_pages * page_size, D]: page p is columns
+``p * page_size`` to ``(p + 1) * page_size`` of it, so a kernel can read pages in place (the
+layout FlexAttention takes), and column ``c`` is token ``c % page_size`` of page
+``c // page_size``. Which pages belong to whom is :mod:`pages`' business; ``fill`` counts the
+tokens written into each page, which bounds what a partial page shows.
 
-Besides K and V, each column records its block (protocol.PROMPT_BLOCK, path index or
-protocol.SUMMARY_BLOCK) and whether it holds a real token; the attention mask is derived from
-these on the device. A forward reads the first ``key_len`` columns of its rows: the scheduler
-picks that length from a few buckets, so a compiled step sees few shapes.
-
-A forward's queries come either as a rectangle ``[rows, Q]`` (static shapes: the compiled step,
-the prefills) or, in a ragged step, as one flat ``[1, N]`` list of real tokens whose rows are
-given per token (attention then runs row by row: see ``attention.per_row_sdpa``).
+A forward first calls :meth:`PagedKVCache.begin` with the columns its tokens are written to and
+how its queries read (:mod:`attention`); every attention layer then calls :meth:`update`, as it
+calls a transformers ``Cache``, which writes the layer's new keys and values and returns what the
+queries attend to.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..protocol import additive_mask, may_attend
 
-
-class SlotKVCache:
+class PagedKVCache:
     """Duck-types the part of transformers' ``Cache`` that attention layers call: ``update``."""
 
-    def __init__(self, model, num_slots: int, capacity: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype):
         config = model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (num_slots, config.num_key_value_heads, capacity + 1, head_dim)
+        shape = (1, config.num_key_value_heads, num_pages * page_size, head_dim)
+        # zeros, not empty: a kernel multiplies the masked tail of a partial page by a zero weight,
+        # which must not meet a NaN left in uninitialised memory
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.block = torch.zeros(num_slots, capacity + 1, dtype=torch.long, device=device)
-        self.valid = torch.zeros(num_slots, capacity + 1, dtype=torch.bool, device=device)
-        self.capacity = capacity
-        self.scratch = capacity
-        self.slots = torch.arange(num_slots, device=device)
-        # the forward in flight (set by write)
-        self._rows: slice = slice(None)
-        self._query_rows = self._columns = self._query_blocks = None
-        self._ragged = False
-        self.key_len = 0
+        self.fill = torch.zeros(num_pages, dtype=torch.long, device=device)
+        self.num_pages, self.page_size = num_pages, page_size
+        self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+        self.no_mask = torch.zeros(1, 1, 1, 1, device=device)  # a 4-D mask makes transformers skip mask creation
+        self._columns: torch.Tensor | None = None
+        self.reads = None  # how the queries of the forward in flight read (set by begin)
 
     def mark_static(self) -> None:
         """Fixed addresses for CUDA graphs (as transformers' StaticCache does)."""
-        for t in [*self.keys, *self.values, self.block, self.valid]:
+        for t in [*self.keys, *self.values, self.fill]:
             torch._dynamo.mark_static_address(t)
 
-    def clear(self, slot: int) -> None:
-        """Forget the row's previous request before a new one is prefilled into it."""
-        self.valid[slot] = False
+    def matches(self, model, page_size: int, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether this pool's pages suit a call with these settings (pools are reused across calls)."""
+        return (self.page_size, self.keys[0].device, self.keys[0].dtype, len(self.keys)) == (
+            page_size, device, dtype, model.config.num_hidden_layers)
 
-    def write(self, rows: slice, columns: torch.Tensor, blocks: torch.Tensor, valid: torch.Tensor, key_len: int,
-              query_rows: torch.Tensor | None = None) -> None:
-        """Record the tokens about to be forwarded into ``columns`` ([B, Q]) of ``rows``, which
-        then attend to their first ``key_len`` columns. ``query_rows`` ([1, N], a ragged step):
-        the row of each token, ``rows`` then being all of them."""
-        self._ragged = query_rows is not None
-        self._query_rows = query_rows if self._ragged else self.slots[rows][:, None].expand_as(columns)
-        self.block[self._query_rows, columns] = blocks
-        self.valid[self._query_rows, columns] = valid
-        self._rows, self._columns, self._query_blocks, self.key_len = rows, columns, blocks, key_len
-
-    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive [B, 1, Q, key_len] mask of the forward in flight: real keys, not after the
-        query in the row, allowed by the two-phase rule."""
-        n = self.key_len
-        columns = torch.arange(n, device=self.block.device)
-        # the keys' metadata: [B, 1, K] per row of a rectangle, [1, N, K] per token of a ragged step
-        key_rows = self._query_rows if self._ragged else self.slots[self._rows][:, None]
-        key_block = self.block[key_rows[..., None], columns]
-        key_valid = self.valid[key_rows[..., None], columns]
-        causal = columns <= self._columns[:, :, None]
-        allowed = key_valid & causal & may_attend(self._query_blocks[:, :, None], key_block)
-        # Column 0 (the prompt's first token) is visible to every real query anyway; opening it
-        # to padding queries keeps their softmax finite (an all-masked row gives NaN).
-        allowed = allowed | (columns == 0)
-        return additive_mask(allowed, dtype)[:, None]
+    def begin(self, columns: torch.Tensor, written: torch.Tensor, reads) -> None:
+        """The next forward writes its tokens ([B0, Q]) into ``columns`` (flat pool columns;
+        ``written`` marks real tokens) and its queries read as ``reads`` says."""
+        page, offset = columns.flatten() // self.page_size, columns.flatten() % self.page_size
+        # tokens are appended in order: a page now holds up to its last written offset
+        self.fill.scatter_reduce_(0, page, torch.where(written.flatten(), offset + 1, self.fill[page]), "amax",
+                                  include_self=False)
+        self._columns, self.reads = columns.flatten(), reads
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """Write this forward's K/V (already rotated, thought embedding included) into its columns
-        and return the rows' first ``key_len`` columns."""
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        k[self._query_rows, :, self._columns] = key_states.transpose(1, 2).to(k.dtype)
-        v[self._query_rows, :, self._columns] = value_states.transpose(1, 2).to(v.dtype)
-        return k[self._rows, :, : self.key_len], v[self._rows, :, : self.key_len]
+        """Write this forward's K/V (``[B0, Hkv, Q, D]``, rotated, thought embedding included) into
+        their columns and return what its queries attend to."""
+        out = []
+        for pool, new in ((self.keys[layer_idx], key_states), (self.values[layer_idx], value_states)):
+            flat = new.transpose(0, 1).reshape(1, new.shape[1], -1, new.shape[-1])  # [1, Hkv, B0 * Q, D]
+            pool.index_copy_(2, self._columns, flat.to(pool.dtype))
+            out.append(self.reads.keys(pool, new))
+        return out[0], out[1]

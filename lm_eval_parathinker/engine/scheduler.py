@@ -1,21 +1,27 @@
-"""The host side of the decode loop: continuous batching over a fixed number of slots.
+"""The host side of the decode loop: continuous batching over a fixed number of slots, with KV pages
+allocated as requests grow.
 
-Each slot holds one request at a time, in its own row of a :class:`SlotKVCache`. The host:
+Each slot holds one request at a time; its keys and values live in pages of a shared pool
+(:mod:`pages`). The host:
 
-* admits a waiting request into a free slot (one eager prefill of its prompt into that row);
+* admits a waiting request into a free slot when the pool has the pages its prompt and the first
+  token of each path need (one eager prefill of its prompt into its pages);
+* before each step, gives every segment whose next token opens a page that page; when the pool is
+  empty, it *preempts* the most recently admitted request (frees its pages, puts it back at the
+  head of the queue, admits nothing new until a request ends), which later starts again from its
+  prompt and decodes step by step: its random streams depend only on its seed, so it produces
+  what it would have produced, without re-prefilling generated tokens;
 * launches one step for all slots (:mod:`step`: forward + bookkeeping, all on the device);
-* reads the slots' phases without waiting for the device (:class:`PhaseView`), and only acts
-  when a slot has changed stage: a finished think stage gets its summary template forwarded at
-  once (after recomputing the paths for ``summary_kv="reprefill"``), a finished request is read
-  back and its slot refilled with the next request.
+* reads the slots' phases (and which paths are done) without waiting for the device
+  (:class:`PhaseView`), and acts only when a slot changes stage: a finished think stage gets its
+  summary template forwarded at once (after recomputing the paths for ``summary_kv="reprefill"``),
+  a finished request is read back, its pages freed and its slot refilled.
 
-So every row-step of a busy slot computes a token that is kept, and a request costs the host a
-few reads (when it enters its summary and when it ends), not one per step. A step is a
-rectangle ``[slots, P]`` of queries (static shapes, for a compiled step and the GPU, where a
-padding query costs next to nothing) or, with ``ragged=True`` (eager CPU steps, where it costs as
-much as a real one), the flat list of the real queries only. ``static=True`` admits requests
-only when every slot is free and steps as rectangles: the fixed batches of a lockstep engine,
-kept as a baseline for the benchmarks.
+A step is a rectangle ``[slots, P]`` of queries (static shapes, for a compiled step and the GPU,
+where a padding query costs next to nothing) or, with ``ragged=True`` (eager CPU steps, where it
+costs as much as a real one), the flat list of the real queries only. ``static=True`` admits
+requests only when every slot is free: the fixed batches of a lockstep engine, the benchmarks'
+baseline, on the same kernels.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ from tqdm.auto import tqdm
 
 from .. import protocol
 from . import sampling
-from .kv_cache import SlotKVCache
+from .attention import FreshReads
+from .kv_cache import PagedKVCache
+from .pages import PagePool, pages_for
 from .step import (
     BUDGET,
     DONE,
@@ -42,12 +50,11 @@ from .step import (
     SlotState,
     advance,
     choose,
-    forward,
-    ragged_forward,
+    fresh_forward,
+    step_forward,
     step_inputs,
+    summary_segment,
 )
-
-KEY_BUCKETS = 32  # attention reads a multiple of capacity / KEY_BUCKETS columns: few compiled shapes
 
 
 @dataclass
@@ -60,6 +67,7 @@ class Finished:
     reason: str  # "finished" or "budget"
     summary_ids: list[int]  # generated summary tokens (after the template)
     timing: dict
+    preemptions: int = 0
     path_logits: list[torch.Tensor] | None = None
     summary_logits: torch.Tensor | None = None  # template positions, then generated ones
 
@@ -71,8 +79,11 @@ class _Busy:
     request: int
     prompt_len: int
     admitted: float
-    steps: int = 0  # steps since the stage started
-    summary_col: int | None = None  # set when the summary starts
+    order: int  # admission order: the most recent is preempted first
+    t: int = 0  # think stage: index of the path tokens the next step feeds
+    summary: int | None = None  # summary stage: index of the generated summary token the next step feeds
+    done: list[bool] = field(default_factory=list)  # paths known to take no more tokens
+    lengths: list[int] = field(default_factory=list)  # their lengths, as last seen
     handled: int = -1  # the step count when the host last acted on the slot
     times: dict = field(default_factory=dict)
     think_logits: list = field(default_factory=list)
@@ -80,27 +91,29 @@ class _Busy:
 
 
 class PhaseView:
-    """The slots' phases as the host sees them. On CUDA each step's phases are copied to pinned
-    memory and read once the copy has landed, so the host waits for the device only when it is
-    ``depth`` steps ahead of it; elsewhere they are read at once."""
+    """Each step's slot phases, done paths and path lengths ([S, 1 + 2P]) as the host sees them.
+    On CUDA they are copied to pinned memory and read once the copy has landed, so the host waits
+    for the device only when it is ``depth`` steps ahead of it; elsewhere they are read at once."""
 
-    def __init__(self, device: torch.device, slots: int, depth: int = 2):
+    def __init__(self, device: torch.device, shape: tuple[int, int], depth: int = 2):
         self.cuda = device.type == "cuda"
         self.in_flight: deque = deque()  # (step, buffer, event): copies not read yet
-        self.landed: list[tuple[int, list[int]]] = []
+        self.landed: list[tuple[int, list[list[int]]]] = []
         if self.cuda:
-            self.spare = [(torch.empty(slots, dtype=torch.long, pin_memory=True), torch.cuda.Event()) for _ in range(depth)]
+            self.spare = [(torch.empty(shape, dtype=torch.long, pin_memory=True), torch.cuda.Event())
+                          for _ in range(depth)]
 
-    def push(self, step: int, phase: torch.Tensor) -> None:
-        """The phases after ``step``."""
+    def push(self, step: int, state: SlotState) -> None:
+        """The state after ``step``."""
+        snapshot = torch.cat([state.phase[:, None], state.done.long(), state.lengths], dim=1)
         if not self.cuda:
-            self.landed.append((step, phase.tolist()))
+            self.landed.append((step, snapshot.tolist()))
             return
         if not self.spare:  # `depth` copies in flight: wait for the oldest
             self.in_flight[0][2].synchronize()
             self._read_landed()
         buffer, event = self.spare.pop()
-        buffer.copy_(phase, non_blocking=True)
+        buffer.copy_(snapshot, non_blocking=True)
         event.record()
         self.in_flight.append((step, buffer, event))
 
@@ -110,8 +123,8 @@ class PhaseView:
             self.landed.append((step, buffer.tolist()))
             self.spare.append((buffer, event))
 
-    def pull(self) -> list[tuple[int, list[int]]]:
-        """Snapshots (step, phase per slot) that have landed, oldest first."""
+    def pull(self) -> list[tuple[int, list[list[int]]]]:
+        """Snapshots (step, one row per slot) that have landed, oldest first."""
         if self.cuda:
             self._read_landed()
         ready, self.landed = self.landed, []
@@ -128,7 +141,9 @@ class Scheduler:
         prompts: Sequence[list[int]],
         seeds: Sequence[int],
         *,
+        cache: PagedKVCache,
         num_slots: int,
+        kernel: str,
         first_tokens: list[int] | None,  # parathinker: the forced <think k>; None: sampled
         template: list[int],
         layout: protocol.Compat,
@@ -146,22 +161,25 @@ class Scheduler:
         self.model, self.plan, self.prompts, self.seeds = model, plan, prompts, seeds
         self.device = next(model.parameters()).device
         slots = min(num_slots, len(prompts))
-        P = plan.num_paths
-        summary_cols = len(template) + plan.summary_tokens if plan.summary_rules is not None else 0
-        capacity = max(map(len, prompts)) + P * plan.budget + summary_cols
-        self.cache = SlotKVCache(model, slots, capacity, self.device, next(model.parameters()).dtype)
+        P, ps = plan.num_paths, cache.page_size
+        summary_len = len(template) + plan.summary_tokens if plan.summary_rules is not None else 0
+        max_pages = pages_for(max(max(map(len, prompts)), plan.budget, summary_len), ps)
+        self.cache, self.kernel = cache, kernel
+        self.pool = PagePool(cache.num_pages, ps, slots, P + 2, max_pages, self.device)
         if compiled is not None:
-            self.cache.mark_static()
-        self.bucket = -(-capacity // KEY_BUCKETS)
+            cache.mark_static()
+            torch._dynamo.mark_static_address(self.pool.table)
         self.state = SlotState.allocate(slots, plan, self.device)
         self.first_tokens = None if first_tokens is None else torch.tensor(first_tokens, device=self.device)
         self.template = torch.tensor(template, device=self.device)
         self.layout, self.flattened, self.reprefill, self.compiled = layout, flattened, reprefill, compiled
-        self.static, self.ragged, self.keep_logits = static, ragged and not static, keep_logits
+        self.static, self.ragged, self.keep_logits = static, ragged, keep_logits
         self.stopped, self.summary_stopped, self.on_finished = stopped, summary_stopped, on_finished
         self.busy: list[_Busy | None] = [None] * slots
-        self.view = PhaseView(self.device, slots)
-        self.steps = 0
+        self.view = PhaseView(self.device, (slots, 1 + 2 * P))
+        self.steps = self.admissions = 0
+        self.pressure = False  # a request was preempted: admit nothing new until one ends
+        self.preempted: dict[int, int] = {}  # request -> times preempted
         self.bar = tqdm(total=len(prompts), desc="requests", unit="req", disable=not progress, leave=False)
 
     # -- the loop ---------------------------------------------------------------------------
@@ -169,76 +187,139 @@ class Scheduler:
     def run(self) -> None:
         """Until every prompt has finished (each is handed to ``on_finished`` as it does)."""
         waiting = deque(range(len(self.prompts)))
-        while True:
-            self._admit(waiting)
-            if not any(self.busy):
-                break
-            self._step()
-            for step, phases in self.view.pull():
-                for slot, phase in enumerate(phases):
-                    busy = self.busy[slot]
-                    if busy is None or step <= busy.handled:  # a snapshot from before the host acted
-                        continue
-                    if phase == THINK_DONE:
-                        self._start_summary(slot)
-                    elif phase == DONE:
-                        self._harvest(slot)
-        self.bar.close()
+        P = self.plan.num_paths
+        try:
+            while True:
+                self._admit(waiting)
+                if not any(self.busy):
+                    break
+                self._reserve(waiting)
+                self._step()
+                for step, rows in self.view.pull():
+                    for slot, row in enumerate(rows):
+                        busy = self.busy[slot]
+                        if busy is None or step <= busy.handled:  # a snapshot from before the host acted
+                            continue
+                        busy.done, busy.lengths = [bool(d) for d in row[1 : 1 + P]], row[1 + P :]
+                        if row[0] == THINK_DONE:
+                            self._start_summary(slot, waiting)
+                        elif row[0] == DONE:
+                            self._harvest(slot)
+        finally:  # a failed run (an error, an interrupt) leaves no page held
+            for slot in range(len(self.busy)):
+                self.pool.release(slot)
+            self.bar.close()
 
     def _admit(self, waiting: deque) -> None:
-        if self.static and any(self.busy):
+        if not any(self.busy):
+            self.pressure = False
+        if (self.static and any(self.busy)) or self.pressure:
             return
         for slot in range(len(self.busy)):
-            if self.busy[slot] is None and waiting:
-                self._prefill(slot, waiting.popleft())
+            if self.busy[slot] is not None or not waiting:
+                continue
+            need = pages_for(len(self.prompts[waiting[0]]), self.pool.page_size) + self.plan.num_paths
+            if need > self.pool.num_free:  # the queue's head waits for pages (first come, first served)
+                return
+            self._prefill(slot, waiting.popleft())
 
-    def _step(self) -> None:
-        for busy in self.busy:
-            if busy is not None:
-                busy.steps += 1
-        inputs = step_inputs(self.state, self.plan, self.cache.scratch)
-        index = None
-        if self.ragged:
-            ragged = ragged_forward(self.model, self.cache, inputs, self._key_len(), self.plan.thought_embedding)
-            logits, index = ragged if ragged is not None else (None, None)
-        else:
-            logits = forward(self.model, self.cache, slice(None), inputs.tokens, inputs.columns, inputs.positions,
-                             inputs.blocks, inputs.real, self._key_len(), self.plan.thought_embedding,
-                             compiled=self.compiled)
-        if logits is not None:  # None: every slot waits for the host
-            if self.keep_logits:
-                self._keep(logits, index)
-            advance(self.state, self.plan, logits, inputs, self.stopped, self.summary_stopped, index)
-        self.steps += 1
-        self.view.push(self.steps, self.state.phase)
+    def _reserve(self, waiting: deque) -> None:
+        """Pages for the tokens the next step writes, oldest request first: a segment gets a page
+        when its next token opens one (a path only while it is not known to be done)."""
+        ps = self.pool.page_size
+        for slot in sorted((s for s, b in enumerate(self.busy) if b is not None), key=lambda s: self.busy[s].order):
+            busy = self.busy[slot]
+            if busy is None:  # preempted for an older request in this loop
+                continue
+            if busy.summary is None:
+                if busy.t % ps or busy.t >= self.plan.budget:
+                    continue
+                needs = [(k + 1, busy.t + 1) for k, done in enumerate(busy.done) if not done]
+            else:
+                offset = self.plan.template_len + busy.summary
+                needs = [] if offset % ps else [(summary_segment(self.plan.num_paths), offset + 1)]
+            for segment, tokens in needs:
+                if not self._grow(slot, segment, tokens, waiting):
+                    break
+        self.pool.flush()
+        self._note_peak()
 
-    def _key_len(self) -> int:
-        """Columns the next step reads: an upper bound of every busy row's use, rounded up to a bucket."""
-        used = 1
+    def _grow(self, slot: int, segment: int, tokens: int, waiting: deque) -> bool:
+        """Pages for ``tokens`` tokens of a segment, preempting the most recent requests until the
+        pool has them; False if ``slot`` itself had to be preempted."""
+        while not self.pool.grow(slot, segment, tokens):
+            victim = max((s for s, b in enumerate(self.busy) if b is not None), key=lambda s: self.busy[s].order)
+            self._preempt(victim, waiting)
+            if victim == slot:
+                return False
+        return True
+
+    def _preempt(self, slot: int, waiting: deque) -> None:
+        """Free everything ``slot`` holds and put its request back at the head of the queue."""
+        request = self.busy[slot].request
+        self.pool.release(slot)
+        self.state.start(slot, request=-1, phase=IDLE)
+        self.busy[slot] = None
+        waiting.appendleft(request)
+        self.preempted[request] = self.preempted.get(request, 0) + 1
+        self.pool.stats.preemptions += 1
+        self.pressure = True
+
+    def _note_peak(self) -> None:
+        """Tokens held when the most pages are held (the memory report compares the two)."""
+        if self.pool.num_used < self.pool.stats.peak_pages:
+            return
+        tokens = 0
         for busy in self.busy:
             if busy is None:
                 continue
-            if busy.summary_col is None:
-                used = max(used, busy.prompt_len + busy.steps * self.plan.num_paths)
+            tokens += busy.prompt_len
+            if busy.summary is None:
+                tokens += sum(n if done else busy.t + 1 for done, n in zip(busy.done, busy.lengths))
             else:
-                used = max(used, busy.summary_col + busy.steps)
-        return min(self.cache.capacity, -(-used // self.bucket) * self.bucket)
+                tokens += sum(busy.lengths) + self.plan.template_len + busy.summary + 1
+        self.pool.stats.peak_tokens = max(self.pool.stats.peak_tokens, tokens)
+
+    def _step(self) -> None:
+        inputs = step_inputs(self.state, self.plan)
+        out = step_forward(self.model, self.cache, self.pool.table, self.state, self.plan, inputs, self.kernel,
+                           self.ragged, self.compiled)
+        if out is not None:  # None: every slot waits for the host
+            logits, index = out
+            if self.keep_logits:
+                self._keep(logits, index)
+            advance(self.state, self.plan, logits, inputs, self.stopped, self.summary_stopped, index)
+        for busy in self.busy:
+            if busy is None:
+                continue
+            if busy.summary is None:
+                busy.t += 1
+            else:
+                busy.summary += 1
+        self.steps += 1
+        self.view.push(self.steps, self.state)
 
     # -- stage changes ----------------------------------------------------------------------
 
+    def _columns(self, slot: int, segment: int, offsets: torch.Tensor) -> torch.Tensor:
+        """Pool columns of the tokens at ``offsets`` of a segment (from the host's page lists)."""
+        pages = torch.tensor(self.pool.pages(slot, segment), device=self.device)
+        ps = self.pool.page_size
+        return pages[offsets // ps] * ps + offsets % ps
+
     def _prefill(self, slot: int, request: int) -> None:
-        """Admit ``request`` into ``slot``: prefill its prompt into the row and set its state."""
+        """Admit ``request`` into ``slot``: prefill its prompt into its pages and set its state."""
         ids = self.prompts[request]
         n = len(ids)
         admitted = time.perf_counter()
-        self.cache.clear(slot)
-        cols = torch.arange(n, device=self.device)[None]
-        zeros = torch.zeros_like(cols)
-        logits = forward(self.model, self.cache, slice(slot, slot + 1), torch.tensor([ids], device=self.device), cols,
-                         cols, zeros, torch.ones_like(cols, dtype=torch.bool), n, self.plan.thought_embedding,
-                         last_only=True)
-        seed = self.seeds[request]
         P = self.plan.num_paths
+        self.pool.grow(slot, protocol.PROMPT_BLOCK, n)
+        positions = torch.arange(n, device=self.device)
+        logits = fresh_forward(self.model, self.cache, torch.tensor([ids], device=self.device),
+                               self._columns(slot, protocol.PROMPT_BLOCK, positions)[None], positions[None],
+                               torch.zeros(1, n, dtype=torch.long, device=self.device), FreshReads(),
+                               self.plan.thought_embedding, last_only=True)
+        seed = self.seeds[request]
         if self.first_tokens is not None:
             first = self.first_tokens
         else:  # plain samples: token 0 of every path drawn from the prompt's last logits
@@ -249,27 +330,35 @@ class Scheduler:
             first = choose(logits.expand(1, P, -1), self.plan, draw, banned, self.plan.path_rules)[0]
         self.state.start(slot, request=request, seed=seed, phase=THINK, prompt_len=n, t=0, cur=first, lengths=0,
                          closed=False, done=False, reason=0, summary_len=0)
-        busy = _Busy(request, n, admitted, handled=self.steps)
+        busy = _Busy(request, n, admitted, self.admissions, done=[False] * P, lengths=[0] * P, handled=self.steps)
         busy.times["prefilled"] = time.perf_counter()
+        self.admissions += 1
         self.busy[slot] = busy
 
-    def _start_summary(self, slot: int) -> None:
-        """The think stage of ``slot`` has ended: forward the summary template and draw summary
-        token 0 (the request is harvested at once if that token ends it)."""
+    def _start_summary(self, slot: int, waiting: deque) -> None:
+        """The think stage of ``slot`` has ended: free the pages taken ahead for paths that had
+        ended, forward the summary template, draw summary token 0 (the request is harvested at once
+        if that token ends it)."""
         busy = self.busy[slot]
         busy.times["thought"] = time.perf_counter()
-        P = self.plan.num_paths
-        steps = int(self.state.t[slot]) + 1
         lengths = self.state.lengths[slot].tolist()
+        for k, n in enumerate(lengths):
+            self.pool.shrink(slot, k + 1, n)
         lp = busy.prompt_len
-        start = self.layout.summary_position(lp, lengths, self.flattened, stride=self.plan.budget)
-        column = self._recompute_paths(slot, lp, lengths) if self.reprefill else lp + steps * P
+        if self.reprefill:
+            self._recompute_paths(slot, lp, lengths)
         n = self.template.numel()
-        cols = column + torch.arange(n, device=self.device)[None]
-        blocks = torch.full_like(cols, protocol.SUMMARY_BLOCK)
-        logits = forward(self.model, self.cache, slice(slot, slot + 1), self.template[None], cols,
-                         start + torch.arange(n, device=self.device)[None], blocks, torch.ones_like(cols, dtype=torch.bool),
-                         column + n, self.plan.thought_embedding, last_only=not self.keep_logits)
+        segment = summary_segment(self.plan.num_paths)
+        if not self._grow(slot, segment, n, waiting):
+            return
+        context = [page for k in range(self.plan.num_paths + 1) for page in self.pool.pages(slot, k)]
+        offsets = torch.arange(n, device=self.device)
+        start = self.layout.summary_position(lp, lengths, self.flattened, stride=self.plan.budget)
+        reads = FreshReads(context=torch.tensor(context, device=self.device), fill=self.cache.fill,
+                           page_size=self.pool.page_size)
+        logits = fresh_forward(self.model, self.cache, self.template[None], self._columns(slot, segment, offsets)[None],
+                               (start + offsets)[None], torch.full((1, n), protocol.SUMMARY_BLOCK, device=self.device),
+                               reads, self.plan.thought_embedding, last_only=not self.keep_logits)
         if self.keep_logits:
             busy.summary_logits.append(logits[0].clone())
         rules = self.plan.summary_rules
@@ -277,37 +366,33 @@ class Scheduler:
                              torch.full((1, 1), sampling.SUMMARY_STREAM, device=self.device),
                              torch.zeros(1, 1, dtype=torch.long, device=self.device))
         token = choose(logits[:, -1:], self.plan, draw, self.plan.banned[1], rules)[0, 0]
-        self.state.start(slot, summary_col=column + n, summary_pos=start + n, summary_len=1, phase=SUMMARY)
+        self.state.start(slot, summary_pos=start + n, summary_len=1, phase=SUMMARY)
         self.state.summary_ids[slot, 0] = token
         self.state.cur[slot, 0] = token
-        busy.summary_col, busy.steps, busy.handled = column + n, 0, self.steps
+        busy.summary, busy.lengths, busy.handled = 0, lengths, self.steps
         ended = bool(torch.isin(token, rules.enders)) or self.plan.summary_tokens <= 1
         if not ended and self.summary_stopped is not None:
             ended = bool(self.summary_stopped(self.state)[slot])
         if ended:
             self._harvest(slot)
 
-    def _recompute_paths(self, slot: int, prompt_len: int, lengths: list[int]) -> int:
-        """``summary_kv="reprefill"``: recompute the row's KV, prompt then path 1..P packed, with
-        the same positions and segments; returns the first free column."""
+    def _recompute_paths(self, slot: int, prompt_len: int, lengths: list[int]) -> None:
+        """``summary_kv="reprefill"``: recompute the prompt's and the paths' KV in one forward of
+        the packed sequence (the two-phase mask, the same positions and segments), overwriting
+        their pages in place."""
         device = self.device
-        pieces = [(torch.tensor(self.prompts[self.busy[slot].request], device=device),
-                   torch.arange(prompt_len, device=device), protocol.PROMPT_BLOCK)]
-        for k, n in enumerate(lengths):
-            pieces.append((self.state.path_tokens[slot, k, :n],
-                           prompt_len + self.plan.offsets[k] + torch.arange(n, device=device), k + 1))
-        tokens = torch.cat([p[0] for p in pieces])[None]
-        positions = torch.cat([p[1] for p in pieces])[None]
-        blocks = torch.cat([torch.full_like(p[0], p[2]) for p in pieces])[None]
-        total = tokens.shape[1]
-        self.cache.clear(slot)
-        cols = torch.arange(total, device=device)[None]
-        forward(self.model, self.cache, slice(slot, slot + 1), tokens, cols, positions, blocks,
-                torch.ones_like(cols, dtype=torch.bool), total, self.plan.thought_embedding, last_only=True)
-        return total
+        layout = protocol.sequence_layout(prompt_len, lengths, 0, flattened=self.flattened,
+                                          path_stride=self.plan.budget, thought_embedding=self.plan.thought_embedding)
+        prompt = torch.tensor(self.prompts[self.busy[slot].request], device=device)
+        tokens = torch.cat([prompt, *(self.state.path_tokens[slot, k, :n] for k, n in enumerate(lengths))])
+        columns = torch.cat([self._columns(slot, k, torch.arange(n, device=device))
+                             for k, n in enumerate([prompt_len, *lengths])])
+        fresh_forward(self.model, self.cache, tokens[None], columns[None], layout.position_ids.to(device)[None],
+                      layout.block_ids.to(device)[None], FreshReads(mask=layout.attention_mask().to(device)),
+                      self.plan.thought_embedding, last_only=True)
 
     def _harvest(self, slot: int) -> None:
-        """A request has ended: read it back, hand it to ``on_finished``, free its slot."""
+        """A request has ended: read it back, hand it to ``on_finished``, free its slot and pages."""
         busy = self.busy[slot]
         state = self.state
         lengths = state.lengths[slot].tolist()
@@ -320,14 +405,17 @@ class Scheduler:
         thought = times.get("thought", end)
         timing = {"prefill_s": times["prefilled"] - busy.admitted, "think_s": thought - times["prefilled"],
                   "summary_s": end - thought, "latency_s": end - busy.admitted}
-        done = Finished(busy.request, [row[:n] for row, n in zip(tokens, lengths)], finished, reason, summary, timing)
+        done = Finished(busy.request, [row[:n] for row, n in zip(tokens, lengths)], finished, reason, summary, timing,
+                        self.preempted.get(busy.request, 0))
         if self.keep_logits:
             per_step = torch.stack(busy.think_logits)  # [steps, P, V]
             done.path_logits = [per_step[:n, k] for k, n in enumerate(lengths)]
             if busy.summary_logits:
                 done.summary_logits = torch.cat(busy.summary_logits)
         state.start(slot, request=-1, phase=IDLE)
+        self.pool.release(slot)
         self.busy[slot] = None
+        self.pressure = False
         self.bar.update(1)
         self.on_finished(done)
 

@@ -3,9 +3,11 @@ one step. Everything here is tensor operations on the device; nothing waits for 
 
 Every step runs one forward over all slots, ``P`` queries each: a thinking slot feeds its P paths'
 current tokens, a summary slot its next summary token (the other queries pad), an idle or waiting
-slot only padding. :func:`advance` then records what was fed, applies the token rules, samples
-the next tokens and moves each slot's phase along; a slot whose think stage or summary has just
-ended waits (``THINK_DONE``, ``DONE``) until the host handles it.
+slot only padding. Each token's keys and values go into its segment's pages (:mod:`pages`), and
+each query reads the pages it may see (:mod:`attention`). :func:`advance` then records what was
+fed, applies the token rules, samples the next tokens and moves each slot's phase along; a slot
+whose think stage or summary has just ended waits (``THINK_DONE``, ``DONE``) until the host
+handles it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import torch
 
 from .. import protocol
 from . import sampling
-from .kv_cache import SlotKVCache
+from .attention import FreshReads, page_reads
+from .kv_cache import PagedKVCache
+from .pages import SCRATCH_PAGE
 from .sampling import SamplingParams, TokenRules
 
 # slot phases
@@ -38,6 +42,7 @@ class Plan:
     path_rules: TokenRules
     summary_rules: TokenRules | None  # None: plain samples (no summary stage)
     summary_tokens: int  # tokens a summary may generate after its template
+    template_len: int  # tokens of the summary template (summary segment: template, then generated tokens)
     sampling: SamplingParams
     banned: torch.Tensor  # [2, V] never sampled: in a path (row 0), in a summary (row 1)
     path_enders: torch.Tensor  # [V] banned while a path is shorter than path_rules.min_tokens
@@ -58,7 +63,6 @@ class SlotState:
     done: torch.Tensor  # [S, P] takes no more tokens (closed, and block-aligned if the rules pad)
     reason: torch.Tensor  # [S] FINISHED or BUDGET
     path_tokens: torch.Tensor  # [S, P, budget]
-    summary_col: torch.Tensor  # [S] column of generated summary token 0 (after the template)
     summary_pos: torch.Tensor  # [S] its position
     summary_ids: torch.Tensor  # [S, summary_tokens] generated summary tokens
     summary_len: torch.Tensor  # [S]
@@ -74,8 +78,8 @@ class SlotState:
             request=torch.full((slots,), -1, dtype=torch.long, device=device), seed=zeros(slots),
             phase=zeros(slots), prompt_len=zeros(slots), t=zeros(slots), cur=zeros(slots, P),
             lengths=zeros(slots, P), closed=zeros(slots, P, dtype=torch.bool), done=zeros(slots, P, dtype=torch.bool),
-            reason=zeros(slots), path_tokens=zeros(slots, P, plan.budget), summary_col=zeros(slots),
-            summary_pos=zeros(slots), summary_ids=zeros(slots, max(plan.summary_tokens, 1)), summary_len=zeros(slots),
+            reason=zeros(slots), path_tokens=zeros(slots, P, plan.budget), summary_pos=zeros(slots),
+            summary_ids=zeros(slots, max(plan.summary_tokens, 1)), summary_len=zeros(slots),
         )
 
     def start(self, slot: int, **values) -> None:
@@ -84,20 +88,30 @@ class SlotState:
             getattr(self, name)[slot] = value
 
 
+def summary_segment(num_paths: int) -> int:
+    """Index of the summary's segment (prompt 0, path k -> k)."""
+    return num_paths + 1
+
+
+def segment_of(block: torch.Tensor, num_paths: int) -> torch.Tensor:
+    """The segment a protocol block is stored in."""
+    return torch.where(block == protocol.SUMMARY_BLOCK, summary_segment(num_paths), block)
+
+
 @dataclass(frozen=True)
 class StepInputs:
     """What one step forwards, per slot and query ([S, P] each)."""
 
     tokens: torch.Tensor
     positions: torch.Tensor
-    columns: torch.Tensor
-    blocks: torch.Tensor
+    blocks: torch.Tensor  # protocol block of each query (thought-embedding segment)
+    offsets: torch.Tensor  # where in its segment the token goes
     real: torch.Tensor  # a token of a path or summary (not padding)
 
 
-def step_inputs(state: SlotState, plan: Plan, scratch: int) -> StepInputs:
-    """The queries of the next step: thinking slots feed token t of their P paths (column
-    Lp + t P + k), summary slots their last summary token; padding goes to the scratch column."""
+def step_inputs(state: SlotState, plan: Plan) -> StepInputs:
+    """The queries of the next step: thinking slots feed token t of their P paths, summary slots
+    their last summary token (query 0); the rest pad."""
     P = plan.num_paths
     k = torch.arange(P, device=state.cur.device)
     think = (state.phase == THINK)[:, None]
@@ -105,69 +119,87 @@ def step_inputs(state: SlotState, plan: Plan, scratch: int) -> StepInputs:
     real = (think & ~state.done) | summary
     t = state.t[:, None]
     s = (state.summary_len - 1)[:, None]  # the summary token fed: the last one sampled
-    columns = torch.where(think, state.prompt_len[:, None] + t * P + k, state.summary_col[:, None] + s)
     positions = torch.where(think, state.prompt_len[:, None] + plan.offsets + t, state.summary_pos[:, None] + s)
     blocks = torch.where(think, k + 1, torch.where(summary, protocol.SUMMARY_BLOCK, protocol.PROMPT_BLOCK))
     return StepInputs(
         tokens=state.cur,
         positions=torch.where(real, positions, 0),
-        columns=torch.where(real, columns, scratch),
         blocks=blocks,
+        offsets=torch.where(think, t, plan.template_len + s).expand_as(real),
         real=real,
     )
 
 
-def model_forward(model, cache: SlotKVCache, tokens, positions, segments, logits_to_keep: int = 0,
-                  row_spans: list | None = None) -> torch.Tensor:
-    """The model on ``tokens`` ([B, Q]) with the cache's mask: the function ``torch.compile`` compiles."""
+def segment_lengths(state: SlotState, plan: Plan, inputs: StepInputs) -> torch.Tensor:
+    """[S, G] tokens in every segment of every slot once the step's tokens are written."""
+    fed = inputs.real & (state.phase == THINK)[:, None]
+    summary = plan.template_len + state.summary_len
+    return torch.cat([state.prompt_len[:, None], state.lengths + fed, summary[:, None]], dim=1)
+
+
+def segment_reads(blocks: torch.Tensor, real: torch.Tensor, num_paths: int) -> torch.Tensor:
+    """[..., G] the segments each query reads: a path its prompt and itself, the summary
+    everything (the two-phase rule), padding nothing."""
+    segment = torch.arange(num_paths + 2, device=blocks.device)
+    block = torch.where(segment == summary_segment(num_paths), protocol.SUMMARY_BLOCK, segment)
+    return protocol.may_attend(blocks[..., None], block) & real[..., None]
+
+
+def columns(table: torch.Tensor, slot: torch.Tensor, segment: torch.Tensor, offset: torch.Tensor,
+            real: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat pool column of each token (``real`` ones; the rest write to the scratch page)."""
+    page = table[slot, segment, offset // page_size]
+    return torch.where(real, page * page_size + offset % page_size, SCRATCH_PAGE * page_size)
+
+
+def decode_forward(model, cache: PagedKVCache, table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor,
+                   tokens, positions, blocks, offsets, real, num_paths: int, thought_embedding: bool,
+                   kernel: str) -> torch.Tensor:
+    """One decode forward of ``tokens`` ([B0, Q]; query i of row r belongs to slot ``slot[r, i]``)
+    with paged reads: the function ``torch.compile`` compiles."""
+    segment = segment_of(blocks, num_paths)
+    cache.begin(columns(table, slot, segment, offsets, real, cache.page_size), real,
+                page_reads(table, lengths, slot.flatten(), segment_reads(blocks, real, num_paths).flatten(0, 1),
+                           cache.fill, cache.page_size, kernel))
     return model(
-        input_ids=tokens,
-        position_ids=positions,
-        attention_mask=cache.attention_mask(cache.keys[0].dtype),
-        cache=cache,
-        use_cache=True,
-        segment_ids=segments,
-        logits_to_keep=logits_to_keep,
-        row_spans=row_spans,  # a ragged step's rows (see attention.per_row_sdpa)
+        input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, cache=cache, use_cache=True,
+        segment_ids=protocol.segment_id(blocks, thought_embedding), reads=cache.reads,
     ).logits
 
 
-def forward(model, cache: SlotKVCache, rows: slice, tokens, columns, positions, blocks, valid, key_len: int,
-            thought_embedding: bool, last_only: bool = False, compiled: Callable | None = None,
-            query_rows: torch.Tensor | None = None, row_spans: list | None = None) -> torch.Tensor:
-    """One forward of ``tokens`` ([B, Q]) into ``columns`` of the cache ``rows`` (a ragged step:
-    ``[1, N]`` tokens of rows ``query_rows``, grouped as ``row_spans``)."""
-    cache.write(rows, columns, blocks, valid, key_len, query_rows)
-    segments = protocol.segment_id(blocks, thought_embedding)
-    return (compiled or model_forward)(model, cache, tokens, positions, segments, 1 if last_only else 0, row_spans)
+def fresh_forward(model, cache: PagedKVCache, tokens: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor,
+                  blocks: torch.Tensor, reads: FreshReads, thought_embedding: bool, last_only: bool) -> torch.Tensor:
+    """A multi-token forward of one request (``tokens`` [1, n]): a prefill, a summary template or
+    a reprefill, written into ``columns``."""
+    cache.begin(columns, torch.ones_like(columns, dtype=torch.bool), reads)
+    return model(
+        input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, cache=cache, use_cache=True,
+        segment_ids=protocol.segment_id(blocks, thought_embedding), logits_to_keep=1 if last_only else 0,
+        reads=reads,
+    ).logits
 
 
-def ragged_forward(model, cache: SlotKVCache, inputs: StepInputs, key_len: int,
-                   thought_embedding: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A step's forward on its real tokens only, ``[1, N]`` grouped by row: no padding query is
-    computed. Returns the logits [1, N, V] and each token's flat index in [S, P], or None when no
-    slot has a token. It reads the number of real tokens, a host round trip: the scheduler takes
-    this path only on the CPU, where that costs nothing."""
+def step_forward(model, cache: PagedKVCache, table: torch.Tensor, state: SlotState, plan: Plan, inputs: StepInputs,
+                 kernel: str, ragged: bool, compiled: Callable | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """A step's forward: the rectangle of every slot's P queries (static shapes: compiled steps,
+    GPUs), or with ``ragged`` its real tokens only (``[1, N]``: eager CPU steps, where a padding
+    query costs as much as a real one; it reads how many there are, a host round trip that costs
+    nothing there). Returns the logits and, for a ragged step, each token's flat index in
+    [S, P]; None when no slot has a token."""
     S, P = inputs.real.shape
-    index = inputs.real.flatten().nonzero()[:, 0]
-    if index.numel() == 0:
-        return None
-    rows = index // P
-    slots, counts = torch.unique_consecutive(rows, return_counts=True)
-    spans, start = [], 0  # consecutive rows with as many tokens each share one attention call
-    for slot, n in zip(slots.tolist(), counts.tolist()):
-        if spans and spans[-1][0] + spans[-1][1] == slot and (spans[-1][3] - spans[-1][2]) == spans[-1][1] * n:
-            spans[-1] = (spans[-1][0], spans[-1][1] + 1, spans[-1][2], start + n)
-        else:
-            spans.append((slot, 1, start, start + n))
-        start += n
-
-    def pick(x: torch.Tensor) -> torch.Tensor:
-        return x.flatten()[index][None]
-
-    logits = forward(model, cache, slice(None), pick(inputs.tokens), pick(inputs.columns), pick(inputs.positions),
-                     pick(inputs.blocks), pick(inputs.real), key_len, thought_embedding, query_rows=rows[None],
-                     row_spans=spans)
+    lengths = segment_lengths(state, plan, inputs)
+    slot = torch.arange(S, device=inputs.real.device)[:, None].expand(S, P)
+    fields = (inputs.tokens, inputs.positions, inputs.blocks, inputs.offsets, inputs.real)
+    index = None
+    if ragged:
+        index = inputs.real.flatten().nonzero()[:, 0]
+        if index.numel() == 0:
+            return None
+        slot = slot.flatten()[index][None]
+        fields = tuple(x.flatten()[index][None] for x in fields)
+    run = compiled or decode_forward
+    logits = run(model, cache, table, lengths, slot, *fields, plan.num_paths, plan.thought_embedding, kernel)
     return logits, index
 
 

@@ -1,0 +1,170 @@
+"""KV pages: what each query reads, what the pool holds, preemption, and the pool's limits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tiny import tiny_parathinker
+
+import lm_eval_parathinker.engine.scheduler as scheduler_mod
+from lm_eval_parathinker.engine import EngineOptions, ParaThinkerEngine, step
+from lm_eval_parathinker.engine.pages import SCRATCH_PAGE
+
+PROMPTS = ["Find x.", "Let x be the answer.", "x = 3 + 4", "Find the number of ways to do it.", "so x = 7"]
+PAGE = 4  # small pages: long paths span many of them
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_parathinker("qwen2")
+
+
+def _eos_sometimes(model, tok):
+    eos = tok.eos_token_id
+
+    def likelier_eos(module, args, logits):  # paths end at different steps
+        logits[..., eos] += 3.0
+        return logits
+
+    return model.lm_head.register_forward_hook(likelier_eos)
+
+
+def _tokens(outs):
+    return [(o.path_ids, o.summary_ids) for o in outs]
+
+
+class Recorder:
+    """Every decode forward's per-query reads, next to the pool's page lists at that moment."""
+
+    def __init__(self, monkeypatch):
+        self.steps = []
+        self.schedulers = []
+        run, forward = scheduler_mod.Scheduler.run, step.decode_forward
+
+        def recording_run(scheduler):
+            self.schedulers.append(scheduler)
+            return run(scheduler)
+
+        def recording_forward(model, cache, table, lengths, slot, tokens, positions, blocks, offsets, real, *args):
+            logits = forward(model, cache, table, lengths, slot, tokens, positions, blocks, offsets, real, *args)
+            held = [[list(seg) for seg in slot_pages] for slot_pages in self.schedulers[-1].pool.held]
+            self.steps.append((cache.reads, cache.fill.clone(), held, lengths.clone(), slot.flatten().clone(),
+                               blocks.flatten().clone(), real.flatten().clone()))
+            return logits
+
+        monkeypatch.setattr(scheduler_mod.Scheduler, "run", recording_run)
+        monkeypatch.setattr(step, "decode_forward", recording_forward)
+
+
+@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+def test_each_query_reads_exactly_the_pages_it_may_see(tiny, monkeypatch, attention):
+    model, tok = tiny
+    recorder = Recorder(monkeypatch)
+    hook = _eos_sometimes(model, tok)
+    try:
+        outs = ParaThinkerEngine(model, tok).generate(
+            PROMPTS, num_paths=3, max_new_tokens=24, termination="last", summary_max_tokens=6, temperature=1.0,
+            seed=1, num_slots=2, block_size=PAGE, attention=attention)
+    finally:
+        hook.remove()
+    assert max(len(p) for o in outs for p in o.path_ids) > 3 * PAGE  # paths span several pages
+    P, summaries = 3, 0
+    for reads, fill, held, lengths, slots, blocks, real in recorder.steps:
+        for i in range(slots.numel()):
+            full = set(reads.full[i, : reads.full_count[i]].tolist())
+            partial = set(reads.partial[i, : reads.partial_count[i]].tolist())
+            s, block = int(slots[i]), int(blocks[i])
+            if not real[i]:
+                assert not full and not partial  # padding reads nothing
+                continue
+            segments = range(P + 2) if block == -1 else (0, block)  # the summary: everything
+            summaries += block == -1
+            expected = {page for g in segments for page in held[s][g]}
+            assert full | partial == expected and not full & partial
+            assert SCRATCH_PAGE not in expected
+            # the keys it sees: every token of those segments, no more
+            seen = PAGE * len(full) + sum(int(fill[p]) for p in partial)
+            assert seen == sum(int(lengths[s, g]) for g in segments)
+            assert all(0 < int(fill[p]) < PAGE for p in partial)
+    assert summaries > 0
+
+
+def _check_released(scheduler) -> None:
+    pool = scheduler.pool
+    assert pool.num_used == 0
+    assert sorted(pool.free_pages) == list(range(1, pool.stats.num_pages))  # every page back, once
+    assert all(not seg for slot in pool.held for seg in slot)
+
+
+def test_preempted_requests_give_the_large_pool_results_and_no_page_leaks(tiny, monkeypatch):
+    model, tok = tiny
+    recorder = Recorder(monkeypatch)
+    engine = ParaThinkerEngine(model, tok)
+    template = len(tok("<summary>By analyzing multiple reasoning processes above, I concluded that: The final answer is",
+                       add_special_tokens=False)["input_ids"])
+    kwargs = dict(num_paths=3, max_new_tokens=16, summary_max_tokens=5, termination="last", output_logits=True,
+                  num_slots=5, block_size=PAGE, temperature=1.0, seed=4)
+    large = engine.generate(PROMPTS, **kwargs)
+    assert engine.last_stats["preemptions"] == 0
+    worst = max(math.ceil(len(o.prompt_ids) / PAGE) for o in large) + 3 * math.ceil(16 / PAGE) \
+        + math.ceil((template + 5) / PAGE)
+    pages = 5 * worst // 4  # the slots' worst cases add up to 4x the pool (one request fits)
+    small = engine.generate(PROMPTS, num_blocks=pages + 1, **kwargs)
+    assert engine.last_stats["preemptions"] > 0 and engine.last_stats["kv_pool_pages"] == pages + 1
+    assert sum(o.stats["preemptions"] for o in small) == engine.last_stats["preemptions"]
+    assert _tokens(small) == _tokens(large)
+    for a, b in zip(small, large):
+        for x, y in zip(a.path_logits, b.path_logits):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.summary_logits, b.summary_logits, atol=1e-4, rtol=0)
+    for scheduler in recorder.schedulers:
+        _check_released(scheduler)
+
+
+def test_a_failed_run_leaves_no_page_held(tiny, monkeypatch):
+    model, tok = tiny
+    recorder = Recorder(monkeypatch)
+
+    def fail(i, output):
+        raise RuntimeError("the caller failed")
+
+    with pytest.raises(RuntimeError, match="the caller failed"):
+        ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=2, max_new_tokens=8, num_slots=2, block_size=PAGE,
+                                               on_output=fail)
+    assert recorder.schedulers[0].pool.stats.peak_pages > 0  # it held pages when it failed
+    _check_released(recorder.schedulers[0])
+
+
+def test_peak_pages_hold_the_tokens_within_a_page_per_segment(tiny):
+    model, tok = tiny
+    engine = ParaThinkerEngine(model, tok)
+    engine.generate(PROMPTS, num_paths=3, max_new_tokens=20, termination="last", num_slots=2, block_size=PAGE)
+    stats = engine.last_stats
+    segments = 2 * (3 + 2)  # two slots of prompt + 3 paths + summary
+    assert stats["kv_peak_tokens"] <= stats["kv_peak_pages"] * PAGE < stats["kv_peak_tokens"] + segments * PAGE
+    assert stats["kv_peak_bytes"] == stats["kv_peak_pages"] * PAGE * engine._cache.bytes_per_token
+
+
+def test_a_request_larger_than_the_pool_is_refused_before_decoding(tiny):
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"needs up to \d+ KV pages of 4 tokens .* the pool holds 5 \(num_blocks=6\)"):
+        ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=3, max_new_tokens=16, block_size=PAGE, num_blocks=6)
+
+
+def test_engine_options_parse_model_arg_strings():
+    opts = EngineOptions.parse(num_paths="4", thought_embedding="false", block_size="16", num_blocks="none",
+                               max_memory_percent="0.5", attention="sdpa")
+    assert opts == EngineOptions(num_paths=4, thought_embedding=False, block_size=16, max_memory_percent=0.5,
+                                 attention="sdpa")
+    for values, message in [
+        (dict(num_paths="x"), "num_paths='x' is not an integer"),
+        (dict(attention="paged"), "attention='paged' is not one of auto, flex, sdpa"),
+        (dict(thought_embedding="maybe"), "thought_embedding='maybe' is not a boolean"),
+        (dict(num_blocks=1), "num_blocks=1 must be at least 2"),
+        (dict(max_memory_percent=1.5), r"max_memory_percent=1.5 must be in \(0, 1\]"),
+        (dict(beams=2), r"unknown engine option\(s\) \['beams'\]"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            EngineOptions.parse(**values)
