@@ -17,6 +17,10 @@ PEFT adapters, ``accelerate launch`` data parallelism, loglikelihood) and implem
 
 Every response is a :class:`ParaThinkerResponse` (a ``str``) whose ``.meta`` holds numeric
 statistics that ``scoring.process_results`` turns into metrics of the results JSON.
+
+A response is a pure function of its sample's key (:mod:`samples`: run seed, task, doc, repeat), so
+it is journaled as it finishes (:mod:`journal`) and a rerun of the same command reuses it instead of
+generating it again (``resume=true``, the default; ``journal_dir`` moves the journal).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +45,7 @@ from lm_eval.models.utils import (
 )
 from tqdm.auto import tqdm
 
-from . import embedded, protocol, scoring
+from . import embedded, journal, protocol, samples, scoring
 from .engine import (
     POSITIONS,
     SUMMARY_KV,
@@ -48,7 +53,7 @@ from .engine import (
     GenerationOutput,
     ParaThinkerEngine,
 )
-from .engine.sampling import request_seeds
+from .progress import LiveProgress
 from .thought_embedding import (
     add_control_tokens,
     attach_thought_embeddings,
@@ -59,12 +64,19 @@ from .thought_embedding import (
 )
 
 logger = logging.getLogger(__name__)
+# A child of lm-eval's logger: the journal's reports appear with lm-eval's own messages (--verbosity).
+report = logging.getLogger("lm_eval.parathinker")
 
 METHODS = ("parathinker", "sequential", "majority")
 _ENGINE_MODE = {"parathinker": "parathinker", "sequential": "sequential", "majority": "independent"}
 _SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed", "min_new_tokens")
 #: file of a PEFT adapter directory that holds the trained thought embeddings (official key names)
 ADAPTER_TABLES_FILE = "thought_embeddings.safetensors"
+#: model args that never change a response, left out of the journal's fingerprint (``token`` is a credential)
+_NOT_OUTPUT_ARGS = frozenset({
+    "batch_size", "max_batch_size", "device", "parallelize", "max_memory_per_gpu", "max_cpu_memory",
+    "offload_folder", "logits_cache", "softmax_dtype", "token",
+})
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -194,6 +206,31 @@ def _sampling(kwargs: dict) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class GenerationSettings:
+    """One gen_kwargs group as the engine runs it (validated before any generation)."""
+
+    until: list[str]
+    max_gen_toks: int  # per path
+    sampling: dict  # temperature, top_p, top_k, min_new_tokens
+    run_seed: int  # gen_kwargs ``seed``, else torch's initial seed (see samples.run_seed)
+
+    def journal_settings(self) -> dict:
+        return {"until": self.until, "max_gen_toks": self.max_gen_toks, **self.sampling}
+
+
+@dataclass
+class _Job:
+    """The requests of one gen_kwargs group: engine prompts, seeds and journal keys, by request position."""
+
+    gen_kwargs: dict
+    settings: GenerationSettings
+    indices: list[int]
+    prompts: list[str]
+    seeds: list[int]
+    journal_keys: list[str]
+
+
 #: numeric ``.meta`` keys of every response: scoring.process_results turns them into metrics, and
 #: the tasks' metric_list declares each one's aggregation
 META_METRICS = ("gen_tokens", "think_tokens", "summary_tokens", "num_paths", "paths_finished", "cut_paths", "latency_s")
@@ -230,6 +267,8 @@ class ParaThinkerLM(HFLM):
         positions: str = "aligned",
         compat: str = "auto",
         compile: bool = False,
+        journal_dir: str | None = None,
+        resume: bool = True,
         **kwargs: Any,
     ) -> None:
         # Everything is validated before any loading; HFLM forwards unknown kwargs to from_pretrained.
@@ -237,6 +276,10 @@ class ParaThinkerLM(HFLM):
             method, num_paths, termination, summary_max_tokens, summary_kv, thought_embedding, positions, compat,
             compile,
         )
+        self.resume = _as_bool("resume", resume)
+        self.journal_root = (Path(journal_dir).expanduser() if journal_dir else journal.default_dir()).absolute()
+        if self.resume:
+            journal.check_writable(self.journal_root)  # fail before the weights load
         if str(kwargs.get("batch_size", 1)).startswith("auto"):
             raise ValueError("batch_size=auto is not supported by --model parathinker: pass a number of prompts")
         if isinstance(kwargs.get("think_end_token"), int) or str(kwargs.get("think_end_token", "")).isdigit():
@@ -246,13 +289,25 @@ class ParaThinkerLM(HFLM):
         _check_checkpoint_arg("pretrained", pretrained if not embedded.is_embedded(pretrained) else None)
         _check_checkpoint_arg("peft", kwargs.get("peft"))
         self._peft_arg = kwargs.get("peft")
+        self._output_args = {k: v for k, v in kwargs.items() if k not in _NOT_OUTPUT_ARGS}
         self.control_tokens_added: list[str] = []
         self.tables_source: str | None = None
-        self.termination_reasons: Counter = Counter()
         self.compat: protocol.Compat | None = None  # resolved with the tokenizer (method=parathinker)
         self._warned_no_problem = False
-        super().__init__(pretrained=embedded.resolve_pretrained(pretrained), **kwargs)
+        self._pretrained_name = embedded.resolve_pretrained(pretrained)
+        super().__init__(pretrained=self._pretrained_name, **kwargs)
         self._engine: ParaThinkerEngine | None = None
+        self._files_identity: dict | None = None  # checkpoint, adapter, tokenizer, versions: computed once
+        self.reset_run_state()
+        if self.resume:
+            report.info("response journal: %s (a rerun of the same command generates only the missing "
+                        "responses; journal_dir=... moves it, resume=false turns it off)", self.journal_root)
+
+    def reset_run_state(self) -> None:
+        """Forget the counters of the runs so far (termination reasons, journal reuse), e.g. between
+        runs that share this model."""
+        self.termination_reasons: Counter = Counter()
+        self.journal_report = {"dir": None, "reused": 0, "generated": 0}
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -333,29 +388,150 @@ class ParaThinkerLM(HFLM):
     def generate_until(self, requests: list[Instance], disable_tqdm: bool = False) -> list[str]:
         """Requests with identical gen_kwargs go to the engine together: ``batch_size`` of them
         run at a time, and a finished one's slot is refilled at once (continuous batching). Each
-        request samples from its own random stream (the gen_kwargs ``seed``, else torch's global
-        generator, and the request's index), so its result does not depend on the batching."""
+        response samples from the random stream of its key (:mod:`samples`), so it does not depend on
+        the batching, the other tasks, ``--limit`` or the rank; it is journaled as it finishes, and a
+        response already in the journal is reused instead of generated."""
         if not requests:
             return []
+        keys = samples.sample_keys(requests)
         collator = Collator(
-            [(*req.args[:2], self._question(req), i) for i, req in enumerate(requests)],
+            [(*req.args[:2], self._question(req), i) for i, req in enumerate(requests) if not keys[i].padding],
             sort_fn=lambda args: (-len(self.tok_encode(args[0])), args[0]),  # longest first: the last slots free up sooner
             group_by="gen_kwargs",
             group_fn=lambda args: args[1],
         )
-        show = not disable_tqdm and self.rank == 0
-        bar = tqdm(total=len(requests), disable=not show, desc=f"parathinker {self.options.method} requests")
-        results = []
-        for group in collator.get_batched(n=0):  # n=0: each gen_kwargs group whole
-            contexts, all_kwargs, questions, indices = zip(*group)
+        jobs = [self._job(group, keys) for group in collator.get_batched(n=0)]  # n=0: each gen_kwargs group whole
+        responses: list[ParaThinkerResponse | None] = [None] * len(requests)
+        opened = journal.ResponseJournal.open(self.journal_root, self.journal_fingerprint(), self._process_index()) \
+            if self.resume else nullcontext()
+        with opened as store:
+            reused = self._reuse(jobs, requests, responses, store) if store is not None else []
+            total = sum(len(job.indices) for job in jobs)
+            if store is not None:
+                report.info("response journal %s: reusing %d of %d responses (files: %s), generating %d",
+                            store.folder, len(reused), total, ", ".join(p.name for p in store.files_read) or "none",
+                            total - len(reused))
+            bar = LiveProgress(total, len(reused), f"parathinker {self.options.method}",
+                               disable=disable_tqdm or self.rank != 0)
+            try:
+                for i in reused:
+                    bar.add(responses[i], requests[i].doc, generated=False)
+                for job in jobs:
+                    self._run_job(job, requests, keys, responses, store, bar)
+            finally:
+                bar.close()
+        self._fill_padding(requests, keys, responses)
+        self.journal_report = {
+            "dir": str(store.folder) if store is not None else None,
+            "reused": self.journal_report["reused"] + len(reused),
+            "generated": self.journal_report["generated"] + total - len(reused),
+        }
+        return responses
 
-            def finished(i: int, response: ParaThinkerResponse) -> None:
-                self.cache_hook.add_partial("generate_until", (contexts[i], all_kwargs[0]), response)
-                bar.update(1)
+    def _reuse(self, jobs: list[_Job], requests: list[Instance], responses: list,
+               store: journal.ResponseJournal) -> list[int]:
+        """Fill in the responses the journal holds; returns their positions."""
+        reused = []
+        for job in jobs:
+            for i, key in zip(job.indices, job.journal_keys):
+                if (record := store.get(key)) is not None:
+                    response = ParaThinkerResponse(record["response"], record["meta"])
+                    responses[i] = self._respond(requests[i], job, response)
+                    reused.append(i)
+        return reused
 
-            results += self._generate(list(questions), list(indices), len(requests), all_kwargs[0], finished)
-        bar.close()
-        return collator.get_original(results)
+    def _job(self, group, keys: list[samples.SampleKey]) -> _Job:
+        """Settings, engine prompts, seeds and journal keys of one gen_kwargs group (validated)."""
+        _, all_kwargs, questions, indices = zip(*group)
+        settings = self._settings(all_kwargs[0])
+        parathinker = self.options.method == "parathinker"
+        prompts = [protocol.build_prompt(q, self.tokenizer) for q in questions] if parathinker else list(questions)
+        sample_keys = [keys[i] for i in indices]
+        return _Job(
+            gen_kwargs=all_kwargs[0],
+            settings=settings,
+            indices=list(indices),
+            prompts=prompts,
+            seeds=[key.seed(settings.run_seed) for key in sample_keys],
+            journal_keys=[
+                journal.entry_key(settings.journal_settings(), prompt, {**asdict(key), "run_seed": settings.run_seed})
+                for prompt, key in zip(prompts, sample_keys)
+            ],
+        )
+
+    def _run_job(self, job: _Job, requests: list[Instance], keys: list[samples.SampleKey],
+                 responses: list, store: journal.ResponseJournal | None, bar: LiveProgress) -> None:
+        """Generate the job's responses that are not in the journal, journaling each as it finishes."""
+        missing = [j for j, i in enumerate(job.indices) if responses[i] is None]
+        if not missing:
+            return
+
+        def finished(m: int, response: ParaThinkerResponse) -> None:
+            j = missing[m]
+            i = job.indices[j]
+            if store is not None:
+                key = keys[i]
+                store.append(job.journal_keys[j], {
+                    "task": key.task, "doc_hash": key.doc_hash, "repeat": key.repeat, "seed": job.seeds[j],
+                    "response": str(response), "meta": response.meta,
+                })
+            responses[i] = self._respond(requests[i], job, response)
+            bar.add(response, requests[i].doc)
+
+        self._generate([job.prompts[j] for j in missing], [job.seeds[j] for j in missing], job.settings, finished)
+
+    def _respond(self, request: Instance, job: _Job, response: ParaThinkerResponse) -> ParaThinkerResponse:
+        """Count a finished (or reused) response and hand it to lm-eval's cache hook."""
+        self.termination_reasons[response.meta["termination"]] += 1
+        self.cache_hook.add_partial("generate_until", (request.args[0], job.gen_kwargs), response)
+        return response
+
+    @staticmethod
+    def _fill_padding(requests: list[Instance], keys: list[samples.SampleKey], responses: list) -> None:
+        """Data-parallel padding copies (discarded by lm-eval) get the response of the sample they copy."""
+        position = {(id(requests[i]), key.repeat): i for i, key in enumerate(keys) if not key.padding}
+        for i, key in enumerate(keys):
+            if key.padding:
+                responses[i] = responses[position[(id(requests[i]), key.repeat % requests[i].repeats)]]
+
+    def _process_index(self) -> int:
+        """This process's global rank, which names its journal file (HFLM's ``rank`` is the node-local one)."""
+        accelerator = getattr(self, "accelerator", None)
+        return accelerator.process_index if accelerator is not None else self.rank
+
+    def journal_fingerprint(self) -> dict:
+        """Everything that changes a response other than its generation settings and prompt (which
+        key each journal entry): the journal's folder is named by its hash."""
+        if self._files_identity is None:
+            revision = self._output_args.get("revision", "main")
+            self._files_identity = {
+                "checkpoint": self._checkpoint_identity(self._pretrained_name, revision),
+                "adapter": self._checkpoint_identity(self._peft_arg, revision) if self._peft_arg else None,
+                "commit": getattr(self.config, "_commit_hash", None),
+                "tokenizer": journal.tokenizer_identity(self.tokenizer),
+                "versions": journal.versions(),
+            }
+        return {
+            **self._files_identity,
+            "model_args": self._output_args,
+            "parathinker": {**asdict(self.options), "compat": self.compat.name if self.compat is not None else None},
+            "max_length": self.max_length,
+            "add_bos_token": self.add_bos_token,
+            "truncation": self.truncation,
+            "think_end_token": self.think_end_token,
+            "dtype": str(self._model.dtype),
+            "device": self.device.type,
+        }
+
+    @staticmethod
+    def _checkpoint_identity(name: str, revision: str) -> dict:
+        folder = local_dir(name, revision, ["*.json", "*.safetensors"])
+        is_path = Path(name).expanduser().is_dir()
+        return {
+            "name": str(Path(name).expanduser().resolve()) if is_path else name,
+            "revision": None if is_path else revision,
+            "files": journal.checkpoint_files(folder),
+        }
 
     def _question(self, request: Instance) -> str:
         """What the prompt is built from: the context lm-eval hands over, except that the released
@@ -372,37 +548,38 @@ class ParaThinkerLM(HFLM):
             self._warned_no_problem = True
         return context
 
-    def _generate(self, contexts: list[str], indices: list[int], total: int, gen_kwargs: dict,
-                  on_response: Callable[[int, ParaThinkerResponse], None]) -> list[ParaThinkerResponse]:
-        """One engine call for ``contexts`` (requests ``indices`` of ``total``), all with ``gen_kwargs``."""
-        opts = self.options
+    def _settings(self, gen_kwargs: dict) -> GenerationSettings:
+        """lm-eval's gen_kwargs as the engine runs them (unknown kwargs and bad budgets raise)."""
         kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
         eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         budget = kwargs.pop("max_gen_toks")
         sampling = _sampling(kwargs)
-        seeds = request_seeds(sampling.pop("seed"), total)
-        parathinker = opts.method == "parathinker"
-        block = self.compat.block_size if parathinker else None
+        block = self.compat.block_size if self.options.method == "parathinker" else None
         if block and budget % block:
             raise ValueError(
                 f"max_gen_toks={budget} (the per-path budget) must be a multiple of {block} with compat=official "
                 "(the released engine asserts it)"
             )
-        prompts = [protocol.build_prompt(c, self.tokenizer) for c in contexts] if parathinker else contexts
-        responses: list[ParaThinkerResponse | None] = [None] * len(contexts)
+        return GenerationSettings(until, budget, sampling, samples.run_seed(sampling.pop("seed")))
+
+    def _generate(self, prompts: list[str], seeds: list[int], settings: GenerationSettings,
+                  on_response: Callable[[int, ParaThinkerResponse], None]) -> None:
+        """One engine call for ``prompts`` (built prompts), prompt i sampling from ``seeds[i]``."""
+        opts = self.options
+        until = settings.until
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        parathinker = opts.method == "parathinker"
 
         def respond(i: int, out: GenerationOutput) -> None:
-            self.termination_reasons[out.stats["termination"]] += 1
             text = self._transcript(out, until) if parathinker else self._plain_response(out, until)
-            responses[i] = ParaThinkerResponse(text, _meta(out))
-            on_response(i, responses[i])
+            on_response(i, ParaThinkerResponse(text, _meta(out)))
 
         self.engine.generate(
-            self._encode(prompts, budget),
+            self._encode(prompts, settings.max_gen_toks),
             mode=_ENGINE_MODE[opts.method],
             num_paths=opts.num_paths,
-            max_new_tokens=budget,
+            max_new_tokens=settings.max_gen_toks,
             termination=opts.termination,
             summary_max_tokens=opts.summary_max_tokens,
             summary_kv=opts.summary_kv,
@@ -410,12 +587,11 @@ class ParaThinkerLM(HFLM):
             positions=opts.positions,
             compat=self.compat.name if parathinker else "paper",
             stop_strings=[s for s in until if s and s != eos],  # EOS is handled by token id
-            seed=[seeds[i] for i in indices],
+            seed=seeds,
             num_slots=self.batch_size,
             on_output=respond,
-            **sampling,
+            **settings.sampling,
         )
-        return responses
 
     def _encode(self, prompts: list[str], budget: int) -> list[list[int]]:
         """Token ids as HFLM encodes them, left-truncated to leave room for the generation."""
@@ -464,6 +640,8 @@ class ParaThinkerLM(HFLM):
             "thought_embeddings_from": self.tables_source,
             "control_tokens_added": len(self.control_tokens_added),
             "termination_reasons": dict(self.termination_reasons),
+            "resume": self.resume,
+            "journal": dict(self.journal_report),
         }
         return info
 

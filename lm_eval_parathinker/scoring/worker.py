@@ -5,13 +5,16 @@ math-verify's own SIGALRM timeouts cannot interrupt sympy's C code, so the judge
 lines over stdin/stdout (not ``multiprocessing``, whose spawn mode re-imports the caller's
 ``__main__``). It is started lazily, reused for every answer, and killed (then restarted on the
 next answer) when an answer takes longer than the timeout: that answer scores 0 and the timeout is
-counted. math-verify and sympy are never imported by the evaluation process.
+counted. A worker that dies (crashes, or is killed) while checking an answer is replaced and the
+answer is checked once more in the fresh worker, so a lost worker changes no score and is no
+timeout. math-verify and sympy are never imported by the evaluation process.
 """
 
 from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import select
 import subprocess
@@ -20,6 +23,8 @@ import threading
 import time
 
 from .answer import FinalAnswer
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = float(os.environ.get("PARATHINKER_VERIFY_TIMEOUT", "10"))
 _STARTUP_TIMEOUT = 120.0
@@ -45,6 +50,10 @@ def serve() -> None:  # pragma: no cover - runs in the child process
         out.write(json.dumps(["ok", verdict]) + "\n")
 
 
+class _WorkerDied(Exception):
+    """The worker process ended (crashed or was killed) before it answered."""
+
+
 class Verifier:
     """A persistent worker process that judges answers with a hard, killable per-answer timeout."""
 
@@ -66,13 +75,16 @@ class Verifier:
             env=env,
         )
         self._buf = b""
-        msg = self._read(_STARTUP_TIMEOUT)
+        try:
+            msg = self._read(_STARTUP_TIMEOUT)
+        except _WorkerDied:
+            msg = None
         if msg is None or msg[0] != "ready":
             self._kill()
             raise RuntimeError(f"math-verify worker failed to start: {msg!r}")
 
     def _read(self, timeout: float):
-        """Next JSON message from the worker, or None on timeout / EOF."""
+        """Next JSON message from the worker, or None on timeout; raises _WorkerDied at EOF."""
         deadline = time.monotonic() + timeout
         fd = self._proc.stdout.fileno()
         while b"\n" not in self._buf:
@@ -84,7 +96,7 @@ class Verifier:
                 return None
             chunk = os.read(fd, 65536)
             if not chunk:
-                return None  # EOF: the worker died
+                raise _WorkerDied
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
@@ -108,27 +120,48 @@ class Verifier:
         with self._lock:
             self._kill()
 
-    def check(self, gold: FinalAnswer, pred: FinalAnswer, timeout: float | None = None) -> tuple[bool, bool]:
-        """``(equivalent, timed_out)``; a timeout kills the worker and counts as not equivalent."""
-        timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
-        request = json.dumps([str(gold), gold.sentence, str(pred), pred.sentence]) + "\n"
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._kill()  # a worker that died (crashed) is replaced
-                self._start()
-            try:
-                self._proc.stdin.write(request.encode())
-                self._proc.stdin.flush()
-            except (OSError, ValueError):
-                self._kill()
-                return False, False
+    def _send(self, request: bytes) -> None:
+        try:
+            self._proc.stdin.write(request)
+            self._proc.stdin.flush()
+        except (OSError, ValueError):
+            raise _WorkerDied from None
+
+    def _ask(self, request: bytes, timeout: float):
+        """The worker's reply, or None on a real timeout (the worker, still busy, is killed);
+        raises _WorkerDied when the worker ends before it answers."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._kill()  # a worker that died since the last answer is replaced
+            self._start()
+        try:
+            self._send(request)
             msg = self._read(timeout)
-            if msg is not None:
-                return (bool(msg[1]) if msg[0] == "ok" else False), False
-            timed_out = self._proc.poll() is None  # still running: a real timeout; else it crashed
+        except _WorkerDied:
             self._kill()
-            self.timeouts += timed_out
-            return False, timed_out
+            raise
+        if msg is None:
+            self._kill()
+        return msg
+
+    def check(self, gold: FinalAnswer, pred: FinalAnswer, timeout: float | None = None) -> tuple[bool, bool]:
+        """``(equivalent, timed_out)``; a timeout kills the worker and counts as not equivalent.
+        A worker that dies while checking is replaced and the answer checked again, once."""
+        timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+        request = (json.dumps([str(gold), gold.sentence, str(pred), pred.sentence]) + "\n").encode()
+        with self._lock:
+            for _ in range(2):  # a worker that dies is replaced, and the answer asked once more
+                try:
+                    msg = self._ask(request, timeout)
+                    break
+                except _WorkerDied:
+                    continue
+            else:
+                logger.warning("math-verify worker died twice on %r vs gold %r: scored as not equal", str(pred), str(gold))
+                return False, False
+            if msg is None:
+                self.timeouts += 1
+                return False, True
+            return (bool(msg[1]) if msg[0] == "ok" else False), False
 
 
 _VERIFIER: Verifier | None = None
