@@ -29,7 +29,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,8 @@ from lm_eval.models.utils import (
 from tqdm.auto import tqdm
 
 from . import embedded, journal, protocol, samples, scoring
-from .engine import (
-    POSITIONS,
-    SUMMARY_KV,
-    TERMINATIONS,
-    GenerationOutput,
-    ParaThinkerEngine,
-)
+from .engine import EngineOptions, GenerationOutput, ParaThinkerEngine
+from .engine.options import as_bool
 from .progress import LiveProgress
 from .thought_embedding import (
     add_control_tokens,
@@ -79,23 +74,6 @@ _NOT_OUTPUT_ARGS = frozenset({
 })
 
 
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).strip().lower() in ("true", "1", "yes"):
-        return True
-    if str(value).strip().lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(f"{name}={value!r} is not a boolean (true/false)")
-
-
-def _as_int(name: str, value: Any) -> int:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name}={value!r} is not an integer") from None
-
-
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
@@ -104,51 +82,35 @@ def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
 
 @dataclass(frozen=True)
 class ParaThinkerOptions:
-    """The ParaThinker model args (validated; see the README, "Model args")."""
+    """The ParaThinker model args (validated; see the README, "Model args"): the method, whether
+    to compile the decode step, and the engine's options (:class:`EngineOptions`, whose field
+    names are the model args of the same name)."""
 
     method: str = "parathinker"
-    num_paths: int = 8
-    termination: str = "first"
-    summary_max_tokens: int = 128
-    summary_kv: str = "reuse"
-    thought_embedding: bool = True
-    positions: str = "aligned"
-    compat: str = "auto"
     compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
+    engine: EngineOptions = field(default_factory=EngineOptions)
 
     @classmethod
-    def parse(cls, method="parathinker", num_paths=None, termination="first", summary_max_tokens=128,
-              summary_kv="reuse", thought_embedding=True, positions="aligned", compat="auto",
-              compile=False) -> ParaThinkerOptions:
+    def parse(cls, method: str = "parathinker", compile: Any = False, **engine_args: Any) -> ParaThinkerOptions:
         method = _choice("method", method, METHODS)
-        compat = protocol.check_compat_name(compat)
-        if compat == "official" and method != "parathinker":
+        if engine_args.get("compat") == "official" and method != "parathinker":
             raise ValueError(f"compat=official applies to method=parathinker only, not method={method}")
+        num_paths = engine_args.pop("num_paths", None)
         if method == "sequential":
             if num_paths not in (None, 1, "1"):
                 raise ValueError(f"num_paths={num_paths!r} has no meaning for method=sequential (one path); omit it")
-            paths = 1
-        else:
-            paths = _as_int("num_paths", 8 if num_paths is None else num_paths)
+            num_paths = 1
+        engine = EngineOptions.parse(num_paths=8 if num_paths is None else num_paths, **engine_args)
         # parathinker paths are named by the <think k> control tokens, of which the protocol has 8
         upper = protocol.DEFAULT_NUM_CONTROL_PATHS if method == "parathinker" else None
-        if paths < 1 or (upper is not None and paths > upper):
-            bound = f"between 1 and {upper}" if upper else "at least 1"
-            raise ValueError(f"num_paths={paths} is out of range for method={method}: must be {bound}")
-        summary_max = _as_int("summary_max_tokens", summary_max_tokens)
-        if summary_max < 1:
-            raise ValueError(f"summary_max_tokens={summary_max} must be at least 1")
-        return cls(
-            method=method,
-            num_paths=paths,
-            termination=_choice("termination", termination, TERMINATIONS),
-            summary_max_tokens=summary_max,
-            summary_kv=_choice("summary_kv", summary_kv, SUMMARY_KV),
-            thought_embedding=_as_bool("thought_embedding", thought_embedding),
-            positions=_choice("positions", positions, POSITIONS),
-            compat=compat,
-            compile=_as_bool("compile", compile),
-        )
+        if upper is not None and engine.num_paths > upper:
+            raise ValueError(f"num_paths={engine.num_paths} is out of range for method={method}: must be between 1 "
+                             f"and {upper}")
+        return cls(method=method, compile=as_bool("compile", compile), engine=engine)
+
+    def info(self) -> dict:
+        """Flat, as the results JSON records them."""
+        return {"method": self.method, "compile": self.compile, **asdict(self.engine)}
 
 
 class ParaThinkerResponse(str):
@@ -259,24 +221,16 @@ class ParaThinkerLM(HFLM):
         self,
         pretrained: str | None = embedded.EMBEDDED_NAME,
         method: str = "parathinker",
-        num_paths: int | None = None,
-        termination: str = "first",
-        summary_max_tokens: int = 128,
-        summary_kv: str = "reuse",
-        thought_embedding: bool = True,
-        positions: str = "aligned",
-        compat: str = "auto",
         compile: bool = False,
         journal_dir: str | None = None,
         resume: bool = True,
         **kwargs: Any,
     ) -> None:
         # Everything is validated before any loading; HFLM forwards unknown kwargs to from_pretrained.
-        self.options = ParaThinkerOptions.parse(
-            method, num_paths, termination, summary_max_tokens, summary_kv, thought_embedding, positions, compat,
-            compile,
-        )
-        self.resume = _as_bool("resume", resume)
+        # The engine's options (num_paths, termination, ...: EngineOptions) are model args of their names.
+        engine_args = {name: kwargs.pop(name) for name in EngineOptions.names() if name in kwargs}
+        self.options = ParaThinkerOptions.parse(method, compile, **engine_args)
+        self.resume = as_bool("resume", resume)
         self.journal_root = (Path(journal_dir).expanduser() if journal_dir else journal.default_dir()).absolute()
         if self.resume:
             journal.check_writable(self.journal_root)  # fail before the weights load
@@ -308,6 +262,7 @@ class ParaThinkerLM(HFLM):
         runs that share this model."""
         self.termination_reasons: Counter = Counter()
         self.journal_report = {"dir": None, "reused": 0, "generated": 0}
+        self.engine_report: dict = {}  # the KV pool over the run's engine calls (see _note_engine_stats)
 
     # -- loading ---------------------------------------------------------------------------
 
@@ -319,8 +274,8 @@ class ParaThinkerLM(HFLM):
                 tokenizer = str(adapter)
         super()._create_tokenizer(pretrained, tokenizer, *args, **kwargs)
         if self.options.method == "parathinker":  # HFLM loads the tokenizer before the model: fail early
-            self.compat = protocol.resolve_compat(self.options.compat, self.tokenizer)
-            if self.compat.block_size and self.options.positions == "flattened":
+            self.compat = protocol.resolve_compat(self.options.engine.compat, self.tokenizer)
+            if self.compat.block_size and self.options.engine.positions == "flattened":
                 raise ValueError("positions=flattened has no equivalent in the released engine (compat=official)")
 
     def _create_model(self, pretrained, *args, peft=None, revision="main", **kwargs) -> None:
@@ -514,7 +469,8 @@ class ParaThinkerLM(HFLM):
         return {
             **self._files_identity,
             "model_args": self._output_args,
-            "parathinker": {**asdict(self.options), "compat": self.compat.name if self.compat is not None else None},
+            "parathinker": {**{k: v for k, v in self.options.info().items() if k not in EngineOptions.POOL_SIZE},
+                            "compat": self.compat.name if self.compat is not None else None},
             "max_length": self.max_length,
             "add_bos_token": self.add_bos_token,
             "truncation": self.truncation,
@@ -577,27 +533,30 @@ class ParaThinkerLM(HFLM):
 
         self.engine.generate(
             self._encode(prompts, settings.max_gen_toks),
+            opts.engine.replace(compat=self.compat.name if parathinker else "paper"),  # compat as resolved
             mode=_ENGINE_MODE[opts.method],
-            num_paths=opts.num_paths,
             max_new_tokens=settings.max_gen_toks,
-            termination=opts.termination,
-            summary_max_tokens=opts.summary_max_tokens,
-            summary_kv=opts.summary_kv,
-            thought_embedding=opts.thought_embedding,
-            positions=opts.positions,
-            compat=self.compat.name if parathinker else "paper",
             stop_strings=[s for s in until if s and s != eos],  # EOS is handled by token id
             seed=seeds,
             num_slots=self.batch_size,
             on_output=respond,
             **settings.sampling,
         )
+        self._note_engine_stats(self.engine.last_stats)
+
+    def _note_engine_stats(self, stats: dict) -> None:
+        """The KV pool's use over the run: the largest pool and peak, every preemption."""
+        report = self.engine_report
+        report["attention"] = stats["attention"]
+        for key in ("kv_page_size", "kv_pool_pages", "kv_pool_bytes", "kv_peak_pages", "kv_peak_bytes"):
+            report[key] = max(report.get(key, 0), stats[key])
+        report["preemptions"] = report.get("preemptions", 0) + stats["preemptions"]
 
     def _encode(self, prompts: list[str], budget: int) -> list[list[int]]:
         """Token ids as HFLM encodes them, left-truncated to leave room for the generation."""
-        opts = self.options
-        reserve = budget * (opts.num_paths if opts.positions == "flattened" and opts.method == "parathinker" else 1)
-        if opts.method == "parathinker":
+        method, opts = self.options.method, self.options.engine
+        reserve = budget * (opts.num_paths if opts.positions == "flattened" and method == "parathinker" else 1)
+        if method == "parathinker":
             template = self.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
             reserve += len(template) + opts.summary_max_tokens
         room = self.max_length - reserve
@@ -634,7 +593,7 @@ class ParaThinkerLM(HFLM):
         """HFLM's info plus the ParaThinker settings (merged into ``config`` of the results JSON)."""
         info = super().get_model_info()
         info["parathinker"] = {
-            **asdict(self.options),
+            **self.options.info(),
             "compat": self.compat.name if self.compat is not None else None,  # as resolved (auto -> paper/official)
             "training_free": self.training_free if self.options.method == "parathinker" else None,
             "thought_embeddings_from": self.tables_source,
@@ -642,6 +601,7 @@ class ParaThinkerLM(HFLM):
             "termination_reasons": dict(self.termination_reasons),
             "resume": self.resume,
             "journal": dict(self.journal_report),
+            "engine": dict(self.engine_report),
         }
         return info
 

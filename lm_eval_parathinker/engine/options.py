@@ -42,6 +42,10 @@ class EngineOptions:
     num_blocks: int | None = None  # KV pool size in pages (None: from max_memory_percent)
     max_memory_percent: float | None = None  # fraction of free memory for the pool (None: 0.9 on CUDA, 0.5 on CPU)
 
+    #: options that size the KV pool and never change a response (a smaller pool preempts and
+    #: restarts requests, which then produce what they would have)
+    POOL_SIZE = ("num_blocks", "max_memory_percent")
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
@@ -82,14 +86,7 @@ def _convert(name: str, value: Any, annotation: str) -> Any:
             raise ValueError(f"{name} needs a value")
         return None
     if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in ("true", "1", "yes"):
-            return True
-        if text in ("false", "0", "no"):
-            return False
-        raise ValueError(f"{name}={value!r} is not a boolean (true/false)")
+        return as_bool(name, value)
     if kind in ("int", "float"):
         try:
             number = float(value) if kind == "float" else int(value)
@@ -97,3 +94,15 @@ def _convert(name: str, value: Any, annotation: str) -> Any:
             raise ValueError(f"{name}={value!r} is not {'a number' if kind == 'float' else 'an integer'}") from None
         return number
     return value
+
+
+def as_bool(name: str, value: Any) -> bool:
+    """A model-arg boolean (``true``/``false``, ``1``/``0``, ``yes``/``no``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean (true/false)")
