@@ -64,7 +64,8 @@ flex_kernel = torch.compile(flex_attention, dynamic=True)
 
 @dataclass
 class PageReads:
-    """The pages every query of a decode step reads (``B`` queries, in the forward's order)."""
+    """The pages every query of a decode step reads (``B`` queries, in the forward's order), as
+    the kernel takes them; built once per step (:func:`page_reads`), read by every layer."""
 
     full: torch.Tensor  # [B, W] ids of the pages read in full (the first full_count of each row)
     full_count: torch.Tensor  # [B]
@@ -73,6 +74,9 @@ class PageReads:
     fill: torch.Tensor  # [num_pages] tokens written in each page
     page_size: int
     kernel: str  # "flex" or "sdpa"
+    block_mask: BlockMask | None = None  # flex: the pages as kv blocks
+    gathered: torch.Tensor | None = None  # sdpa: [B, Wb] the pages to gather
+    visible: torch.Tensor | None = None  # sdpa: [B, 1, 1, Wb * page_size] additive mask of their tokens
 
     def keys(self, pool: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
         return pool  # the kernels read the pool in place
@@ -82,15 +86,32 @@ class PageReads:
         returns [B0, Q, H, D]."""
         B0, H, Q, D = query.shape
         q = query.transpose(1, 2).reshape(B0 * Q, H, 1, D)
-        run = _flex_pages if self.kernel == "flex" else _sdpa_pages
-        return run(q, key, value, self, scale).view(B0, Q, H, D)
+        if self.kernel == "flex":
+            out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale, enable_gqa=True).transpose(1, 2)
+        else:
+            out = self._sdpa(q, key, value, scale)
+        return out.reshape(B0, Q, H, D)
+
+    def _sdpa(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+        B, H, _, D = q.shape
+        _, kv_heads, N, _ = key.shape
+        ps = self.page_size
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:  # [B, Hkv, Wb * ps, D]
+            by_page = pool[0].view(kv_heads, N // ps, ps, D).index_select(1, self.gathered.flatten())
+            return by_page.view(kv_heads, B, -1, D).transpose(0, 1)
+
+        out = F.scaled_dot_product_attention(q.view(B, kv_heads, H // kv_heads, D), gather(key), gather(value),
+                                             attn_mask=self.visible.to(q.dtype), scale=scale)
+        return out.reshape(B, 1, H, D)
 
 
 def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, reads: torch.Tensor,
                fill: torch.Tensor, page_size: int, kernel: str) -> PageReads:
     """The pages of each query: ``slot`` [B] its slot, ``reads`` [B, G] which of the slot's
     segments it reads, ``lengths`` [S, G] the tokens in every segment (this step's included),
-    ``table`` [S, G, M] the slots' page ids. Tensor operations only (static shapes)."""
+    ``table`` [S, G, M] the slots' page ids. Tensor operations only (static shapes) for flex; the
+    sdpa kernel reads how many pages the busiest query reads (eager only)."""
     B = slot.shape[0]
     width = fill.shape[0]  # the BlockMask convention: one column per page of the pool
     n = torch.where(reads, lengths[slot], 0)  # [B, G]
@@ -106,13 +127,17 @@ def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, r
         out = torch.zeros(B, width + 1, dtype=pages.dtype, device=pages.device).scatter_(1, at, pages)
         return out[:, :width], mask.sum(1)
 
-    full_ids, full_count = compact(full)
-    partial_ids, partial_count = compact(partial)
-    return PageReads(full_ids, full_count, partial_ids, partial_count, fill, page_size, kernel)
+    result = PageReads(*compact(full), *compact(partial), fill, page_size, kernel)
+    if kernel == "flex":
+        result.block_mask = _block_mask(result, width * page_size)
+    else:
+        result.gathered, result.visible = _gathered(result)
+    return result
 
 
-def _flex_pages(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, reads: PageReads,
-                scale: float | None) -> torch.Tensor:
+def _block_mask(reads: PageReads, kv_len: int) -> BlockMask:
+    """The pages as FlexAttention kv blocks, one row per query; a partial page shows its first
+    ``fill`` tokens."""
     ps, fill = reads.page_size, reads.fill
 
     def within_fill(b, h, q_idx, kv_idx):
@@ -121,36 +146,25 @@ def _flex_pages(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, reads: 
     def rows(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.int32)[:, None, None]
 
-    block_mask = BlockMask.from_kv_blocks(
+    return BlockMask.from_kv_blocks(
         rows(reads.partial_count), rows(reads.partial), rows(reads.full_count), rows(reads.full),
-        BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(1, key.shape[2]), compute_q_blocks=False,
+        BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(1, kv_len), compute_q_blocks=False,
     )
-    return flex_kernel(q, key, value, block_mask=block_mask, scale=scale, enable_gqa=True).transpose(1, 2)
 
 
-def _sdpa_pages(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, reads: PageReads,
-                scale: float | None) -> torch.Tensor:
-    """Gather each query's pages (as many as the busiest query reads), mask the rest, SDPA."""
+def _gathered(reads: PageReads) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages to gather per query (as many as the busiest query reads) and the additive mask
+    of their visible tokens."""
     ps = reads.page_size
-    n_full, n_partial = int(reads.full_count.max()), int(reads.partial_count.max())  # eager only: host reads
+    n_full, n_partial = int(reads.full_count.max()), int(reads.partial_count.max())  # host reads
     pages = torch.cat([reads.full[:, :n_full], reads.partial[:, :n_partial]], 1)  # [B, Wb]
     slot = torch.arange(pages.shape[1], device=pages.device)
     listed = torch.where(slot < n_full, slot < reads.full_count[:, None], slot - n_full < reads.partial_count[:, None])
     offset = torch.arange(ps, device=pages.device)
     visible = listed[..., None] & (offset < torch.where(slot < n_full, ps, reads.fill[pages])[..., None])
-    B, H, _, D = q.shape
-    _, kv_heads, N, _ = key.shape
-
-    def gather(pool: torch.Tensor) -> torch.Tensor:  # [B, Hkv, Wb * ps, D]
-        by_page = pool[0].view(kv_heads, N // ps, ps, D).index_select(1, pages.flatten())
-        return by_page.view(kv_heads, B, -1, D).transpose(0, 1)
-
-    groups = H // kv_heads
-    out = F.scaled_dot_product_attention(
-        q.view(B, kv_heads, groups, D), gather(key), gather(value),
-        attn_mask=additive_mask(visible.flatten(1), q.dtype)[:, None, None], scale=scale,
-    )
-    return out.view(B, H, D)[:, None]
+    visible = visible.flatten(1)
+    visible[:, 0] |= ~visible.any(1)  # a padding query sees one key: a finite softmax (its output is unused)
+    return pages, additive_mask(visible, torch.float32)[:, None, None]
 
 
 @dataclass
