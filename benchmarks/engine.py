@@ -1,23 +1,35 @@
 """Engine benchmarks on random-initialised models of real shapes (no download).
 
-    python -m benchmarks.engine                      # CPU, SmolLM2-135M shape, float32
-    python -m benchmarks.engine --device cuda --dtype bfloat16   # Qwen2-1.5B shape
+    python -m benchmarks.engine --threads 2                      # CPU, SmolLM2-135M shape, float32
+    python -m benchmarks.engine --device cuda --dtype bfloat16   # Qwen2-1.5B shape (benchmarks/gpu.sh)
     python -m benchmarks.engine --smoke --only width,vs_hf       # tiny shape, seconds
 
 Each benchmark times the engine and its baseline in the same process and writes
 ``results/bench_<name>[_<device>].csv`` and ``.png``:
 
 * ``width``: think-stage latency for P paths at a fixed per-path budget, as a ratio to P = 1;
-* ``vs_hf``: the engine against ``model.generate`` (P samples via ``num_return_sequences``, and
-  P = 1), same model, prompt, dtype, sampling and number of tokens;
+* ``vs_hf``: the engine against ``model.generate`` (P samples via ``num_return_sequences``) as paths
+  grow, same model, prompt, dtype, sampling and number of tokens; plus P = 1 and ParaThinker end to
+  end (think + summary) at the shortest length;
+* ``path_length``: seconds per generated token of the ParaThinker think stage as paths grow, P = 8
+  and P = 1;
+* ``attention``: the decode step with each attention kernel (``flex``, ``sdpa``) as paths grow;
 * ``summary``: summary stage with the paths' KV reused in place vs recomputed (``reprefill``);
 * ``length``: per-step decode time as the context grows, engine vs a transformers DynamicCache loop;
-* ``memory``: peak memory against weights + the theoretical KV size;
-* ``eval_workload``: an evaluation-like workload (many prompts, think stages of long-tailed
-  lengths) through ``num_slots`` slots: lockstep static batches vs continuous batching
-  (and, with ``--compile``, the compiled decode step);
-* ``decode_step``: time of one decode step of ``slots x P`` paths against the time to read the
-  weights and the KV in use once from memory (bandwidth measured in the same run).
+* ``memory``: peak memory against weights + the theoretical KV size; the KV pages held at peak against
+  the tokens they hold; a run whose slots' worst cases add up to 4x the pool (preempting) against the
+  same run with a large pool (outputs must be identical);
+* ``eval_workload``: an evaluation-like workload (many prompts, think stages of long-tailed lengths)
+  through ``num_slots`` slots: lockstep static batches vs continuous batching on the same kernels
+  (and, with ``--compile``, the compiled decode step), on the tiny shape and on the preset's shape;
+* ``decode_step``: one decode step of ``slots x P`` paths at a path length against the time to read
+  the weights and the KV pages the slots hold once from memory (bandwidth measured in the same run).
+
+Long paths are *filled*: a request starts with every path already ``t0`` tokens long (its pages
+allocated, their keys and values zeros, as a transformers cache of zeros is for ``generate``) and
+the timed window is the tokens that follow, so a 2,048-token point costs a window of steps, not
+2,048 of them. A window centred on the middle of a path of L tokens costs what a whole path of L
+tokens costs per token when a step's cost grows linearly with the context, as attention's does.
 
 Token counts are forced: a hook on the LM head bans EOS and every control token, so every path
 runs to its budget and runs are comparable; ``eval_workload`` also forces each prompt's paths to
@@ -39,15 +51,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
+import lm_eval_parathinker.engine.generate as generate_mod
 from lm_eval_parathinker import protocol
-from lm_eval_parathinker.engine import ParaThinkerEngine, step
-from lm_eval_parathinker.engine.attention import packed_attention
-from lm_eval_parathinker.engine.kv_cache import SlotKVCache
+from lm_eval_parathinker.engine import ParaThinkerEngine
+from lm_eval_parathinker.engine.scheduler import Scheduler
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings
 
-BENCHMARKS = ("width", "vs_hf", "summary", "length", "memory", "eval_workload", "decode_step")
+BENCHMARKS = ("width", "vs_hf", "path_length", "attention", "summary", "length", "memory", "eval_workload",
+              "decode_step")
 NUM_CONTROL_PATHS = 16  # width goes up to P = 16
 
 SHAPES = {
@@ -67,45 +80,56 @@ class Preset:
     """Model shape and the grid of every benchmark."""
 
     shape: str
-    prompt_len: int
-    width_paths: tuple[int, ...]
-    width_budget: int
-    vs_hf_paths: tuple[int, ...]  # 1 = sequential, > 1 = independent samples
-    vs_hf_budget: int
-    e2e_paths: int  # ParaThinker end to end (think + summary) against generate(num_return_sequences)
-    e2e_budget: int
-    e2e_summary: int
-    summary_paths: tuple[int, ...]
-    summary_lens: tuple[int, ...]
-    summary_tokens: int
-    length_contexts: tuple[int, ...]
-    length_steps: int
-    memory_paths: tuple[int, ...]
-    memory_budget: int
-    workload_prompts: int  # eval_workload: prompts, shortest prompt, P, per-path budget, slots, median think length
-    workload_prompt_len: int
-    workload_paths: int
-    workload_budget: int
-    workload_slots: int
-    workload_median: int
-    workload_repeats: int  # runs of each variant, alternating; the fastest counts (noisy machines)
-    step_slots: int  # decode_step: slots x P paths, steps timed
-    step_paths: int
-    step_budget: int
+    prompt_len: int = 256
+    width_paths: tuple[int, ...] = (1, 2, 4, 8, 16)
+    width_budget: int = 32
+    path_lengths: tuple[int, ...] = (128, 1024, 2048)  # vs_hf, path_length, attention
+    window: int = 64  # tokens timed per path at a filled length (a path no longer than it runs whole)
+    vs_hf_paths: int = 8
+    e2e_summary: int = 8  # ParaThinker end to end: summary tokens after the template
+    path_length_paths: tuple[int, ...] = (1, 8)
+    attention_slots: int = 1
+    attention_window: int = 16
+    summary_paths: tuple[int, ...] = (2, 8)
+    summary_lens: tuple[int, ...] = (128, 512)
+    summary_tokens: int = 8
+    length_contexts: tuple[int, ...] = (128, 512, 1024)
+    length_steps: int = 8
+    memory_paths: tuple[int, ...] = (1, 8, 16)
+    memory_budget: int = 32
+    oversubscribed: tuple[int, int, int, int] = (8, 4, 48, 4)  # prompts, P, per-path budget, slots
+    workload_prompts: int = 32  # eval_workload: prompts, shortest prompt, P, per-path budget, slots, median think length
+    workload_prompt_len: int = 64
+    workload_paths: int = 8
+    workload_budget: int = 128
+    workload_slots: int = 4
+    workload_median: int = 24
+    workload_repeats: int = 2  # runs of each variant, alternating; the fastest counts (noisy machines)
+    workload_shapes: tuple[str, ...] = ("tiny", "smollm2-135m")
+    step_slots: int = 4  # decode_step: slots x P paths at each length, steps timed
+    step_paths: int = 8
+    step_lengths: tuple[int, ...] = (128, 1024)
+    step_window: int = 16
 
 
 PRESETS = {
-    "smoke": Preset("tiny", 8, (1, 2), 4, (1, 2), 4, 2, 4, 2, (2,), (8,), 2, (16, 32), 2, (2,), 8,
-                    6, 8, 2, 16, 2, 4, 1, 2, 2, 8),
-    # CPU grid, sized for a 2-core box (a forward runs at ~40 prompt tokens/s there): short
-    # budgets, summary at P = 2, 8 and up to 512 tokens per path, contexts up to 1024, a
-    # 256-token prompt for vs_hf. The end-to-end row is P = 8 x 128 = 1024 generated think tokens.
-    "cpu": Preset("smollm2-135m", 256, (1, 2, 4, 8, 16), 32, (1, 8), 128, 8, 128, 8,
-                  (2, 8), (128, 512), 8, (128, 512, 1024), 8, (1, 8, 16), 32,
-                  32, 64, 8, 128, 4, 24, 2, 4, 8, 16),
-    "gpu": Preset("qwen2-1.5b", 256, (1, 2, 4, 8, 16), 2048, (1, 8), 2048, 8, 2048, 128,
-                  (2, 4, 8, 16), (256, 512, 1024, 2048), 128, (128, 512, 1024, 2048, 4096), 32, (1, 8, 16), 2048,
-                  32, 128, 8, 2048, 4, 384, 1, 4, 8, 512),
+    "smoke": Preset("tiny", prompt_len=8, width_paths=(1, 2), width_budget=4, path_lengths=(8, 24), window=4,
+                    vs_hf_paths=2, e2e_summary=2, path_length_paths=(1, 2), attention_window=2, summary_paths=(2,),
+                    summary_lens=(8,), summary_tokens=2, length_contexts=(16, 32), length_steps=2,
+                    memory_paths=(2,), memory_budget=8, oversubscribed=(4, 2, 48, 4), workload_prompts=6,
+                    workload_prompt_len=8, workload_paths=2, workload_budget=16, workload_slots=2,
+                    workload_median=4, workload_repeats=1, workload_shapes=("tiny",), step_slots=2, step_paths=2,
+                    step_lengths=(8,), step_window=2),
+    # CPU grid, sized for a 2-core box (make bench under 20 minutes)
+    "cpu": Preset("smollm2-135m"),
+    # one GPU: the paper's lengths (4K and 16K tokens per path, filled), in one short script
+    "gpu": Preset("qwen2-1.5b", width_paths=(1, 8), width_budget=512, path_lengths=(4096,), window=128,
+                  path_length_paths=(1, 8), attention_slots=8, attention_window=32, summary_paths=(8,),
+                  summary_lens=(4096,), summary_tokens=32, length_contexts=(1024, 4096), length_steps=32,
+                  memory_paths=(8,), memory_budget=512, oversubscribed=(16, 8, 256, 8), workload_prompts=32,
+                  workload_budget=1024, workload_slots=8, workload_median=192, workload_repeats=1,
+                  workload_shapes=("qwen2-1.5b",), step_slots=8, step_paths=8, step_lengths=(4096, 16384),
+                  step_window=32),
 }
 
 
@@ -114,7 +138,7 @@ PRESETS = {
 
 def build_model(shape: str, device: str, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     config_cls, kwargs = SHAPES[shape]
-    config = config_cls(**kwargs, max_position_embeddings=32768, eos_token_id=1, pad_token_id=0)
+    config = config_cls(**kwargs, max_position_embeddings=40960, eos_token_id=1, pad_token_id=0)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
     return model.to(device).eval()
@@ -159,6 +183,48 @@ def force_token_at(model: torch.nn.Module, position: int, token: int):
         post.remove()
 
 
+class FilledScheduler(Scheduler):
+    """A scheduler whose requests start with every path ``filled`` tokens long: their pages are
+    allocated (keys and values zeros) before the first step, so the steps that follow cost what
+    steps at that length cost."""
+
+    filled = 0
+
+    def _prefill(self, slot: int, request: int) -> None:
+        super()._prefill(slot, request)
+        n, ps = self.filled, self.pool.page_size
+        if not n:
+            return
+        for k in range(self.plan.num_paths):
+            if not self.pool.grow(slot, k + 1, n):
+                raise RuntimeError("the pool cannot hold the filled paths")
+            pages = self.pool.pages(slot, k + 1)
+            self.cache.fill[pages] = ps
+            self.cache.fill[pages[-1]] = n - (len(pages) - 1) * ps
+        self.pool.flush()
+        self.state.start(slot, t=n, lengths=n)
+        self.busy[slot].t = n
+
+
+@contextlib.contextmanager
+def paths_filled(tokens: int):
+    """While active, every engine call's paths start ``tokens`` long (see :class:`FilledScheduler`)."""
+    scheduler = generate_mod.Scheduler
+    generate_mod.Scheduler = type("Filled", (FilledScheduler,), {"filled": tokens})
+    try:
+        yield
+    finally:
+        generate_mod.Scheduler = scheduler
+
+
+def window(length: int, size: int) -> tuple[int, int]:
+    """(first token, tokens) of the window timed for paths of ``length`` tokens: the whole path when
+    it is no longer than ``size``, else ``size`` tokens around its middle."""
+    if length <= size:
+        return 0, length
+    return length // 2 - size // 2, size
+
+
 @dataclass
 class Bench:
     """Everything a benchmark needs: one model, its tokenizer and engine, and where to write."""
@@ -172,11 +238,12 @@ class Bench:
     output: Path
     suffix: str
     compile: bool = False  # also time the compiled decode step
-    hf_seconds: dict = field(default_factory=dict)  # (P, tokens per path) -> generate's time
+    hf_seconds: dict = field(default_factory=dict)  # (P, length) -> generate's time for the window
 
     @classmethod
-    def create(cls, preset: Preset, device: str, dtype: torch.dtype, output: Path, compile: bool = False) -> Bench:
-        model, tok = build_model(preset.shape, device, dtype), build_tokenizer()
+    def create(cls, preset: Preset, device: str, dtype: torch.dtype, output: Path, compile: bool = False,
+               shape: str | None = None) -> Bench:
+        model, tok = build_model(shape or preset.shape, device, dtype), build_tokenizer()
         add_control_tokens(model, tok, NUM_CONTROL_PATHS)
         attach_thought_embeddings(model)  # zero tables: same cost as trained ones
         ids = protocol.ControlTokenIds.from_tokenizer(tok, NUM_CONTROL_PATHS)
@@ -203,15 +270,39 @@ class Bench:
         if torch.device(self.device).type == "cuda":
             torch.cuda.synchronize()
 
-    def hf_generate(self, prompt: list[int], num_sequences: int, new_tokens: int) -> torch.Tensor:
-        """transformers' own sampling loop, exactly ``new_tokens`` per sequence."""
-        ids = torch.tensor([prompt], device=self.device)
+    def think(self, prompts: list[list[int]], paths: int, length: int, size: int, engine: ParaThinkerEngine | None = None,
+              **kwargs) -> tuple[list, float]:
+        """The think stage's window for paths of ``length`` tokens: (outputs, seconds of the window's
+        steps, the slowest request's)."""
+        start, tokens = window(length, size)
+        with paths_filled(start):
+            outs = (engine or self.engine).generate(prompts, num_paths=paths, max_new_tokens=start + tokens,
+                                                    temperature=1.0, seed=0, summary_max_tokens=1, **kwargs)
+        return outs, max(o.stats["think_s"] for o in outs)
+
+    @torch.inference_mode()
+    def hf_generate(self, prompt: list[int], num_sequences: int, new_tokens: int, filled: int = 0) -> torch.Tensor:
+        """transformers' own sampling loop, exactly ``new_tokens`` per sequence; ``filled``: after a
+        cache of zeros holding ``filled`` tokens of each sequence beyond the prompt."""
+        ids = torch.tensor([prompt + self.prompt(filled, seed=1)], device=self.device).expand(num_sequences, -1)
+        cache = None
+        if filled:
+            config = self.model.config
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            cache = DynamicCache(config=config)
+            for layer in range(config.num_hidden_layers):
+                zeros = torch.zeros(num_sequences, config.num_key_value_heads, ids.shape[1] - 1, head_dim,
+                                    device=self.device, dtype=self.dtype)
+                cache.update(zeros, zeros.clone(), layer)
+        # filled: one cache row per sequence; else one prompt, num_return_sequences copies (one prefill)
+        inputs = ids if filled else ids[:1]
         out = self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-            top_p=1.0, num_return_sequences=num_sequences, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
+            input_ids=inputs, attention_mask=torch.ones_like(inputs), past_key_values=cache, do_sample=True,
+            temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=1 if filled else num_sequences,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
         )
-        assert out.shape == (num_sequences, len(prompt) + new_tokens), out.shape
+        assert out.shape == (num_sequences, ids.shape[1] + new_tokens), out.shape
         return out
 
     def write(self, name: str, rows: list[dict], plot: Callable[[object], None]) -> Path:
@@ -229,6 +320,25 @@ class Bench:
     @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * self.dtype.itemsize
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.parameters())
+
+
+def alternate(variants: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """Each variant's best time over ``repeats`` rounds, the variants alternating within a round."""
+    best = {name: math.inf for name in variants}
+    for _ in range(repeats):
+        for name, run in variants.items():
+            best[name] = min(best[name], run())
+    return best
 
 
 def save_plot(plot: Callable[[object], None], path: Path, title: str) -> None:
@@ -258,160 +368,6 @@ def print_table(name: str, rows: list[dict]) -> None:
     sys.stdout.flush()
 
 
-# -- benchmarks ----------------------------------------------------------------------------
-
-
-def bench_width(b: Bench) -> Path:
-    """Think-stage latency for P paths at a fixed per-path budget, relative to P = 1."""
-    p, n = b.preset, b.preset.width_budget
-    prompt = b.prompt(p.prompt_len)
-    b.engine.generate([prompt], num_paths=2, max_new_tokens=2, summary_max_tokens=1)  # warm-up
-    rows = []
-    for paths in p.width_paths:
-        out = b.engine.generate([prompt], num_paths=paths, max_new_tokens=n, summary_max_tokens=1)[0]
-        assert out.stats["think_tokens"] == paths * n, out.stats
-        rows.append({"paths": paths, "tokens_per_path": n, "think_s": out.stats["think_s"]})
-    for r in rows:
-        r["ratio_to_p1"] = r["think_s"] / rows[0]["think_s"]
-        r["think_tokens_per_s"] = r["paths"] * n / r["think_s"]
-
-    def plot(ax):
-        ax.plot([r["paths"] for r in rows], [r["ratio_to_p1"] for r in rows], "o-", label="engine")
-        ax.plot([r["paths"] for r in rows], [r["paths"] for r in rows], "--", color="grey", label="P x (sequential)")
-        ax.set(xscale="log", xlabel="paths P", ylabel="think latency / latency at P = 1")
-
-    return b.write("width", rows, plot)
-
-
-def bench_vs_hf(b: Bench) -> Path:
-    """Engine vs ``model.generate``: P samples (num_return_sequences) and P = 1, plus ParaThinker
-    end to end (think + summary) against the same number of generate samples."""
-    p = b.preset
-    prompt = b.prompt(p.prompt_len)
-    b.hf_generate(prompt, 2, 2)  # warm-up
-    b.engine.generate([prompt], mode="independent", num_paths=2, max_new_tokens=2, temperature=1.0, seed=0)
-    rows = []
-    for paths in p.vs_hf_paths:
-        mode = "sequential" if paths == 1 else "independent"
-        rows.append(_vs_hf_row(b, prompt, mode, paths, p.vs_hf_budget, 0))
-    rows.append(_vs_hf_row(b, prompt, "parathinker", p.e2e_paths, p.e2e_budget, p.e2e_summary))
-
-    def plot(ax):
-        labels = [f"{r['mode']}\nP={r['paths']} N={r['tokens_per_path']}" for r in rows]
-        x = range(len(rows))
-        ax.bar([i - 0.2 for i in x], [r["engine_tok_s"] for r in rows], 0.4, label="engine")
-        ax.bar([i + 0.2 for i in x], [r["hf_tok_s"] for r in rows], 0.4, label="model.generate")
-        ax.set_xticks(list(x), labels, fontsize=7)
-        ax.set(ylabel="generated tokens / s")
-
-    return b.write("vs_hf", rows, plot)
-
-
-def _vs_hf_row(b: Bench, prompt: list[int], mode: str, paths: int, n: int, summary: int) -> dict:
-    if (paths, n) not in b.hf_seconds:  # the end-to-end row reuses the independent row's baseline
-        b.hf_seconds[paths, n] = b.timed(lambda: b.hf_generate(prompt, paths, n))[1]
-    hf_s = b.hf_seconds[paths, n]
-    outs, engine_s = b.timed(lambda: b.engine.generate(
-        [prompt], mode=mode, num_paths=paths, max_new_tokens=n, summary_max_tokens=max(summary, 1),
-        temperature=1.0, seed=0,
-    ))
-    stats = outs[0].stats
-    tokens = paths * n  # the generate baseline's count; the engine's summary comes on top
-    assert stats["think_tokens"] == tokens, stats
-    return {
-        "mode": mode, "paths": paths, "tokens_per_path": n, "summary_tokens": stats["summary_tokens"],
-        "engine_s": engine_s, "hf_s": hf_s, "engine_tok_s": tokens / engine_s, "hf_tok_s": tokens / hf_s,
-        "speedup": hf_s / engine_s, "engine_time_ratio": engine_s / hf_s,
-    }
-
-
-def bench_summary(b: Bench) -> Path:
-    """Summary stage (template prefill + ``summary_tokens`` decode steps) with the paths' KV
-    reused in place vs recomputed first (``reprefill``), on a cache filled with P x L tokens."""
-    p = b.preset
-    _summary_times(b, 2, 4, 2)  # warm-up
-    rows = []
-    for paths in p.summary_paths:
-        for length in p.summary_lens:
-            reuse_s, reprefill_s = _summary_times(b, paths, length, p.summary_tokens)
-            rows.append({"paths": paths, "tokens_per_path": length, "summary_tokens": p.summary_tokens,
-                         "reuse_s": reuse_s, "reprefill_s": reprefill_s, "speedup": reprefill_s / reuse_s})
-
-    def plot(ax):
-        for paths in p.summary_paths:
-            sel = [r for r in rows if r["paths"] == paths]
-            ax.plot([r["tokens_per_path"] for r in sel], [r["speedup"] for r in sel], "o-", label=f"P={paths}")
-        ax.set(xscale="log", xlabel="tokens per path", ylabel="reprefill time / reuse time")
-
-    return b.write("summary", rows, plot)
-
-
-def _summary_times(b: Bench, paths: int, length: int, summary_tokens: int) -> tuple[float, float]:
-    """The summary stage on a cache row holding a prompt and ``paths`` paths of ``length`` tokens
-    (interleaved as the think stage leaves them), as the scheduler runs it: the template in one
-    forward, then one forward per summary token; ``reprefill`` first recomputes prompt + paths."""
-    lp = b.preset.prompt_len
-    template = torch.tensor(b.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"],
-                            device=b.device)
-    n = lp + paths * length
-    tokens = torch.tensor([b.prompt(lp) + b.prompt(paths * length, seed=1)], device=b.device)
-    steps = torch.arange(paths * length, device=b.device)
-    interleaved_blocks = torch.cat([torch.zeros(lp, dtype=torch.long, device=b.device), steps % paths + 1])[None]
-    interleaved_pos = torch.cat([torch.arange(lp, device=b.device), lp + steps // paths])[None]
-    cache = SlotKVCache(b.model, 1, n + template.numel() + summary_tokens, b.device, b.dtype)
-    order = torch.cat([torch.arange(lp, device=b.device), lp + (steps % paths) * length + steps // paths])
-    packed = (tokens[:, order.argsort()], interleaved_pos[:, order.argsort()], interleaved_blocks[:, order.argsort()])
-
-    def fill(ids, positions, blocks, chunk=512):  # chunks bound the [Q, K] mask
-        for start in range(0, n, chunk):
-            cols = torch.arange(start, min(start + chunk, n), device=b.device)[None]
-            step.forward(b.model, cache, slice(0, 1), ids[:, cols[0]], cols, positions[:, cols[0]],
-                         blocks[:, cols[0]], torch.ones_like(cols, dtype=torch.bool), int(cols[0, -1]) + 1, True,
-                         last_only=True)
-
-    def summarize():
-        cols = n + torch.arange(template.numel(), device=b.device)[None]
-        pos = lp + length + torch.arange(template.numel(), device=b.device)[None]
-        logits = step.forward(b.model, cache, slice(0, 1), template[None], cols, pos,
-                              torch.full_like(cols, protocol.SUMMARY_BLOCK), torch.ones_like(cols, dtype=torch.bool),
-                              n + template.numel(), True, last_only=True)
-        for i in range(summary_tokens):
-            col = torch.tensor([[n + template.numel() + i]], device=b.device)
-            logits = step.forward(b.model, cache, slice(0, 1), logits[:, -1].argmax(-1, keepdim=True), col,
-                                  col - n + lp + length, torch.full_like(col, protocol.SUMMARY_BLOCK),
-                                  torch.ones_like(col, dtype=torch.bool), int(col) + 1, True)
-
-    with torch.inference_mode(), packed_attention(b.model):  # as inside generate
-        fill(tokens, interleaved_pos, interleaved_blocks)
-        _, reuse_s = b.timed(summarize)
-        _, reprefill_s = b.timed(lambda: (fill(*packed), summarize()))
-    return reuse_s, reprefill_s
-
-
-def bench_length(b: Bench) -> Path:
-    """Mean per-step decode time after a prompt of ``context`` tokens: engine (preallocated
-    cache) vs a greedy loop over transformers' DynamicCache."""
-    p = b.preset
-    steps = p.length_steps
-    _hf_step_time(b, b.prompt(8), 2)  # warm-up
-    b.engine.generate([b.prompt(8)], mode="sequential", max_new_tokens=2)
-    rows = []
-    for context in p.length_contexts:
-        prompt = b.prompt(context)
-        out = b.engine.generate([prompt], mode="sequential", max_new_tokens=steps)[0]
-        engine_ms = 1000 * out.stats["think_s"] / steps  # one forward per new token
-        hf_ms = 1000 * _hf_step_time(b, prompt, steps)
-        rows.append({"context": context, "steps": steps, "engine_ms_per_step": engine_ms,
-                     "hf_ms_per_step": hf_ms, "speedup": hf_ms / engine_ms})
-
-    def plot(ax):
-        ax.plot([r["context"] for r in rows], [r["engine_ms_per_step"] for r in rows], "o-", label="engine")
-        ax.plot([r["context"] for r in rows], [r["hf_ms_per_step"] for r in rows], "s-", label="DynamicCache loop")
-        ax.set(xscale="log", xlabel="context (tokens)", ylabel="ms per decode step")
-
-    return b.write("length", rows, plot)
-
-
 @torch.inference_mode()
 def _hf_step_time(b: Bench, prompt: list[int], steps: int) -> float:
     out = b.model(input_ids=torch.tensor([prompt], device=b.device), use_cache=True, logits_to_keep=1)
@@ -424,37 +380,6 @@ def _hf_step_time(b: Bench, prompt: list[int], steps: int) -> float:
             token = step.logits[:, -1].argmax(-1, keepdim=True)
 
     return b.timed(loop)[1] / steps
-
-
-def bench_memory(b: Bench) -> Path:
-    """Peak memory of P-path decoding (engine and generate) against weights + theoretical KV."""
-    p = b.preset
-    prompt = b.prompt(p.prompt_len)
-    n = p.memory_budget
-    config = b.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * b.dtype.itemsize
-    weights = sum(t.numel() * t.element_size() for t in b.model.parameters())
-    rows = []
-    for paths in p.memory_paths:
-        kv_theory = kv_per_token * (p.prompt_len + paths * n)  # the prompt's KV stored once
-        engine_peak = _peak_extra(b, lambda: b.engine.generate([prompt], mode="independent", num_paths=paths,
-                                                                max_new_tokens=n, temperature=1.0, seed=0))
-        hf_peak = _peak_extra(b, lambda: b.hf_generate(prompt, paths, n))
-        mb = 2**20
-        rows.append({"paths": paths, "tokens_per_path": n, "weights_mb": weights / mb, "kv_theory_mb": kv_theory / mb,
-                     "engine_extra_mb": engine_peak / mb, "hf_extra_mb": hf_peak / mb,
-                     "engine_peak_over_theory": (weights + engine_peak) / (weights + kv_theory),
-                     "hf_peak_over_theory": (weights + hf_peak) / (weights + kv_theory)})
-
-    def plot(ax):
-        x = [r["paths"] for r in rows]
-        ax.plot(x, [r["kv_theory_mb"] for r in rows], "--", color="grey", label="theoretical KV")
-        ax.plot(x, [r["engine_extra_mb"] for r in rows], "o-", label="engine peak - before")
-        ax.plot(x, [r["hf_extra_mb"] for r in rows], "s-", label="generate peak - before")
-        ax.set(xlabel="paths P", ylabel="MiB above the loaded model")
-
-    return b.write("memory", rows, plot)
 
 
 def _peak_extra(b: Bench, fn: Callable[[], object]) -> int:
@@ -517,13 +442,285 @@ def workload_lengths(p: Preset, seed: int = 0) -> list[int]:
     return [int(min(max(round(math.exp(x)), 4), p.workload_budget)) for x in draws.tolist()]
 
 
+def memory_bandwidth(b: Bench, mib: int = 512) -> float:
+    """Bytes per second of a large device copy (read + write), measured now."""
+    x = torch.empty(mib << 20, dtype=torch.uint8, device=b.device)
+    y = torch.empty_like(x)
+    y.copy_(x)  # warm-up
+    _, seconds = b.timed(lambda: [y.copy_(x) for _ in range(5)])
+    return 2 * 5 * x.numel() / seconds
+
+
+# -- benchmarks ----------------------------------------------------------------------------
+
+
+def bench_width(b: Bench) -> Path:
+    """Think-stage latency for P paths at a fixed per-path budget, relative to P = 1."""
+    p, n = b.preset, b.preset.width_budget
+    prompt = b.prompt(p.prompt_len)
+    b.engine.generate([prompt], num_paths=2, max_new_tokens=2, summary_max_tokens=1)  # warm-up
+    rows = []
+    for paths in p.width_paths:
+        out = b.engine.generate([prompt], num_paths=paths, max_new_tokens=n, summary_max_tokens=1)[0]
+        assert out.stats["think_tokens"] == paths * n, out.stats
+        rows.append({"paths": paths, "tokens_per_path": n, "think_s": out.stats["think_s"]})
+    for r in rows:
+        r["ratio_to_p1"] = r["think_s"] / rows[0]["think_s"]
+        r["think_tokens_per_s"] = r["paths"] * n / r["think_s"]
+
+    def plot(ax):
+        ax.plot([r["paths"] for r in rows], [r["ratio_to_p1"] for r in rows], "o-", label="engine")
+        ax.plot([r["paths"] for r in rows], [r["paths"] for r in rows], "--", color="grey", label="P x (sequential)")
+        ax.set(xscale="log", xlabel="paths P", ylabel="think latency / latency at P = 1")
+
+    return b.write("width", rows, plot)
+
+
+def bench_vs_hf(b: Bench) -> Path:
+    """Engine vs ``model.generate``: P independent samples as paths grow (each side timed over the
+    same window of tokens), then P = 1 and ParaThinker end to end at the shortest length."""
+    p = b.preset
+    prompt = b.prompt(p.prompt_len)
+    b.hf_generate(prompt, 2, 2)  # warm-up
+    b.engine.generate([prompt], mode="independent", num_paths=2, max_new_tokens=2, temperature=1.0, seed=0)
+    rows = [_vs_hf_row(b, prompt, "independent", p.vs_hf_paths, n) for n in p.path_lengths]
+    rows.append(_vs_hf_row(b, prompt, "sequential", 1, p.path_lengths[0]))
+    rows.append(_vs_hf_row(b, prompt, "parathinker", p.vs_hf_paths, p.path_lengths[0], p.e2e_summary))
+
+    def plot(ax):
+        labels = [f"{r['mode']}\nP={r['paths']} L={r['tokens_per_path']}" for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["engine_tok_s"] for r in rows], 0.4, label="engine")
+        ax.bar([i + 0.2 for i in x], [r["hf_tok_s"] for r in rows], 0.4, label="model.generate")
+        for i, r in enumerate(rows):
+            ax.annotate(f"{r['speedup']:.2f}x", (i, max(r["engine_tok_s"], r["hf_tok_s"])), ha="center", va="bottom",
+                        fontsize=7)
+        ax.set_xticks(list(x), labels, fontsize=6)
+        ax.set(ylabel="generated tokens / s (the window)")
+
+    return b.write("vs_hf", rows, plot)
+
+
+def _vs_hf_row(b: Bench, prompt: list[int], mode: str, paths: int, length: int, summary: int = 0) -> dict:
+    """One row: both sides generate the window's tokens for paths of ``length`` tokens; a path that
+    fits in the window runs whole (prompt included, and the summary for parathinker)."""
+    start, tokens = window(length, b.preset.window)
+    if (paths, length) not in b.hf_seconds:  # the parathinker row reuses the independent row's baseline
+        b.hf_seconds[paths, length] = b.timed(lambda: b.hf_generate(prompt, paths, tokens, filled=start))[1]
+    hf_s = b.hf_seconds[paths, length]
+
+    def engine_run():
+        with paths_filled(start):
+            return b.engine.generate([prompt], mode=mode, num_paths=paths, max_new_tokens=start + tokens,
+                                     summary_max_tokens=max(summary, 1), temperature=1.0, seed=0)
+
+    outs, engine_s = b.timed(engine_run)
+    stats = outs[0].stats
+    if start:  # the window only: the think stage's steps
+        engine_s = stats["think_s"]
+    generated = paths * tokens  # the generate baseline's count; the engine's summary comes on top
+    assert stats["think_tokens"] == paths * (start + tokens), stats
+    return {
+        "mode": mode, "paths": paths, "tokens_per_path": length, "window_start": start, "window_tokens": tokens,
+        "summary_tokens": stats["summary_tokens"], "engine_s": engine_s, "hf_s": hf_s,
+        "engine_tok_s": generated / engine_s, "hf_tok_s": generated / hf_s, "speedup": hf_s / engine_s,
+    }
+
+
+def bench_path_length(b: Bench) -> Path:
+    """Seconds per generated token of the ParaThinker think stage for paths of each length (its
+    middle window), at P = 8 and P = 1, as a ratio to the shortest length and P8 / P1."""
+    p = b.preset
+    prompt = b.prompt(p.prompt_len)
+    b.think([prompt], 2, 4, 4)  # warm-up
+    rows = []
+    for length in p.path_lengths:
+        row = {"tokens_per_path": length, "window_tokens": window(length, p.window)[1]}
+        for paths in p.path_length_paths:
+            _, seconds = b.think([prompt], paths, length, p.window)
+            row[f"s_per_token_p{paths}"] = seconds / (paths * row["window_tokens"])
+        rows.append(row)
+    top, low = max(p.path_length_paths), min(p.path_length_paths)
+    for r in rows:
+        r[f"ratio_to_first_p{top}"] = r[f"s_per_token_p{top}"] / rows[0][f"s_per_token_p{top}"]
+        r[f"think_latency_p{top}_over_p{low}"] = r[f"s_per_token_p{top}"] * top / (r[f"s_per_token_p{low}"] * low)
+
+    def plot(ax):
+        for paths in p.path_length_paths:
+            ax.plot([r["tokens_per_path"] for r in rows], [1000 * r[f"s_per_token_p{paths}"] for r in rows], "o-",
+                    label=f"P = {paths}")
+        ax.set(xscale="log", xlabel="tokens per path", ylabel="ms per generated token (think stage)")
+
+    return b.write("path_length", rows, plot)
+
+
+def bench_attention(b: Bench) -> Path:
+    """The decode step with each attention kernel over the KV pages, as paths grow (independent
+    P = 8 samples; best of 2 alternating runs): what the CPU default is chosen by."""
+    from lm_eval_parathinker.engine.attention import flex_available
+
+    p = b.preset
+    prompts = [b.prompt(p.prompt_len, seed=i) for i in range(p.attention_slots)]
+    kernels = ["flex", "sdpa"] if flex_available(torch.device(b.device)) else ["sdpa"]
+    for kernel in kernels:  # warm-up (and flex's compilation)
+        b.think(prompts, 2, 4, 4, mode="independent", attention=kernel)
+    rows = []
+    for length in p.path_lengths:
+        tokens = window(length, p.attention_window)[1]
+        best = alternate({kernel: lambda k=kernel: b.think(prompts, p.vs_hf_paths, length, p.attention_window,
+                                                             mode="independent", attention=k)[1]
+                          for kernel in kernels}, repeats=2)
+        row = {"tokens_per_path": length, "slots": len(prompts), "paths": p.vs_hf_paths}
+        row.update({f"{kernel}_ms_per_step": 1000 * best[kernel] / tokens for kernel in kernels})
+        if len(kernels) == 2:
+            row["sdpa_over_flex"] = best["sdpa"] / best["flex"]
+        rows.append(row)
+
+    def plot(ax):
+        for kernel in kernels:
+            ax.plot([r["tokens_per_path"] for r in rows], [r[f"{kernel}_ms_per_step"] for r in rows], "o-",
+                    label=kernel)
+        ax.set(xscale="log", xlabel="tokens per path", ylabel="ms per decode step")
+
+    return b.write("attention", rows, plot)
+
+
+def bench_summary(b: Bench) -> Path:
+    """Summary stage (template + ``summary_tokens`` steps) after P paths of L tokens (filled), with
+    the paths' KV reused in place vs recomputed first (``reprefill``)."""
+    p = b.preset
+    prompt = b.prompt(p.prompt_len)
+
+    def summary_s(paths: int, length: int, summary_kv: str) -> float:
+        with paths_filled(length - 1):  # one think step, then the summary
+            out = b.engine.generate([prompt], num_paths=paths, max_new_tokens=length, summary_kv=summary_kv,
+                                    summary_max_tokens=p.summary_tokens, termination="first")[0]
+        return out.stats["summary_s"]
+
+    summary_s(2, 4, "reprefill")  # warm-up
+    rows = []
+    for paths in p.summary_paths:
+        for length in p.summary_lens:
+            reuse_s, reprefill_s = summary_s(paths, length, "reuse"), summary_s(paths, length, "reprefill")
+            rows.append({"paths": paths, "tokens_per_path": length, "reuse_s": reuse_s, "reprefill_s": reprefill_s,
+                         "speedup": reprefill_s / reuse_s})
+
+    def plot(ax):
+        for paths in p.summary_paths:
+            sel = [r for r in rows if r["paths"] == paths]
+            ax.plot([r["tokens_per_path"] for r in sel], [r["speedup"] for r in sel], "o-", label=f"P={paths}")
+        ax.set(xscale="log", xlabel="tokens per path", ylabel="reprefill time / reuse time")
+
+    return b.write("summary", rows, plot)
+
+
+def bench_length(b: Bench) -> Path:
+    """Mean per-step decode time after a prompt of ``context`` tokens: engine vs a greedy loop over
+    transformers' DynamicCache."""
+    p = b.preset
+    steps = p.length_steps
+    _hf_step_time(b, b.prompt(8), 2)  # warm-up
+    b.engine.generate([b.prompt(8)], mode="sequential", max_new_tokens=2)
+    rows = []
+    for context in p.length_contexts:
+        prompt = b.prompt(context)
+        out = b.engine.generate([prompt], mode="sequential", max_new_tokens=steps)[0]
+        engine_ms = 1000 * out.stats["think_s"] / steps  # one forward per new token
+        hf_ms = 1000 * _hf_step_time(b, prompt, steps)
+        rows.append({"context": context, "steps": steps, "engine_ms_per_step": engine_ms,
+                     "hf_ms_per_step": hf_ms, "speedup": hf_ms / engine_ms})
+
+    def plot(ax):
+        ax.plot([r["context"] for r in rows], [r["engine_ms_per_step"] for r in rows], "o-", label="engine")
+        ax.plot([r["context"] for r in rows], [r["hf_ms_per_step"] for r in rows], "s-", label="DynamicCache loop")
+        ax.set(xscale="log", xlabel="context (tokens)", ylabel="ms per decode step")
+
+    return b.write("length", rows, plot)
+
+
+def bench_memory(b: Bench) -> Path:
+    """Peak memory of P-path decoding (engine and generate) against weights + theoretical KV; the
+    KV pages held at peak against the tokens they held; then a run whose slots' worst cases add up
+    to 4x the pool (it preempts) against the same run with a large pool: the outputs must be the
+    same."""
+    p = b.preset
+    prompt = b.prompt(p.prompt_len)
+    n, per_token = p.memory_budget, b.kv_bytes_per_token
+    rows = []
+    mb = 2**20
+    for paths in p.memory_paths:
+        kv_theory = per_token * (p.prompt_len + paths * n)  # the prompt's KV stored once
+        engine_peak = _peak_extra(b, lambda: b.engine.generate([prompt], mode="independent", num_paths=paths,
+                                                                max_new_tokens=n, temperature=1.0, seed=0))
+        stats = b.engine.last_stats
+        hf_peak = _peak_extra(b, lambda: b.hf_generate(prompt, paths, n))
+        rows.append({"run": f"P={paths}", "paths": paths, "tokens_per_path": n, "weights_mb": b.weight_bytes / mb,
+                     "kv_theory_mb": kv_theory / mb, "engine_extra_mb": engine_peak / mb, "hf_extra_mb": hf_peak / mb,
+                     "kv_peak_mb": stats["kv_peak_bytes"] / mb, "kv_peak_tokens_mb": stats["kv_peak_tokens"] * per_token / mb,
+                     "page_mb": stats["kv_page_size"] * per_token / mb, "segments": 1 + paths, "preemptions": 0,
+                     "same_outputs": ""})
+    rows.append(_oversubscribed_row(b))
+
+    def plot(ax):
+        sel = [r for r in rows if r["run"].startswith("P=")]
+        x = [r["paths"] for r in sel]
+        ax.plot(x, [r["kv_theory_mb"] for r in sel], "--", color="grey", label="theoretical KV")
+        ax.plot(x, [r["engine_extra_mb"] for r in sel], "o-", label="engine peak - before")
+        ax.plot(x, [r["kv_peak_mb"] for r in sel], "^-", label="KV pages held at peak")
+        ax.plot(x, [r["hf_extra_mb"] for r in sel], "s-", label="generate peak - before")
+        ax.set(xlabel="paths P", ylabel="MiB above the loaded model")
+
+    return b.write("memory", rows, plot)
+
+
+def _oversubscribed_row(b: Bench) -> dict:
+    prompts_n, paths, budget, slots = b.preset.oversubscribed
+    prompts = [b.prompt(b.preset.prompt_len // 2 + 8 * i, seed=i) for i in range(prompts_n)]
+    ps = 16  # small pages: requests grow page by page, so all slots fill up before the pool runs out
+    kwargs = dict(mode="independent", num_paths=paths, max_new_tokens=budget, temperature=1.0, seed=0,
+                  num_slots=slots, block_size=ps)
+    large = b.engine.generate(prompts, **kwargs)
+    worst = max(math.ceil(len(q) / ps) for q in prompts) + paths * math.ceil(budget / ps)
+    pool = max(worst, slots * worst // 4)  # the slots' worst cases add up to (about) 4x the pool
+    small = b.engine.generate(prompts, num_blocks=pool + 1, **kwargs)
+    stats, mb = b.engine.last_stats, 2**20
+    same = [o.path_ids for o in small] == [o.path_ids for o in large]
+    assert same, "a preempting run gave other outputs than a large pool"
+    return {"run": f"{slots} slots x worst case = {slots * worst / pool:.1f} x pool", "paths": paths,
+            "tokens_per_path": budget, "weights_mb": b.weight_bytes / mb, "kv_theory_mb": "", "engine_extra_mb": "",
+            "hf_extra_mb": "", "kv_peak_mb": stats["kv_peak_bytes"] / mb,
+            "kv_peak_tokens_mb": stats["kv_peak_tokens"] * b.kv_bytes_per_token / mb,
+            "page_mb": ps * b.kv_bytes_per_token / mb, "segments": slots * (1 + paths),
+            "preemptions": stats["preemptions"], "same_outputs": same}
+
+
 def bench_eval_workload(b: Bench) -> Path:
     """Problems per minute on an evaluation-like workload: ``workload_prompts`` ParaThinker requests
-    whose think stages end after long-tailed numbers of steps, through ``workload_slots`` slots.
-    Prompt i is ``budget - L_i`` tokens longer than the shortest (``workload_prompt_len``), so that
-    its paths reach position F = shortest + budget - 2 after L_i - 1 tokens: a hook forces the
-    closer there (first-finish after L_i tokens per path) with no knowledge of slots or requests.
-    Each variant runs ``workload_repeats`` times, alternating with the others; the fastest counts."""
+    whose think stages end after long-tailed numbers of steps, through ``workload_slots`` slots, on
+    each of ``workload_shapes`` (the tiny one: host work dominates a step). Prompt i is
+    ``budget - L_i`` tokens longer than the shortest (``workload_prompt_len``), so that its paths
+    reach position F = shortest + budget - 2 after L_i - 1 tokens: a hook forces the closer there
+    (first-finish after L_i tokens per path) with no knowledge of slots or requests. Each variant
+    runs ``workload_repeats`` times, alternating with the others; the fastest counts. Static and
+    continuous scheduling run the same kernels: the ratio measures scheduling alone."""
+    rows = []
+    for shape in b.preset.workload_shapes:
+        bench = b if shape == b.preset.shape else Bench.create(b.preset, b.device, b.dtype, b.output, b.compile, shape)
+        rows += _workload_rows(bench, shape)
+
+    def plot(ax):
+        labels = [f"{r['shape']}\n{r['scheduling']}" for r in rows]
+        ax.bar(range(len(rows)), [r["speedup_vs_static"] for r in rows])
+        for i, r in enumerate(rows):
+            ax.annotate(f"{r['speedup_vs_static']:.2f}x\n{r['problems_per_min']:.0f}/min", (i, r["speedup_vs_static"]),
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set(ylabel="problems per minute / static batches'")
+
+    return b.write("eval_workload", rows, plot)
+
+
+def _workload_rows(b: Bench, shape: str) -> list[dict]:
     p = b.preset
     lengths = workload_lengths(p)
     prompts = [b.prompt(p.workload_prompt_len + p.workload_budget - n, seed=i) for i, n in enumerate(lengths)]
@@ -534,81 +731,68 @@ def bench_eval_workload(b: Bench) -> Path:
     if b.compile:
         variants.append(("continuous+compile", "continuous",
                          ParaThinkerEngine(b.model, b.tokenizer, NUM_CONTROL_PATHS, compile=True)))
-    seconds = {name: [] for name, _, _ in variants}
+    results = {}
+
+    def run(scheduling: str, engine: ParaThinkerEngine) -> float:
+        outs, took = b.timed(lambda: engine.generate(prompts, scheduling=scheduling, **kwargs))
+        assert [len(o.path_ids[0]) for o in outs] == lengths, "the forced think lengths did not hold"
+        results["tokens"] = sum(o.stats["gen_tokens"] for o in outs)  # the same in every run
+        return took
+
     with force_token_at(b.model, p.workload_prompt_len + p.workload_budget - 2, closer):
         b.engine.generate(prompts[:2], **{**kwargs, "max_new_tokens": 2})  # warm-up
-        for name, scheduling, engine in variants:
+        for _, scheduling, engine in variants:
             if engine.compile:  # compile outside the timing
-                engine.generate(prompts[:p.workload_slots], scheduling=scheduling, **kwargs)
-        for _ in range(p.workload_repeats):
-            for name, scheduling, engine in variants:
-                outs, took = b.timed(lambda: engine.generate(prompts, scheduling=scheduling, **kwargs))
-                assert [len(o.path_ids[0]) for o in outs] == lengths, "the forced think lengths did not hold"
-                seconds[name].append(took)
-    tokens = sum(o.stats["gen_tokens"] for o in outs)  # the same in every run
-    rows = [{"scheduling": name, "prompts": len(prompts), "paths": p.workload_paths, "slots": p.workload_slots,
-             "mean_think_len": sum(lengths) / len(lengths), "max_think_len": max(lengths), "seconds": min(times),
-             "problems_per_min": 60 * len(prompts) / min(times), "gen_tokens_per_s": tokens / min(times)}
-            for name, times in seconds.items()]
+                engine.generate(prompts[: p.workload_slots], scheduling=scheduling, **kwargs)
+        best = alternate({name: lambda s=scheduling, e=engine: run(s, e) for name, scheduling, e in variants},
+                         p.workload_repeats)
+    rows = [{"shape": shape, "scheduling": name, "prompts": len(prompts), "paths": p.workload_paths,
+             "slots": p.workload_slots, "mean_think_len": sum(lengths) / len(lengths), "max_think_len": max(lengths),
+             "seconds": seconds, "problems_per_min": 60 * len(prompts) / seconds,
+             "gen_tokens_per_s": results["tokens"] / seconds} for name, seconds in best.items()]
     for r in rows:
         r["speedup_vs_static"] = rows[0]["seconds"] / r["seconds"]
-
-    def plot(ax):
-        ax.bar([r["scheduling"] for r in rows], [r["problems_per_min"] for r in rows])
-        for i, r in enumerate(rows):
-            ax.annotate(f"{r['speedup_vs_static']:.2f}x", (i, r["problems_per_min"]), ha="center", va="bottom")
-        ax.set(ylabel="problems / minute")
-
-    return b.write("eval_workload", rows, plot)
-
-
-def memory_bandwidth(b: Bench, mib: int = 512) -> float:
-    """Bytes per second of a large device copy (read + write), measured now."""
-    x = torch.empty(mib << 20, dtype=torch.uint8, device=b.device)
-    y = torch.empty_like(x)
-    y.copy_(x)  # warm-up
-    _, seconds = b.timed(lambda: [y.copy_(x) for _ in range(5)])
-    return 2 * 5 * x.numel() / seconds
+    return rows
 
 
 def bench_decode_step(b: Bench) -> Path:
-    """One decode step of ``step_slots`` slots x ``step_paths`` paths (independent samples, so
-    every step is a think step) against reading the weights and the KV in use once from memory."""
+    """One decode step of ``step_slots`` slots x ``step_paths`` paths (independent samples, paths
+    filled to each length) against reading the weights and the KV pages the slots hold once."""
     p = b.preset
-    config = b.model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * b.dtype.itemsize
-    weights = sum(t.numel() * t.element_size() for t in b.model.parameters())
     bandwidth = memory_bandwidth(b)
     prompts = [b.prompt(p.prompt_len, seed=i) for i in range(p.step_slots)]
-    kwargs = dict(mode="independent", num_paths=p.step_paths, max_new_tokens=p.step_budget, temperature=1.0, seed=0,
-                  num_slots=p.step_slots)
     engines = [("eager", b.engine)]
     if b.compile:
         engines.append(("compiled", ParaThinkerEngine(b.model, b.tokenizer, NUM_CONTROL_PATHS, compile=True)))
-    # mean KV in use over the steps: every slot's prompt and the P paths so far
-    mean_tokens = p.step_slots * (p.prompt_len + p.step_paths * (p.step_budget + 1) / 2)
-    roofline_s = (weights + mean_tokens * kv_per_token) / bandwidth
     rows = []
     for name, engine in engines:
-        engine.generate(prompts, **kwargs)  # warm-up (and compilation)
-        outs, seconds = b.timed(lambda: engine.generate(prompts, **kwargs))
-        step_s = (seconds - sum(o.stats["prefill_s"] for o in outs)) / p.step_budget
-        rows.append({"step": name, "slots": p.step_slots, "paths": p.step_paths, "steps": p.step_budget,
-                     "weights_mb": weights / 2**20, "mean_kv_mb": mean_tokens * kv_per_token / 2**20,
-                     "bandwidth_gb_s": bandwidth / 1e9, "step_ms": 1000 * step_s, "roofline_ms": 1000 * roofline_s,
-                     "ratio_to_roofline": step_s / roofline_s})
+        b.think(prompts, p.step_paths, 4, 4, engine, mode="independent")  # warm-up (and compilation)
+        for length in p.step_lengths:
+            start, tokens = window(length, p.step_window)
+            _, seconds = b.think(prompts, p.step_paths, length, p.step_window, engine, mode="independent")
+            step_s = seconds / tokens
+            held = p.step_slots * (p.prompt_len + p.step_paths * (start + tokens / 2))  # tokens held, mid-window
+            roofline_s = (b.weight_bytes + held * b.kv_bytes_per_token) / bandwidth
+            rows.append({"step": name, "slots": p.step_slots, "paths": p.step_paths, "tokens_per_path": start,
+                         "weights_mb": b.weight_bytes / 2**20, "kv_mb": held * b.kv_bytes_per_token / 2**20,
+                         "bandwidth_gb_s": bandwidth / 1e9, "step_ms": 1000 * step_s, "roofline_ms": 1000 * roofline_s,
+                         "ratio_to_roofline": step_s / roofline_s})
 
     def plot(ax):
-        ax.bar([r["step"] for r in rows], [r["step_ms"] for r in rows], label="decode step")
-        ax.axhline(rows[0]["roofline_ms"], color="grey", ls="--", label="weights + KV read once")
-        ax.set(ylabel="ms per step")
+        for name, _ in engines:
+            sel = [r for r in rows if r["step"] == name]
+            ax.plot([r["tokens_per_path"] for r in sel], [r["step_ms"] for r in sel], "o-", label=f"{name} step")
+        sel = [r for r in rows if r["step"] == "eager"]
+        ax.plot([r["tokens_per_path"] for r in sel], [r["roofline_ms"] for r in sel], "--", color="grey",
+                label="weights + KV read once")
+        ax.set(xlabel="tokens per path", ylabel="ms per step")
 
     return b.write("decode_step", rows, plot)
 
 
-RUNNERS = {"width": bench_width, "vs_hf": bench_vs_hf, "summary": bench_summary, "length": bench_length,
-           "memory": bench_memory, "eval_workload": bench_eval_workload, "decode_step": bench_decode_step}
+RUNNERS = {"width": bench_width, "vs_hf": bench_vs_hf, "path_length": bench_path_length, "attention": bench_attention,
+           "summary": bench_summary, "length": bench_length, "memory": bench_memory,
+           "eval_workload": bench_eval_workload, "decode_step": bench_decode_step}
 
 
 # -- command line --------------------------------------------------------------------------
@@ -640,7 +824,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     preset = PRESETS["smoke" if args.smoke else ("cpu" if args.device == "cpu" else "gpu")]
     bench = Bench.create(preset, args.device, getattr(torch, args.dtype), args.output, args.compile)
     print(f"# {preset.shape} on {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads)")
-    return [RUNNERS[name](bench) for name in args.only]
+    paths = []
+    for name in args.only:
+        started = time.perf_counter()
+        paths.append(RUNNERS[name](bench))
+        print(f"# {name}: {time.perf_counter() - started:.0f} s")
+    return paths
 
 
 if __name__ == "__main__":

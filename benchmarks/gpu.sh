@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Engine benchmarks on one GPU: Qwen2-1.5B shape (random weights), bfloat16 (PRESETS["gpu"] in
-# benchmarks/engine.py): think latency vs P (width), one decode step at 4 slots x 8 paths against
-# reading the weights and the KV in use once from HBM (decode_step, eager and compiled), and the
-# evaluation workload through 4 slots, static vs continuous vs compiled (eval_workload). Writes
-# results/bench_*_cuda.{csv,png} and prints the tables; sized for an estimated 8 minutes on
-# an H100 (never timed: no session has had a GPU yet).
+# benchmarks/engine.py), in one short run:
+#   decode_step  8 slots x P = 8, paths filled to 4K and 16K tokens, eager and compiled (CUDA graphs),
+#                against reading the weights and the KV pages held once from HBM;
+#   path_length  think stage at 4K tokens per path, P = 8 vs P = 1 (the paper: +7.1% latency);
+#   vs_hf        P = 8 at 4K tokens per path against model.generate(num_return_sequences=8).
+# Writes results/bench_*_cuda.{csv,png} and prints the tables; sized for under 5 minutes on an
+# H100/H200 (an estimate: never timed, no session has had a GPU yet).
 #
 #   bash benchmarks/gpu.sh [--smoke] [extra args for python -m benchmarks.engine, e.g. --output DIR]
 #
@@ -13,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-ONLY=width,decode_step,eval_workload
+ONLY=decode_step,path_length,vs_hf
 if [ "${1:-}" = "--smoke" ]; then
   shift
   exec "$PY" -m benchmarks.engine --smoke --compile --only "$ONLY" "$@"

@@ -168,3 +168,36 @@ def test_engine_options_parse_model_arg_strings():
     ]:
         with pytest.raises(ValueError, match=message):
             EngineOptions.parse(**values)
+
+
+@pytest.mark.parametrize("kernel", ["flex", "sdpa"])
+def test_kernels_attend_to_exactly_the_tokens_of_the_listed_segments(kernel):
+    """Both kernels against attention written out over the keys each query may see."""
+    from lm_eval_parathinker.engine.attention import page_reads
+
+    g = torch.Generator().manual_seed(0)
+    slots, segments, max_pages, kv_heads, groups, dim = 2, 4, 5, 2, 3, 16
+    num_pages = 1 + slots * segments * max_pages
+    table = (1 + torch.randperm(num_pages - 1, generator=g)).view(slots, segments, max_pages)
+    lengths = torch.randint(1, max_pages * PAGE + 1, (slots, segments), generator=g)
+    fill = torch.zeros(num_pages, dtype=torch.long)
+    for s in range(slots):
+        for seg in range(segments):
+            n = int(lengths[s, seg])
+            for j in range(math.ceil(n / PAGE)):
+                fill[table[s, seg, j]] = min(PAGE, n - j * PAGE)
+    slot = torch.tensor([0, 0, 1, 1, 1])
+    reads = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 1], [1, 0, 0, 1]], dtype=torch.bool)
+    keys = torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g)
+    values = torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g)
+    query = torch.randn(1, kv_heads * groups, len(slot), dim, generator=g)
+    plan = page_reads(table, lengths, slot, reads, fill, PAGE, kernel)
+    out = plan.attend(query, keys, values, scale=None)[0]  # [B, H, D]
+    for b in range(len(slot)):
+        s = int(slot[b])
+        columns = torch.cat([table[s, seg, torch.arange(int(lengths[s, seg])) // PAGE] * PAGE
+                             + torch.arange(int(lengths[s, seg])) % PAGE for seg in range(segments) if reads[b, seg]])
+        k = keys[0][:, columns].repeat_interleave(groups, 0)  # [H, n, D]
+        v = values[0][:, columns].repeat_interleave(groups, 0)
+        weights = (query[0, :, b : b + 1] @ k.transpose(1, 2) / math.sqrt(dim)).softmax(-1)
+        torch.testing.assert_close(out[b], (weights @ v)[:, 0], atol=1e-5, rtol=1e-5)
