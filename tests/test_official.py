@@ -328,8 +328,8 @@ def test_model_builds_the_official_prompt_from_the_problem_alone(official_ckpt, 
     class Captured(Exception):
         pass
 
-    def capture(prompts, **kwargs):
-        seen.update(prompts=prompts, **kwargs)
+    def capture(prompts, options, **kwargs):
+        seen.update(prompts=prompts, compat=options.compat, **kwargs)
         raise Captured
 
     monkeypatch.setattr(lm.engine, "generate", capture)

@@ -191,7 +191,7 @@ def test_kernels_attend_to_exactly_the_tokens_of_the_listed_segments(kernel):
     keys = torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g)
     values = torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g)
     query = torch.randn(1, kv_heads * groups, len(slot), dim, generator=g)
-    plan = page_reads(table, lengths, slot, reads, fill, PAGE, kernel)
+    plan = page_reads(table, lengths, slot, reads, fill, PAGE, kernel, groups)
     out = plan.attend(query, keys, values, scale=None)[0]  # [B, H, D]
     for b in range(len(slot)):
         s = int(slot[b])

@@ -32,7 +32,7 @@ from ..protocol import additive_mask
 
 PAGED_ATTENTION = "parathinker_paged"
 KERNELS = ("auto", "flex", "sdpa")
-FLEX_Q_BLOCK = 128  # one query per batch row: a single query block
+FLEX_Q_BLOCK = 128  # a query's heads fit one query block
 
 
 def flex_available(device: torch.device) -> bool:
@@ -85,32 +85,34 @@ class PageReads:
         """``query`` [B0, H, Q, D] (B0 * Q = B queries), ``key``/``value`` the pool [1, Hkv, N, D];
         returns [B0, Q, H, D]."""
         B0, H, Q, D = query.shape
-        q = query.transpose(1, 2).reshape(B0 * Q, H, 1, D)
+        kv_heads = key.shape[1]
+        # one row per query, the query heads that share a KV head folded into its query axis: each
+        # KV page is read once per group, and no K/V is copied to every head
+        q = query.transpose(1, 2).reshape(B0 * Q, kv_heads, H // kv_heads, D)
         if self.kernel == "flex":
-            out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale, enable_gqa=True).transpose(1, 2)
+            out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale)
         else:
             out = self._sdpa(q, key, value, scale)
         return out.reshape(B0, Q, H, D)
 
     def _sdpa(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
-        B, H, _, D = q.shape
-        _, kv_heads, N, _ = key.shape
+        B, kv_heads, groups, D = q.shape
+        N = key.shape[2]
         ps = self.page_size
 
         def gather(pool: torch.Tensor) -> torch.Tensor:  # [B, Hkv, Wb * ps, D]
             by_page = pool[0].view(kv_heads, N // ps, ps, D).index_select(1, self.gathered.flatten())
             return by_page.view(kv_heads, B, -1, D).transpose(0, 1)
 
-        out = F.scaled_dot_product_attention(q.view(B, kv_heads, H // kv_heads, D), gather(key), gather(value),
-                                             attn_mask=self.visible.to(q.dtype), scale=scale)
-        return out.reshape(B, 1, H, D)
+        return F.scaled_dot_product_attention(q, gather(key), gather(value), attn_mask=self.visible.to(q.dtype),
+                                              scale=scale)
 
 
 def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, reads: torch.Tensor,
-               fill: torch.Tensor, page_size: int, kernel: str) -> PageReads:
+               fill: torch.Tensor, page_size: int, kernel: str, groups: int) -> PageReads:
     """The pages of each query: ``slot`` [B] its slot, ``reads`` [B, G] which of the slot's
     segments it reads, ``lengths`` [S, G] the tokens in every segment (this step's included),
-    ``table`` [S, G, M] the slots' page ids. Tensor operations only (static shapes) for flex; the
+    ``table`` [S, G, M] the slots' page ids; ``groups`` query heads share a KV head. Tensor operations only (static shapes) for flex; the
     sdpa kernel reads how many pages the busiest query reads (eager only)."""
     B = slot.shape[0]
     width = fill.shape[0]  # the BlockMask convention: one column per page of the pool
@@ -129,15 +131,15 @@ def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, r
 
     result = PageReads(*compact(full), *compact(partial), fill, page_size, kernel)
     if kernel == "flex":
-        result.block_mask = _block_mask(result, width * page_size)
+        result.block_mask = _block_mask(result, groups, width * page_size)
     else:
         result.gathered, result.visible = _gathered(result)
     return result
 
 
-def _block_mask(reads: PageReads, kv_len: int) -> BlockMask:
-    """The pages as FlexAttention kv blocks, one row per query; a partial page shows its first
-    ``fill`` tokens."""
+def _block_mask(reads: PageReads, groups: int, kv_len: int) -> BlockMask:
+    """The pages as FlexAttention kv blocks, one batch row per query (its ``groups`` heads as the
+    query axis); a partial page shows its first ``fill`` tokens."""
     ps, fill = reads.page_size, reads.fill
 
     def within_fill(b, h, q_idx, kv_idx):
@@ -148,7 +150,7 @@ def _block_mask(reads: PageReads, kv_len: int) -> BlockMask:
 
     return BlockMask.from_kv_blocks(
         rows(reads.partial_count), rows(reads.partial), rows(reads.full_count), rows(reads.full),
-        BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(1, kv_len), compute_q_blocks=False,
+        BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(groups, kv_len), compute_q_blocks=False,
     )
 
 

@@ -30,6 +30,7 @@ class PagedKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.fill = torch.zeros(num_pages, dtype=torch.long, device=device)
         self.num_pages, self.page_size = num_pages, page_size
+        self.groups = config.num_attention_heads // config.num_key_value_heads  # query heads per KV head
         self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
         self.no_mask = torch.zeros(1, 1, 1, 1, device=device)  # a 4-D mask makes transformers skip mask creation
         self._columns: torch.Tensor | None = None

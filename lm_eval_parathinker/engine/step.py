@@ -160,7 +160,7 @@ def decode_forward(model, cache: PagedKVCache, table: torch.Tensor, lengths: tor
     segment = segment_of(blocks, num_paths)
     cache.begin(columns(table, slot, segment, offsets, real, cache.page_size), real,
                 page_reads(table, lengths, slot.flatten(), segment_reads(blocks, real, num_paths).flatten(0, 1),
-                           cache.fill, cache.page_size, kernel))
+                           cache.fill, cache.page_size, kernel, cache.groups))
     return model(
         input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, cache=cache, use_cache=True,
         segment_ids=protocol.segment_id(blocks, thought_embedding), reads=cache.reads,
