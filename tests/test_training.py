@@ -22,14 +22,10 @@ from lm_eval_parathinker import protocol  # noqa: E402
 from lm_eval_parathinker.engine import ParaThinkerEngine  # noqa: E402
 from training import make_data  # noqa: E402
 from training.data import DataError, convert, load_records  # noqa: E402
-from training.sequence import (  # noqa: E402
-    IGNORE_INDEX,
-    Collator,
-    SequenceBuilder,
-    extrapolation_indices,
-    pack,
-)
-from training.sft import forward_logits, lm_loss, load_base  # noqa: E402
+from training.batching import Collator  # noqa: E402
+from training.sequence import IGNORE_INDEX, SequenceBuilder, extrapolation_indices, pack  # noqa: E402
+from training.sft import load_base  # noqa: E402
+from training.trainer import forward_logits, model_inputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -42,8 +38,14 @@ RECORDS = [
 ]
 
 
-def _batch(examples, tok):
-    return Collator(tok.pad_token_id)(examples)
+def _batch(examples, tok, **kwargs):
+    """A collated batch of one-record rows."""
+    return Collator(tok.pad_token_id, **kwargs)([(ex,) for ex in examples])
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """The training loss of a collated batch (the model's own: mean over the labelled tokens)."""
+    return model(**model_inputs(batch, model.config._attn_implementation)).loss
 
 
 @pytest.fixture(scope="module")
@@ -95,10 +97,10 @@ def test_path_isolation_logits_and_gradients(tiny):
     changed[pos2] = (changed[pos2] + 1) % 280
 
     def run(input_ids):
-        batch = _batch([ex], tok)
+        inputs = model_inputs(_batch([ex], tok), "sdpa")
         embeds = model.get_input_embeddings()(input_ids[None]).detach().requires_grad_(True)
-        logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
-                       segment_ids=batch["segment_ids"], use_cache=False).logits[0]
+        logits = model(inputs_embeds=embeds, position_ids=inputs["position_ids"], attention_mask=inputs["attention_mask"],
+                       segment_ids=inputs["segment_ids"], use_cache=False).logits[0]
         path1 = logits[blocks == 1]
         path1.log_softmax(-1).sum().backward()
         return logits.detach(), embeds.grad[0]
@@ -219,14 +221,16 @@ def test_collator_padding_changes_nothing(tiny):
     batch = _batch([short, long], tok)
     n = short.input_ids.numel()
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all() and (batch["input_ids"][0, n:] == tok.pad_token_id).all()
-    assert batch["attention_mask"].shape == (2, 1, long.input_ids.numel(), long.input_ids.numel())
-    assert (batch["attention_mask"][0, 0, :n, n:] == torch.finfo(torch.float32).min).all()
+    assert (batch["document_ids"][0, n:] == protocol.PAD_DOCUMENT).all() and (batch["document_ids"][:, :n] == 0).all()
+    mask = model_inputs(batch, "sdpa")["attention_mask"]
+    assert mask.shape == (2, 1, long.input_ids.numel(), long.input_ids.numel())
+    assert not mask[0, 0, :n, n:].any() and not mask[0, 0, n:, :n].any()  # pads and tokens never meet
     with torch.no_grad():
         padded = forward_logits(model, batch)
         alone = forward_logits(model, _batch([short], tok))
+        loss = lm_loss(model, batch)
     assert torch.isfinite(padded).all()
     torch.testing.assert_close(padded[0, :n], alone[0], atol=1e-5, rtol=0)
-    loss = lm_loss(padded, batch["labels"])
     manual = torch.nn.functional.cross_entropy(
         torch.cat([padded[0, : n - 1], padded[1, :-1]]), torch.cat([short.labels[1:], long.labels[1:]]), ignore_index=IGNORE_INDEX
     )
@@ -318,9 +322,9 @@ def _sft(tmp_path, base, out, *extra):
 
 def _dataset_loss(model, tok) -> float:
     builder = SequenceBuilder(tok)
-    batch = Collator(tok.pad_token_id)([builder.build(builder.encode(r)) for r in RECORDS])
+    batch = _batch([builder.build(builder.encode(r)) for r in RECORDS], tok)
     with torch.no_grad():
-        return lm_loss(forward_logits(model.eval(), batch), batch["labels"]).item()
+        return lm_loss(model.eval(), batch).item()
 
 
 def _initial_loss(base) -> float:
