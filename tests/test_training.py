@@ -675,3 +675,28 @@ def test_sequential_samples_are_the_evaluated_prompt_and_one_path():
     assert plain.decode(boxed.input_ids[n:-1]) == record["paths"][0] and boxed.input_ids[-1] == eos  # already boxed
     assert plain.decode(bare.input_ids[n:-1]) == "x is four \\boxed{4}" and bare.input_ids[-1] == eos
     assert len(cut.input_ids) - n == 19 and eos not in cut.input_ids[n:].tolist()  # cut: no EOS to learn
+
+
+def test_an_interrupted_checkpoint_save_leaves_no_checkpoint(base, data_file, tmp_path, monkeypatch):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from training.sft import build_trainer
+    from training.trainer import ParaThinkerTrainer
+
+    out = tmp_path / "crash"
+    args, training_args = parse_args(["--model", str(base), "--data", str(data_file), "--output", str(out), "--full",
+                                      "--max-steps", "2", "--save-steps", "1", "--disable_tqdm", "true"])
+    trainer, _ = build_trainer(args, training_args)
+    save_rng_state = ParaThinkerTrainer._save_rng_state
+
+    def crash_at_step_2(self, output_dir):
+        if self.state.global_step == 2:
+            raise OSError("disk full")
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(ParaThinkerTrainer, "_save_rng_state", crash_at_step_2)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-1") == resume_checkpoint(out, True)
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file()  # the complete one, from before

@@ -14,6 +14,11 @@ Not trained: the prompt, every ``<think k>`` (force-fed by the engine, and maske
 data), the pads after a closer (force-fed too) and the summary template (force-fed by the engine
 in one forward). Because every trained
 token follows a token of its own block in packed order, the usual shift-by-one loss is right.
+
+:class:`SequentialBuilder` makes the baseline's plain samples from the same records (one per path,
+no control tokens). Both builders give training units (``units``), their length and the
+:class:`TrainingExample` of a unit for one epoch (``sample``), which :mod:`training.batching` turns
+into rows and batches.
 """
 
 from __future__ import annotations

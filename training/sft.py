@@ -195,14 +195,15 @@ def save_final(trainer: ParaThinkerTrainer, tokenizer, out: Path, *, adapter: bo
 # -- run ----------------------------------------------------------------------------------------
 
 
-def train(args: argparse.Namespace, training_args: TrainingArguments) -> Path:
+def build_trainer(args: argparse.Namespace, training_args: TrainingArguments) -> tuple[ParaThinkerTrainer, str | None]:
+    """The trainer of a command line and the checkpoint to resume from. Data and the resume point
+    are checked before any output is written: bad input leaves nothing."""
     out = Path(args.output)
     set_seed(training_args.seed)  # the tables' and LoRA's initialisation
     attention = attention_implementation(args.attn_implementation, training_args.device)
     logger.info("attention: %s", attention)
     model, tokenizer = load_base(args.model, layout=args.layout, pad=args.compat == "official",
                                  attn_implementation=attention)
-    # data and the resume point are checked before any output is written: bad input leaves nothing
     train_set = build_dataset(args.data, build_builder(args, tokenizer, extrapolate=True), args, training_args.seed)
     eval_set = (build_dataset(args.eval_data, build_builder(args, tokenizer, extrapolate=False), args, training_args.seed)
                 if args.eval_data else None)
@@ -216,8 +217,14 @@ def train(args: argparse.Namespace, training_args: TrainingArguments) -> Path:
         model=model, args=training_args, data_collator=collator, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, callbacks=[EpochCallback(train_set), LossLogCallback(out)],
     )
+    return trainer, checkpoint
+
+
+def train(args: argparse.Namespace, training_args: TrainingArguments) -> Path:
+    trainer, checkpoint = build_trainer(args, training_args)
     trainer.train(resume_from_checkpoint=checkpoint)
-    save_final(trainer, tokenizer, out, adapter=args.save_adapter, merge=not args.full and not args.save_adapter)
+    out = Path(args.output)
+    save_final(trainer, trainer.processing_class, out, adapter=args.save_adapter, merge=not args.full and not args.save_adapter)
     return out
 
 
