@@ -154,9 +154,12 @@ def resume_checkpoint(out: Path, resume: bool | str) -> str | None:
     given one (``--resume_from_checkpoint PATH``); a checkpoint of the pre-Trainer loop is refused."""
     if not resume:
         return None
-    found = get_last_checkpoint(str(out)) if resume is True and out.is_dir() else (None if resume is True else resume)
-    if found is None:
-        raise DataError(f"{out}: --resume given but there is no checkpoint-*/")
+    if resume is True:
+        found = get_last_checkpoint(str(out)) if out.is_dir() else None
+        if found is None:
+            raise DataError(f"{out}: --resume given but there is no checkpoint-*/")
+    else:
+        found = resume
     state = Path(found) / "trainer_state.json"
     if not state.is_file():
         raise DataError(f"{found}: not a checkpoint (no trainer_state.json)")
