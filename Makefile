@@ -33,6 +33,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.engine --threads 2
 	$(PY) -m benchmarks.grading
+	$(PY) -m benchmarks.training --threads 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache

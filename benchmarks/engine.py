@@ -307,15 +307,8 @@ class Bench:
 
     def write(self, name: str, rows: list[dict], plot: Callable[[object], None]) -> Path:
         """``bench_<name>.csv`` and ``.png``; prints the rows as a table."""
-        self.output.mkdir(parents=True, exist_ok=True)
-        stem = self.output / f"bench_{name}{self.suffix}"
-        with open(stem.with_suffix(".csv"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        save_plot(plot, stem.with_suffix(".png"), f"{name} ({self.preset.shape}, {self.device}, {self.dtype_name})")
-        print_table(name, rows)
-        return stem.with_suffix(".csv")
+        title = f"{name} ({self.preset.shape}, {self.device}, {self.dtype_name})"
+        return write_results(self.output / f"bench_{name}{self.suffix}", name, rows, plot, title)
 
     @property
     def dtype_name(self) -> str:
@@ -339,6 +332,18 @@ def alternate(variants: dict[str, Callable[[], float]], repeats: int) -> dict[st
         for name, run in variants.items():
             best[name] = min(best[name], run())
     return best
+
+
+def write_results(stem: Path, name: str, rows: list[dict], plot: Callable[[object], None], title: str) -> Path:
+    """``stem.csv`` (the rows) and ``stem.png`` (``plot``); prints the rows as a table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with open(stem.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    save_plot(plot, stem.with_suffix(".png"), title)
+    print_table(name, rows)
+    return stem.with_suffix(".csv")
 
 
 def save_plot(plot: Callable[[object], None], path: Path, title: str) -> None:

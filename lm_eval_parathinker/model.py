@@ -43,7 +43,6 @@ from lm_eval.models.utils import (
     normalize_gen_kwargs,
     postprocess_generated_text,
 )
-from tqdm.auto import tqdm
 
 from . import embedded, journal, protocol, samples, scoring
 from .engine import EngineOptions, GenerationOutput, ParaThinkerEngine

@@ -22,6 +22,7 @@ checkpoint (block-aligned ``<vllm_pad>`` padding, EOS as an ordinary token, summ
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -260,6 +261,53 @@ def may_attend(query_block: torch.Tensor, key_block: torch.Tensor) -> torch.Tens
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A boolean attention mask as the additive float mask that eager and sdpa attention both take."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+# -- training batches: rows of one or more records (documents), right-padded ------------------
+
+PAD_DOCUMENT = -1  # document id of the padding at the end of a row
+FLEX_BLOCK_SIZE = 128  # FlexAttention's default block: rows are padded to a multiple of it
+
+
+def two_phase_mask_mod(block_ids: torch.Tensor, document_ids: torch.Tensor):
+    """The training attention rule as a FlexAttention ``mask_mod(b, h, q, kv)`` over a batch of
+    rows (``[B, L]`` block and document ids): causal, within one document (a packed row holds
+    several records), and :func:`may_attend` between blocks. Padding forms its own document, so
+    every query row keeps at least itself (no fully masked row, no NaN) and no real token sees a pad."""
+
+    def mask_mod(b, h, q, kv):
+        same_document = document_ids[b, q] == document_ids[b, kv]
+        return (kv <= q) & same_document & may_attend(block_ids[b, q], block_ids[b, kv])
+
+    return mask_mod
+
+
+def two_phase_dense_mask(block_ids: torch.Tensor, document_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`two_phase_mask_mod` materialised as a ``[B, 1, L, L]`` boolean mask (True: attend),
+    on the ids' device (SDPA and eager attention)."""
+    B, L = block_ids.shape
+    device = block_ids.device
+    b = torch.arange(B, device=device)[:, None, None, None]
+    q = torch.arange(L, device=device)[None, None, :, None]
+    kv = torch.arange(L, device=device)[None, None, None, :]
+    return two_phase_mask_mod(block_ids, document_ids)(b, 0, q, kv)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    # Compiled, the mask is evaluated block by block and never materialised as [L, L].
+    return torch.compile(create_block_mask)
+
+
+def two_phase_block_mask(block_ids: torch.Tensor, document_ids: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE):
+    """:func:`two_phase_mask_mod` as a FlexAttention ``BlockMask`` on the ids' device: blocks of
+    ``block_size`` x ``block_size`` that the rule masks entirely are skipped by the kernel."""
+    B, L = block_ids.shape
+    create = _compiled_create_block_mask()
+    return create(two_phase_mask_mod(block_ids, document_ids), B, None, L, L, device=block_ids.device,
+                  BLOCK_SIZE=block_size)
 
 
 def segment_id(block: torch.Tensor, thought_embedding: bool = True) -> torch.Tensor:

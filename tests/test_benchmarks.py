@@ -131,3 +131,61 @@ def test_bad_arguments_exit_with_a_clear_message(capsys):
         bench.parse_args(["--only", "width,nope"])
     assert err.value.code != 0
     assert "--only" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ training benchmarks
+
+TRAINING_COLUMNS = {
+    "training_attention": ["length", "paths", "path_len", "summary_len", "dense_bool_mib", "dense_fp32_mib",
+                           "block_mask_mib", "blocks_computed", "of_causal_blocks", "dense_build_s", "block_build_s",
+                           "block_first_call_s"],
+    "training_throughput": ["packing", "attention", "records", "rows", "optimizer_steps", "tokens", "seconds",
+                            "tokens_per_s", "runs", "ratio_to_unpacked"],
+    "training_step": ["check", "length", "paths", "attention", "pass", "seconds", "peak_gib", "max_rel_diff"],
+}
+
+
+@pytest.fixture(scope="module")
+def training_smoke(tmp_path_factory):
+    from benchmarks import training
+
+    out = tmp_path_factory.mktemp("training_bench")
+    paths = training.main(["--smoke", "--output", str(out)])
+    return out, paths
+
+
+@pytest.mark.parametrize("name", TRAINING_COLUMNS)
+def test_training_smoke_writes_csv_and_png(training_smoke, name):
+    out, paths = training_smoke
+    assert out / f"bench_{name}.csv" in paths
+    assert list(read(out / f"bench_{name}.csv")[0]) == TRAINING_COLUMNS[name]
+    assert (out / f"bench_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_attention_counts_the_blocks_of_the_two_phase_mask(training_smoke):
+    from benchmarks import training
+
+    out, _ = training_smoke
+    smoke = training.PRESETS["smoke"]
+    rows = read(out / "bench_training_attention.csv")
+    assert [int(r["paths"]) for r in rows] == list(smoke.attention_paths)
+    n = smoke.attention_length // 128
+    for r in rows:
+        assert float(r["dense_fp32_mib"]) == 4 * float(r["dense_bool_mib"]) == 4 * smoke.attention_length**2 / 2**20
+        assert float(r["block_mask_mib"]) < float(r["dense_bool_mib"]) / 100
+        # causal alone computes the lower-triangle blocks; the two-phase rule skips some of them
+        assert 0 < float(r["blocks_computed"]) < (n + 1) / (2 * n)
+        assert float(r["of_causal_blocks"]) == pytest.approx(float(r["blocks_computed"]) * n * n / (n * (n + 1) / 2))
+    assert float(rows[1]["blocks_computed"]) < float(rows[0]["blocks_computed"])  # more paths, more skipped blocks
+
+
+def test_training_step_and_throughput_smoke(training_smoke):
+    out, _ = training_smoke
+    step = read(out / "bench_training_step.csv")
+    check = step[-1]
+    assert check["check"] == "flex_vs_sdpa" and check["pass"] == "logits (CPU)" and float(check["max_rel_diff"]) < 1e-4
+    assert {r["attention"] for r in step[:-1]} == {"sdpa", "flex_attention"}
+    unpacked, packed = read(out / "bench_training_throughput.csv")
+    assert unpacked["packing"] == "False" and packed["packing"] == "True"
+    assert unpacked["tokens"] == packed["tokens"] and int(packed["rows"]) < int(unpacked["rows"]) == int(unpacked["records"])
+    assert float(packed["ratio_to_unpacked"]) == pytest.approx(float(packed["tokens_per_s"]) / float(unpacked["tokens_per_s"]))

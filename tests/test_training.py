@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -16,20 +17,17 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny import DATA_DIR, save_tiny_checkpoint, tiny_parathinker  # noqa: E402
+from tiny import DATA_DIR, save_tiny_checkpoint, tiny_parathinker, tiny_tokenizer  # noqa: E402
 
 from lm_eval_parathinker import protocol  # noqa: E402
 from lm_eval_parathinker.engine import ParaThinkerEngine  # noqa: E402
 from training import make_data  # noqa: E402
 from training.data import DataError, convert, load_records  # noqa: E402
-from training.sequence import (  # noqa: E402
-    IGNORE_INDEX,
-    Collator,
-    SequenceBuilder,
-    extrapolation_indices,
-    pack,
-)
-from training.sft import forward_logits, lm_loss, load_base  # noqa: E402
+from training.batching import Collator, SFTDataset  # noqa: E402
+from training.arguments import parse_args  # noqa: E402
+from training.sequence import IGNORE_INDEX, SequenceBuilder, SequentialBuilder, extrapolation_indices, pack  # noqa: E402
+from training.sft import load_base, resume_checkpoint  # noqa: E402
+from training.trainer import forward_logits, model_inputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -42,8 +40,14 @@ RECORDS = [
 ]
 
 
-def _batch(examples, tok):
-    return Collator(tok.pad_token_id)(examples)
+def _batch(examples, tok, **kwargs):
+    """A collated batch of one-record rows."""
+    return Collator(tok.pad_token_id, **kwargs)([(ex,) for ex in examples])
+
+
+def lm_loss(model, batch) -> torch.Tensor:
+    """The training loss of a collated batch (the model's own: mean over the labelled tokens)."""
+    return model(**model_inputs(batch, model.config._attn_implementation)).loss
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +88,41 @@ def test_training_forward_matches_engine_logits(arch, compat):
     torch.testing.assert_close(logits[start : start + n], out.summary_logits, atol=1e-4, rtol=0)
 
 
+def _reference_logits(model, ex) -> torch.Tensor:
+    """Logits of one row computed without the protocol's mask code: every path as its own plain
+    causal sequence (prompt + that path, at the row's positions and segment ids), and the prompt and
+    summary from one forward under a mask written out here token by token."""
+    blocks, pos, seg = ex.layout.block_ids, ex.layout.position_ids, ex.layout.segment_ids
+    n = blocks.numel()
+    q, kv = blocks[:, None], blocks[None, :]  # query i sees key j <= i of the prompt, its own block, or all (summary)
+    allowed = torch.ones(n, n, dtype=torch.bool).tril() & ((kv == 0) | (kv == q) | (q == -1))
+    with torch.no_grad():
+        out = model(input_ids=ex.input_ids[None], position_ids=pos[None], segment_ids=seg[None],
+                    attention_mask=allowed[None, None], use_cache=False).logits[0]
+        for k in blocks[blocks > 0].unique().tolist():
+            keep = (blocks == 0) | (blocks == k)
+            alone = model(input_ids=ex.input_ids[keep][None], position_ids=pos[keep][None],
+                          segment_ids=seg[keep][None], use_cache=False).logits[0]
+            out[blocks == k] = alone[blocks[keep] == k]
+    return out
+
+
+@pytest.mark.parametrize("compat", [protocol.PAPER, protocol.OFFICIAL], ids=["paper", "official"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3"])
+def test_training_forward_matches_full_sequence_reference(arch, compat):
+    """Renamed paths (extrapolation) and right padding in a batch of two, through the collator and
+    the trainer's inputs, against the reference of each row alone."""
+    model, tok = tiny_parathinker(arch, official=compat is protocol.OFFICIAL)
+    builder = SequenceBuilder(tok, compat=compat)
+    long_record = {**RECORDS[2], "paths": [*RECORDS[2]["paths"], "a fourth path, longer than the others by far"]}
+    rows = [builder.build(builder.encode(RECORDS[1]), [8, 2, 7]), builder.build(builder.encode(long_record), [1, 7, 3, 8])]
+    with torch.no_grad():
+        logits = forward_logits(model, _batch(rows, tok))
+    assert rows[0].input_ids.numel() < logits.shape[1]  # the first row is padded
+    for b, ex in enumerate(rows):
+        torch.testing.assert_close(logits[b, : ex.input_ids.numel()], _reference_logits(model, ex), atol=1e-4, rtol=0)
+
+
 def test_path_isolation_logits_and_gradients(tiny):
     model, tok = tiny
     builder = SequenceBuilder(tok)
@@ -95,10 +134,10 @@ def test_path_isolation_logits_and_gradients(tiny):
     changed[pos2] = (changed[pos2] + 1) % 280
 
     def run(input_ids):
-        batch = _batch([ex], tok)
+        inputs = model_inputs(_batch([ex], tok), "sdpa")
         embeds = model.get_input_embeddings()(input_ids[None]).detach().requires_grad_(True)
-        logits = model(inputs_embeds=embeds, position_ids=batch["position_ids"], attention_mask=batch["attention_mask"],
-                       segment_ids=batch["segment_ids"], use_cache=False).logits[0]
+        logits = model(inputs_embeds=embeds, position_ids=inputs["position_ids"], attention_mask=inputs["attention_mask"],
+                       segment_ids=inputs["segment_ids"], use_cache=False).logits[0]
         path1 = logits[blocks == 1]
         path1.log_softmax(-1).sum().backward()
         return logits.detach(), embeds.grad[0]
@@ -219,18 +258,79 @@ def test_collator_padding_changes_nothing(tiny):
     batch = _batch([short, long], tok)
     n = short.input_ids.numel()
     assert (batch["labels"][0, n:] == IGNORE_INDEX).all() and (batch["input_ids"][0, n:] == tok.pad_token_id).all()
-    assert batch["attention_mask"].shape == (2, 1, long.input_ids.numel(), long.input_ids.numel())
-    assert (batch["attention_mask"][0, 0, :n, n:] == torch.finfo(torch.float32).min).all()
+    assert (batch["document_ids"][0, n:] == protocol.PAD_DOCUMENT).all() and (batch["document_ids"][:, :n] == 0).all()
+    mask = model_inputs(batch, "sdpa")["attention_mask"]
+    assert mask.shape == (2, 1, long.input_ids.numel(), long.input_ids.numel())
+    assert not mask[0, 0, :n, n:].any() and not mask[0, 0, n:, :n].any()  # pads and tokens never meet
     with torch.no_grad():
         padded = forward_logits(model, batch)
         alone = forward_logits(model, _batch([short], tok))
+        loss = lm_loss(model, batch)
     assert torch.isfinite(padded).all()
     torch.testing.assert_close(padded[0, :n], alone[0], atol=1e-5, rtol=0)
-    loss = lm_loss(padded, batch["labels"])
     manual = torch.nn.functional.cross_entropy(
         torch.cat([padded[0, : n - 1], padded[1, :-1]]), torch.cat([short.labels[1:], long.labels[1:]]), ignore_index=IGNORE_INDEX
     )
     torch.testing.assert_close(loss, manual)
+
+
+def _token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of every labelled position (0 elsewhere)."""
+    return torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="none")
+
+
+def test_packed_row_loss_per_record_equals_each_record_alone(tiny):
+    model, tok = tiny
+    builder = SequenceBuilder(tok, max_length=900, extrapolate_prob=1.0)
+    dataset = SFTDataset(RECORDS[:4], builder, packing=True, seed=0)
+    lengths = [builder.length(u) for u in dataset.units]
+    assert len(dataset) < len(dataset.units)  # several records share a row
+    assert sorted(u for row in dataset.rows for u in row) == list(range(4))
+    assert all(sum(lengths[u] for u in row) <= 900 for row in dataset.rows)
+    row = max((dataset[i] for i in range(len(dataset))), key=len)
+    assert len(row) >= 2
+    batch = Collator(tok.pad_token_id, pad_to_multiple_of=128)([row])
+    assert batch["input_ids"].shape[1] % 128 == 0
+    with torch.no_grad():
+        packed = forward_logits(model, batch)[0]
+        packed_loss = lm_loss(model, batch)
+    losses, start, total, count = _token_losses(packed, batch["labels"][0]), 0, 0.0, 0
+    for doc, ex in enumerate(row):
+        n = ex.input_ids.numel()
+        assert (batch["document_ids"][0, start : start + n] == doc).all()
+        assert torch.equal(batch["position_ids"][0, start : start + n], ex.layout.position_ids)  # restart per record
+        with torch.no_grad():
+            alone = forward_logits(model, _batch([ex], tok))[0]
+        torch.testing.assert_close(packed[start : start + n], alone, atol=1e-5, rtol=0)
+        expected = _token_losses(alone, ex.labels)
+        torch.testing.assert_close(losses[start : start + n - 1], expected, atol=1e-5, rtol=0)
+        total, count = total + expected.sum(), count + int((ex.labels[1:] != IGNORE_INDEX).sum())
+        start += n
+    # the row's loss is the mean over all its records' labelled tokens (longer records weigh more)
+    torch.testing.assert_close(packed_loss, total / count, atol=1e-5, rtol=0)
+
+
+def test_flex_block_mask_forward_equals_sdpa():
+    """The CUDA path (FlexAttention with the protocol's BlockMask, compiled) on the CPU in inference:
+    same logits as SDPA with the dense mask, on a batch with a packed row and padding."""
+    # Compile afresh for this batch's static shapes: after other lengths (the benchmarks' smoke run in
+    # this process) the compiled kernels go dynamic, and inductor's CPU flex template fails to build
+    # for dynamic shapes (torch 2.13; CUDA kernels are triton's).
+    torch.compiler.reset()
+    model, tok = tiny_parathinker("qwen2")
+    builder = SequenceBuilder(tok)
+    examples = [builder.build(builder.encode(r), idx) for r, idx in zip(RECORDS[:3], ([1, 2, 3], [8, 2, 7], None))]
+    batch = Collator(tok.pad_token_id, pad_to_multiple_of=protocol.FLEX_BLOCK_SIZE)([tuple(examples[:2]), (examples[2],)])
+    block_mask = model_inputs(batch, "flex_attention")["attention_mask"]
+    dense = protocol.two_phase_dense_mask(batch["block_ids"], batch["document_ids"])
+    blocks = dense.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).any(dim=(3, 5))  # [B, 1, Lq/128, Lk/128]
+    assert torch.equal(block_mask.to_dense().bool(), blocks) and not blocks.all()  # some blocks are skipped
+    with torch.no_grad():
+        sdpa = forward_logits(model, batch)
+        model.set_attn_implementation("flex_attention")
+        flex = forward_logits(model, batch)
+    real = batch["document_ids"] != protocol.PAD_DOCUMENT
+    torch.testing.assert_close(flex[real], sdpa[real], atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------ data files
@@ -318,9 +418,9 @@ def _sft(tmp_path, base, out, *extra):
 
 def _dataset_loss(model, tok) -> float:
     builder = SequenceBuilder(tok)
-    batch = Collator(tok.pad_token_id)([builder.build(builder.encode(r)) for r in RECORDS])
+    batch = _batch([builder.build(builder.encode(r)) for r in RECORDS], tok)
     with torch.no_grad():
-        return lm_loss(forward_logits(model.eval(), batch), batch["labels"]).item()
+        return lm_loss(model.eval(), batch).item()
 
 
 def _initial_loss(base) -> float:
@@ -330,11 +430,11 @@ def _initial_loss(base) -> float:
     return _dataset_loss(*load_base(str(base)))
 
 
-def _lm_eval(model_args: str, tmp_path, max_gen_toks: int = 6) -> dict:
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", "parathinker", "--model_args", model_args,
+def _lm_eval(model_args: str, tmp_path, max_gen_toks: int = 6, model: str = "parathinker", *extra: str) -> dict:
+    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", model, "--model_args", model_args,
            "--tasks", "aime24", "--limit", "1", "--gen_kwargs", f"max_gen_toks={max_gen_toks}",
            "--metadata", json.dumps({"repeats": 1, "data_dir": str(DATA_DIR)}),
-           "--output_path", str(tmp_path / "eval"), "--log_samples"]
+           "--output_path", str(tmp_path / "eval"), "--log_samples", *extra]
     tmp_path.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -416,3 +516,191 @@ def test_resume_continues_from_saved_step(base, data_file):
     for a, b in zip(rows, reference):  # same data order, RNG and optimizer state as an uninterrupted run
         assert abs(float(a["loss"]) - float(b["loss"])) < 1e-4, (a, b)
     assert (out / "config.json").is_file() and not list(out.glob(".*.tmp"))
+
+
+def _loss_csv(out: Path) -> list[dict]:
+    with open(out / "loss.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+EVAL_RECORDS = [
+    {"problem": "What is 10 - 4?", "answer": "6", "paths": ["10 - 4 = 6", "Take 4 from 10 to get \\boxed{6}."]},
+    {"problem": "What is 2 * 5?", "answer": "10", "paths": ["2 * 5 = 10", "Five twice is 10.", "x = 10"]},
+]
+
+
+@pytest.fixture(scope="module")
+def scheduled_run(base, data_file):
+    """One run for three checks: cosine schedule with warmup, tensorboard, an eval loss every 4 steps."""
+    tmp = data_file.parent
+    eval_file = tmp / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in EVAL_RECORDS))
+    out = tmp / "scheduled"
+    _sft(tmp, base, out, "--full", "--learning-rate", "1e-3", "--epochs", "2", "--max-steps", "8",
+         "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.25", "--report_to", "tensorboard",
+         "--eval-data", str(eval_file), "--eval_strategy", "steps", "--eval_steps", "4")
+    return out, _loss_csv(out)
+
+
+def test_cosine_schedule_with_warmup_shows_in_logged_lr(scheduled_run):
+    _, rows = scheduled_run
+    total, warmup = 8, 2  # warmup_ratio 0.25 of 8 steps
+    for row in rows:
+        s = int(row["step"]) - 1  # the LR a step ran with: after s scheduler steps
+        factor = s / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+        assert float(row["lr"]) == pytest.approx(1e-3 * factor, abs=1e-12), row
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+
+
+def test_report_to_tensorboard_writes_event_files(scheduled_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, rows = scheduled_run
+    (events,) = out.rglob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    logged = {e.step: e.value for e in acc.Scalars("train/loss")}
+    assert logged == pytest.approx({int(r["step"]): float(r["loss"]) for r in rows}, rel=1e-6)
+    assert [e.step for e in acc.Scalars("eval/loss")] == [4, 8]
+
+
+def test_eval_data_logs_eval_loss(scheduled_run):
+    from transformers import AutoTokenizer
+
+    from lm_eval_parathinker.thought_embedding import load_parathinker_model
+
+    out, rows = scheduled_run
+    evaluated = {int(r["step"]): float(r["eval_loss"]) for r in rows if r["eval_loss"]}
+    assert sorted(evaluated) == [4, 8]
+    model, tok = load_parathinker_model(out).eval(), AutoTokenizer.from_pretrained(out)
+    builder = SequenceBuilder(tok)
+    with torch.no_grad():  # the final model = the one evaluated after step 8: mean over the eval rows (batch 1)
+        per_row = [lm_loss(model, _batch([builder.build(builder.encode(r))], tok)).item() for r in EVAL_RECORDS]
+    assert evaluated[8] == pytest.approx(sum(per_row) / len(per_row), abs=1e-4)
+
+
+def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(base, data_file):
+    tmp = data_file.parent
+    common = ["--model", str(base), "--data", str(data_file), "--full", "--learning-rate", "1e-3", "--max-steps", "3",
+              "--seed", "0"]
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "training.sft"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*torchrun, *common, "--output", str(tmp / "ddp")], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _sft(tmp, base, tmp / "single", "--full", "--learning-rate", "1e-3", "--max-steps", "3", "--batch-size", "2")
+    ddp, single = _loss_csv(tmp / "ddp"), _loss_csv(tmp / "single")
+    assert len(ddp) == 3 and float(ddp[-1]["epoch"]) == 1.0  # 6 rows, one per rank and step: one epoch
+    for a, b in zip(ddp, single):  # rank r takes row r of each global batch: the same rows and gradients
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-5)
+        assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-4)
+    assert (tmp / "ddp" / "config.json").is_file() and not list((tmp / "ddp").glob(".*.tmp"))
+
+
+def test_sequential_layout_checkpoint_is_evaluated_by_model_hf(base, data_file):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    tmp = data_file.parent
+    out = tmp / "sequential"
+    proc = _sft(tmp, base, out, "--layout", "sequential", "--full", "--learning-rate", "1e-3", "--max-steps", "3",
+                "--packing", "--max-length", "256")
+    assert "18 samples packed into" in proc.stderr  # 6 records x 3 paths
+    tok = AutoTokenizer.from_pretrained(out)
+    assert protocol.SUMMARY_OPEN not in tok.get_vocab()
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert not [k for k in f.keys() if "seg_embeddings" in k]
+    res = _lm_eval(f"pretrained={out},dtype=float32", tmp / "eval_sequential", 6, "hf", "--apply_chat_template",
+                   "--device", "cpu")
+    assert "aime24" in res["results"]
+    (samples,) = (tmp / "eval_sequential" / "eval").rglob("samples_aime24_*.jsonl")
+    sample = json.loads(samples.read_text().splitlines()[0])
+    # trained on exactly the prompt lm_eval --apply_chat_template evaluates
+    assert sample["arguments"]["gen_args_0"]["arg_0"] == SequentialBuilder(tok).prompt_text(sample["doc"]["problem"])
+
+
+# ------------------------------------------------------------------ command line
+
+
+def _parse_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--model", "m", "--data", "d", "--output", "o", *argv])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_training_arguments_pass_through_with_the_project_defaults(tmp_path, capsys):
+    args, ta = parse_args(["--model", "m", "--data", "d", "--output", str(tmp_path), "--full"])
+    assert (ta.learning_rate, ta.weight_decay, ta.max_grad_norm, ta.num_train_epochs, ta.seed) == (1e-5, 0.05, 0.5, 3, 0)
+    assert (ta.lr_scheduler_type.value, ta.max_steps, ta.save_steps, ta.save_total_limit, ta.logging_steps) == ("constant", -1, 0, 2, 1)
+    assert ta.remove_unused_columns is False and args.resume is False
+    config = tmp_path / "ta.yaml"
+    config.write_text("lr_scheduler_type: cosine\nwarmup_ratio: 0.1\nlearning_rate: 2.0e-5\nreport_to: [tensorboard]\n")
+    _, ta = parse_args(["--model", "m", "--data", "d", "--output", str(tmp_path), "--training-args", str(config),
+                        "--lr_scheduler_type", "linear", "--resume_from_checkpoint", "x"])
+    assert (ta.lr_scheduler_type.value, ta.warmup_steps, ta.learning_rate, ta.report_to) == ("linear", 0.1, 2e-5, ["tensorboard"])
+    assert "set the same thing" in _parse_error(capsys, "--learning-rate", "1e-4", "--learning_rate", "1e-4")
+    assert "--save-steps and --save_steps" in _parse_error(capsys, "--save-steps", "5", "--save_steps", "5")
+    assert "--logging_steps must be 1" in _parse_error(capsys, "--logging_steps", "10")
+    assert "unrecognized arguments: --no_such_field" in _parse_error(capsys, "--no_such_field", "1")
+    assert "--eval_strategy steps needs --eval-data" in _parse_error(capsys, "--eval_strategy", "steps")
+    config.write_text("{bad")
+    assert f"--training-args {config}" in _parse_error(capsys, "--training-args", str(config))
+    bad_keys = tmp_path / "ta.json"
+    bad_keys.write_text(json.dumps({"learning_rate": 1e-5, "lernrate": 1}))
+    assert "not TrainingArguments fields: lernrate" in _parse_error(capsys, "--training-args", str(bad_keys))
+
+
+def test_resume_refuses_a_checkpoint_of_the_old_loop(tmp_path):
+    old = tmp_path / "checkpoint-4"
+    old.mkdir()
+    (old / "trainer_state.json").write_text(json.dumps({"step": 4, "epoch": 0, "batches_done": 4}))
+    with pytest.raises(DataError, match="before the Trainer rebuild"):
+        resume_checkpoint(tmp_path, True)
+    with pytest.raises(DataError, match="no checkpoint"):
+        resume_checkpoint(tmp_path / "empty", True)
+
+
+def test_sequential_samples_are_the_evaluated_prompt_and_one_path():
+    plain = tiny_tokenizer()
+    builder = SequentialBuilder(plain, max_path_tokens=20)
+    record = {**RECORDS[1], "paths": ["so \\(\\boxed{4}\\).", "x is four",
+                                      "a path far too long for the twenty-token budget of this test, so it is cut"]}
+    boxed, bare, cut = builder.units(record)
+    prompt = builder.prompt_text(record["problem"])
+    assert prompt == plain.apply_chat_template([{"role": "user", "content": protocol.TASK_QUESTION.format(problem=record["problem"])}],
+                                               tokenize=False, add_generation_prompt=True)
+    n = len(plain(prompt)["input_ids"])
+    for ex in (boxed, bare, cut):
+        assert ex.input_ids[:n].tolist() == plain(prompt)["input_ids"] and (ex.labels[:n] == IGNORE_INDEX).all()
+        assert torch.equal(ex.labels[n:], ex.input_ids[n:]) and (ex.layout.block_ids == 0).all()
+        assert torch.equal(ex.layout.position_ids, torch.arange(ex.input_ids.numel()))
+    eos = plain.eos_token_id
+    assert plain.decode(boxed.input_ids[n:-1]) == record["paths"][0] and boxed.input_ids[-1] == eos  # already boxed
+    assert plain.decode(bare.input_ids[n:-1]) == "x is four \\boxed{4}" and bare.input_ids[-1] == eos
+    assert len(cut.input_ids) - n == 19 and eos not in cut.input_ids[n:].tolist()  # cut: no EOS to learn
+
+
+def test_an_interrupted_checkpoint_save_leaves_no_checkpoint(base, data_file, tmp_path, monkeypatch):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from training.sft import build_trainer
+    from training.trainer import ParaThinkerTrainer
+
+    out = tmp_path / "crash"
+    args, training_args = parse_args(["--model", str(base), "--data", str(data_file), "--output", str(out), "--full",
+                                      "--max-steps", "2", "--save-steps", "1", "--disable_tqdm", "true"])
+    trainer, _ = build_trainer(args, training_args)
+    save_rng_state = ParaThinkerTrainer._save_rng_state
+
+    def crash_at_step_2(self, output_dir):
+        if self.state.global_step == 2:
+            raise OSError("disk full")
+        save_rng_state(self, output_dir)
+
+    monkeypatch.setattr(ParaThinkerTrainer, "_save_rng_state", crash_at_step_2)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-1") == resume_checkpoint(out, True)
+    assert (out / "checkpoint-1" / "trainer_state.json").is_file()  # the complete one, from before

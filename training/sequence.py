@@ -14,11 +14,17 @@ Not trained: the prompt, every ``<think k>`` (force-fed by the engine, and maske
 data), the pads after a closer (force-fed too) and the summary template (force-fed by the engine
 in one forward). Because every trained
 token follows a token of its own block in packed order, the usual shift-by-one loss is right.
+
+:class:`SequentialBuilder` makes the baseline's plain samples from the same records (one per path,
+no control tokens). Both builders give training units (``units``), their length and the
+:class:`TrainingExample` of a unit for one epoch (``sample``), which :mod:`training.batching` turns
+into rows and batches.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +32,7 @@ import torch
 
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.protocol import PAPER, Compat, ControlTokenIds, SequenceLayout
+from lm_eval_parathinker.scoring.answer import last_box
 
 IGNORE_INDEX = -100
 
@@ -48,6 +55,10 @@ class EncodedRecord:
     paths: list[list[int]]
     truncated: list[bool]
     summary: list[int]  # the text after the template, without </summary>
+
+
+def _tokens(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def pack(
@@ -102,6 +113,7 @@ class SequenceBuilder:
         max_path_tokens: int | None = None,
         max_length: int | None = None,
         max_paths: int | None = None,
+        extrapolate_prob: float = 0.0,
     ):
         if max_path_tokens is not None and max_path_tokens < 3:
             raise ValueError(f"max_path_tokens={max_path_tokens} must leave room for <think k>, a token and </think k>")
@@ -118,9 +130,18 @@ class SequenceBuilder:
         self.max_path_tokens = max_path_tokens
         self.max_length = max_length
         self.max_paths = max_paths
+        self.extrapolate_prob = extrapolate_prob
 
     def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return _tokens(self.tokenizer, text)
+
+    def units(self, record: dict) -> list[EncodedRecord | None]:
+        """The training units of a record: the record itself (None when it does not fit)."""
+        return [self.encode(record)]
+
+    def sample(self, enc: EncodedRecord, rng: random.Random) -> TrainingExample:
+        """The row of ``enc`` for one epoch: paths renamed for extrapolation as ``rng`` draws."""
+        return self.build(enc, extrapolation_indices(len(enc.paths), self.ids.num_control_paths, self.extrapolate_prob, rng))
 
     def encode(self, record: dict) -> EncodedRecord | None:
         """Tokenize a record; None when even its first two paths exceed ``max_length``."""
@@ -162,65 +183,72 @@ class SequenceBuilder:
         return pack(enc.prompt, blocks, summary, path_indices=indices, trained=trained, compat=self.compat)
 
 
-class MultiPathDataset(torch.utils.data.Dataset):
-    """Encoded records, shuffled per epoch and renamed for extrapolation deterministically from
-    (seed, epoch, index), so a resumed run sees exactly the batches it would have seen."""
-
-    def __init__(self, records: Sequence[dict], builder: SequenceBuilder, *, extrapolate_prob: float = 0.3, seed: int = 0):
-        encoded = [builder.encode(r) for r in records]
-        self.items = [e for e in encoded if e is not None]
-        self.skipped = len(encoded) - len(self.items)
-        if not self.items:
-            raise ValueError(f"no record fits max_length={builder.max_length}")
-        self.builder = builder
-        self.extrapolate_prob = extrapolate_prob
-        self.seed = seed
-        self.start_epoch(0)
-
-    def start_epoch(self, epoch: int) -> None:
-        """Not named set_epoch: accelerate would call that itself with its own iteration count."""
-        self.epoch = epoch
-        self.order = list(range(len(self.items)))
-        random.Random(f"{self.seed}-order-{epoch}").shuffle(self.order)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> TrainingExample:
-        enc = self.items[self.order[i]]
-        rng = random.Random(f"{self.seed}-rename-{self.epoch}-{i}")
-        n = self.builder.ids.num_control_paths
-        return self.builder.build(enc, extrapolation_indices(len(enc.paths), n, self.extrapolate_prob, rng))
+_CLOSING_TAIL = re.compile(r"(?:\s|[.$*)\]]|\\[)\]])*")  # what may follow a final answer: punctuation, math closers
 
 
-@dataclass
-class Collator:
-    """Right-pads a batch; pad tokens are masked out of attention and labels. Returns the model
-    inputs plus ``labels``; ``attention_mask`` is the [B, 1, L, L] additive mask in ``dtype``."""
+def ends_in_boxed(text: str) -> bool:
+    """True when ``text`` ends with a complete ``\\boxed{...}`` (closing punctuation aside)."""
+    box = last_box(text)
+    return box is not None and box[0] is not None and _CLOSING_TAIL.fullmatch(text[box[2]:]) is not None
 
-    pad_token_id: int
-    dtype: torch.dtype = torch.float32
 
-    def __call__(self, batch: Sequence[TrainingExample]) -> dict[str, torch.Tensor]:
-        width = max(ex.input_ids.numel() for ex in batch)
-        B = len(batch)
-        input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros(B, width, dtype=torch.long)
-        segments = torch.zeros(B, width, dtype=torch.long)
-        allowed = torch.zeros(B, width, width, dtype=torch.bool)
-        for b, ex in enumerate(batch):
-            n = ex.input_ids.numel()
-            input_ids[b, :n], labels[b, :n] = ex.input_ids, ex.labels
-            positions[b, :n], segments[b, :n] = ex.layout.position_ids, ex.layout.segment_ids
-            allowed[b, :n, :n] = ex.layout.attention_mask()
-        # A pad query sees only itself: its row stays finite (no NaN) and it affects nothing.
-        allowed |= torch.eye(width, dtype=torch.bool)
-        mask = protocol.additive_mask(allowed, self.dtype)
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": positions,
-            "segment_ids": segments,
-            "attention_mask": mask[:, None],
-        }
+class SequentialBuilder:
+    """Plain samples for the sequential-SFT baseline (fine-tuning on the same records without the
+    parallel layout): each path is its own sequence after the evaluated prompt, the task's
+    question (:data:`protocol.TASK_QUESTION`, the tasks' ``doc_to_text``) under the model's chat
+    template exactly as ``lm_eval --apply_chat_template`` builds and encodes it (the question alone
+    when the tokenizer has no chat template, as ``lm_eval`` without that flag). A path that does not
+    end in ``\\boxed{...}`` gets `` \\boxed{answer}`` appended; the sequence ends with EOS.
+
+    Labels: the path, the appended answer and EOS (no EOS for a path cut by ``max_path_tokens``,
+    which counts the path, the appended answer and EOS). No control tokens, no thought embeddings:
+    the checkpoint is a plain model.
+    """
+
+    def __init__(self, tokenizer, *, max_path_tokens: int | None = None, max_length: int | None = None,
+                 max_paths: int | None = None):
+        if max_path_tokens is not None and max_path_tokens < 2:
+            raise ValueError(f"max_path_tokens={max_path_tokens} must leave room for a token and EOS")
+        if max_paths is not None and max_paths < 1:
+            raise ValueError(f"max_paths={max_paths} must be at least 1")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token to end a sample with")
+        self.tokenizer = tokenizer
+        self.max_path_tokens = max_path_tokens
+        self.max_length = max_length
+        self.max_paths = max_paths
+
+    def prompt_text(self, problem: str) -> str:
+        """The prompt string ``lm_eval`` hands the model for ``problem`` (lm-eval's HFLM.apply_chat_template)."""
+        question = protocol.TASK_QUESTION.format(problem=problem)
+        if not getattr(self.tokenizer, "chat_template", None):
+            return question
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+
+    def units(self, record: dict) -> list[TrainingExample | None]:
+        """One sample per path (None for a sample longer than ``max_length``)."""
+        prompt = PAPER.prompt_ids(self.prompt_text(record["problem"]), self.tokenizer)  # as HFLM encodes it
+        samples = []
+        for path in record["paths"][: self.max_paths]:
+            text = path if ends_in_boxed(path) else f"{path} \\boxed{{{record['answer']}}}"
+            body = _tokens(self.tokenizer, text)
+            keep = len(body) if self.max_path_tokens is None else min(len(body), self.max_path_tokens - 1)
+            completion = body[:keep] + ([self.tokenizer.eos_token_id] if keep == len(body) else [])
+            if self.max_length is not None and len(prompt) + len(completion) > self.max_length:
+                samples.append(None)
+                continue
+            input_ids = torch.tensor(prompt + completion, dtype=torch.long)
+            labels = input_ids.clone()
+            labels[: len(prompt)] = IGNORE_INDEX
+            layout = protocol.sequence_layout(len(input_ids), [], 0)  # one prompt block: causal, positions 0..n-1
+            samples.append(TrainingExample(input_ids=input_ids, labels=labels, layout=layout, path_indices=()))
+        return samples
+
+    def length(self, example: TrainingExample) -> int:
+        return example.input_ids.numel()
+
+    def sample(self, example: TrainingExample, rng: random.Random) -> TrainingExample:
+        """A plain sample is the same every epoch."""
+        return example

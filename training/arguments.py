@@ -1,0 +1,226 @@
+"""The command line of ``python -m training.sft``: the project's flags plus transformers' ``TrainingArguments``.
+
+Every ``TrainingArguments`` field is accepted as ``--field_name VALUE`` (``--lr_scheduler_type cosine
+--warmup_ratio 0.1 --report_to tensorboard --deepspeed ds.json ...``) or from a JSON/YAML file
+(``--training-args FILE``; the command line wins over the file). Where a project flag sets a field
+(:data:`FLAG_FIELDS`), the flag's default and meaning hold and giving both is an error. A few fields
+are fixed because the rest of the command relies on them (:data:`FIXED_FIELDS`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from lm_eval_parathinker.protocol import COMPAT_CHOICES
+
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+LAYOUTS = ("parathinker", "sequential")
+ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex_attention")
+
+# project flag (dest) -> the TrainingArguments field it sets
+FLAG_FIELDS = {
+    "output": "output_dir",
+    "learning_rate": "learning_rate",
+    "weight_decay": "weight_decay",
+    "max_grad_norm": "max_grad_norm",
+    "epochs": "num_train_epochs",
+    "batch_size": "per_device_train_batch_size",
+    "gradient_accumulation_steps": "gradient_accumulation_steps",
+    "save_steps": "save_steps",
+    "save_total_limit": "save_total_limit",
+    "max_steps": "max_steps",
+    "seed": "seed",
+    "bf16": "bf16",
+    "gradient_checkpointing": "activation_checkpointing",
+    "resume": "resume_from_checkpoint",
+    "warmup_ratio": "warmup_steps",  # transformers 4's name, still in LLaMA-Factory and the official recipe
+}
+# the project flags' defaults where the field's differ (learning_rate: 1e-5 full, 1e-4 LoRA)
+FLAG_DEFAULTS = {"weight_decay": 0.05, "max_grad_norm": 0.5, "epochs": 3, "batch_size": 1,
+                 "gradient_accumulation_steps": 1, "save_steps": 0, "save_total_limit": 2, "max_steps": 0,
+                 "seed": 0, "bf16": False, "gradient_checkpointing": False, "resume": False}
+# field -> (its value here, why)
+FIXED_FIELDS = {
+    "logging_strategy": ("steps", "loss.csv has one row per optimizer step"),
+    "logging_steps": (1, "loss.csv has one row per optimizer step"),
+    "remove_unused_columns": (False, "the collator's segment, block and document ids must reach the trainer"),
+}
+# transformers 5's deprecated spellings -> the fields they set
+RENAMED_FIELDS = {"gradient_checkpointing": "activation_checkpointing",
+                  "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+# defaults of this command that differ from TrainingArguments' (a user's value wins)
+COMMAND_DEFAULTS = {
+    "lr_scheduler_type": "constant",  # the official recipe's schedule
+    "prediction_loss_only": True,  # evaluation reports the loss; gathering logits of a vocabulary per token is waste
+    "label_names": ["labels"],
+    "report_to": "none",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m training.sft", allow_abbrev=False,
+        description="ParaThinker SFT (LoRA or full) on transformers' Trainer.",
+        epilog="Any transformers TrainingArguments field is accepted as --field_name VALUE (e.g. --lr_scheduler_type "
+               "cosine --warmup_ratio 0.1 --report_to tensorboard --eval_strategy steps --eval_steps 50 --deepspeed "
+               "ds.json --fsdp 'full_shard auto_wrap' --use_liger_kernel true), or from --training-args FILE.",
+    )
+    p.add_argument("--model", required=True, help="base model: hub id or local dir")
+    p.add_argument("--data", required=True, help="multi-path JSONL (see the README, section Training)")
+    p.add_argument("--output", required=True, help="output dir (final model, checkpoint-*/, loss.csv)")
+    p.add_argument("--eval-data", default=None, help="multi-path JSONL whose loss is evaluated (default: every epoch)")
+    p.add_argument("--training-args", default=None, help="TrainingArguments as a JSON or YAML file")
+    p.add_argument("--layout", choices=LAYOUTS, default="parathinker",
+                   help="parathinker: the parallel layout; sequential: each path a plain sample (the baseline)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora", dest="full", action="store_false", help="LoRA fine-tuning (default)")
+    mode.add_argument("--full", dest="full", action="store_true", help="full fine-tuning")
+    p.set_defaults(full=False)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-target-modules", default=DEFAULT_LORA_TARGETS, help="comma-separated module names")
+    p.add_argument("--learning-rate", type=float, default=None, help="default 1e-5 full (official), 1e-4 LoRA")
+    p.add_argument("--weight-decay", type=float, default=None, help="default 0.05")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="default 0.5")
+    p.add_argument("--epochs", type=int, default=None, help="default 3")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per device and micro-batch, default 1")
+    p.add_argument("--gradient-accumulation-steps", type=int, default=None, help="default 1")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="row size: drop trailing paths (keep 2) to fit, else skip; with --packing, the packed row")
+    p.add_argument("--max-path-tokens", type=int, default=None, help="per-path budget incl. <think k> and </think k>")
+    p.add_argument("--max-paths", type=int, default=6, help="paths used per problem (official data: up to 6)")
+    p.add_argument("--extrapolate-prob", type=float, default=None, help="default 0.3 (parathinker layout only)")
+    p.add_argument("--compat", choices=COMPAT_CHOICES, default="auto",
+                   help="sequence layout: paper (as the method is trained), official (as the released vLLM engine "
+                        "runs the released checkpoint: adds <vllm_pad>), auto (official if the tokenizer has <vllm_pad>)")
+    p.add_argument("--packing", action="store_true", help="several records per row of at most --max-length tokens")
+    p.add_argument("--attn-implementation", choices=ATTENTION_CHOICES, default="auto",
+                   help="auto: flex_attention (BlockMask) on CUDA, sdpa (dense mask) on the CPU")
+    p.add_argument("--warmup-ratio", "--warmup_ratio", type=float, default=None,
+                   help="fraction of the steps for LR warmup (transformers 5 spells it --warmup_steps FRACTION)")
+    p.add_argument("--seed", type=int, default=None, help="default 0")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the last OUT/checkpoint-*")
+    p.add_argument("--save-adapter", action="store_true", help="save a PEFT adapter instead of merged weights")
+    p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N optimizer steps (0, default: only at the end)")
+    p.add_argument("--save-total-limit", type=int, default=None, help="checkpoints kept, default 2")
+    p.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (0, default: all epochs)")
+    return p
+
+
+def _check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.save_adapter and args.full:
+        p.error("--save-adapter needs LoRA mode (not --full)")
+    for name in ("epochs", "batch_size", "gradient_accumulation_steps", "lora_rank"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup_ratio is not None and not 0.0 <= args.warmup_ratio < 1.0:
+        p.error("--warmup-ratio must be in [0, 1)")
+    if args.extrapolate_prob is not None and not 0.0 <= args.extrapolate_prob <= 1.0:
+        p.error("--extrapolate-prob must be in [0, 1]")
+    if args.packing and args.max_length is None:
+        p.error("--packing needs --max-length (the size of a packed row)")
+    if args.layout == "sequential":
+        if args.compat == "official":
+            p.error("--compat official applies to --layout parathinker only")
+        if args.extrapolate_prob is not None:
+            p.error("--extrapolate-prob applies to --layout parathinker only (sequential samples have no control tokens)")
+    if args.extrapolate_prob is None and args.layout == "parathinker":
+        args.extrapolate_prob = 0.3
+
+
+def _read_training_args_file(p: argparse.ArgumentParser, path: str, fields: set[str]) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        p.error(f"--training-args {path}: no such file")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError: both name the line
+        p.error(f"--training-args {path}: {e}")
+    if not isinstance(values, dict):
+        p.error(f"--training-args {path}: must hold one mapping of TrainingArguments fields")
+    if "warmup_ratio" in values:  # transformers 4's name (LLaMA-Factory configs): a fraction of warmup_steps now
+        if "warmup_steps" in values:
+            p.error(f"--training-args {path}: warmup_ratio and warmup_steps set the same thing; give only one")
+        values["warmup_steps"] = values.pop("warmup_ratio")
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        p.error(f"--training-args {path}: not TrainingArguments fields: {', '.join(unknown)}")
+    return values
+
+
+def _fields_named(tokens: Sequence[str], fields: set[str]) -> set[str]:
+    """The TrainingArguments fields that command-line ``tokens`` set (``--x``, ``--x=v``, ``--no_x``)."""
+    named = set()
+    for token in tokens:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            named.add(name[3:] if name.startswith("no_") and name[3:] in fields else name)
+    return named & fields
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, TrainingArguments]:
+    """(project flags, TrainingArguments); bad input exits with code 2 and a message naming the argument."""
+    p = build_parser()
+    args, rest = p.parse_known_args(argv)
+    _check_flags(p, args)
+    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    from_file = _read_training_args_file(p, args.training_args, fields) if args.training_args else {}
+    hf = HfArgumentParser(TrainingArguments, allow_abbrev=False, add_help=False)
+    hf.set_defaults(**from_file)
+    namespace, unknown = hf.parse_known_args(rest)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    user_set = set(from_file) | _fields_named(rest, fields)
+    values = vars(namespace)
+
+    for old, new in RENAMED_FIELDS.items():
+        if old in user_set:
+            if new in user_set:
+                p.error(f"--{old} and --{new} set the same thing; give only one")
+            values[new] = values[old]
+            user_set.add(new)
+        values[old] = None
+    for name, (value, why) in FIXED_FIELDS.items():
+        if name in user_set and values[name] != value:
+            p.error(f"--{name} must be {value} here ({values[name]!r} given): {why}")
+        values[name] = value
+    for name, value in COMMAND_DEFAULTS.items():
+        if name not in user_set:
+            values[name] = value
+    defaults = {**FLAG_DEFAULTS, "learning_rate": 1e-5 if args.full else 1e-4}
+    for flag, field in FLAG_FIELDS.items():
+        given = getattr(args, flag)
+        if given is not None and field in user_set:
+            p.error(f"--{flag.replace('_', '-')} and --{field} set the same thing; give only one")
+        if given is None and field not in user_set:
+            given = defaults.get(flag)
+        if given is not None:
+            values[field] = given
+    args.resume = values.pop("resume_from_checkpoint") or False  # True (the last checkpoint), a path, or False
+    if values["max_steps"] == 0:
+        values["max_steps"] = -1  # all epochs
+    if "per_device_eval_batch_size" not in user_set:
+        values["per_device_eval_batch_size"] = values["per_device_train_batch_size"]
+    if args.eval_data and "eval_strategy" not in user_set:
+        values["eval_strategy"] = "epoch"
+    if not args.eval_data and values.get("eval_strategy") not in (None, "no"):
+        p.error(f"--eval_strategy {values['eval_strategy']} needs --eval-data")
+    try:
+        training_args = TrainingArguments(**values)
+    except (ValueError, TypeError) as e:
+        p.error(f"TrainingArguments: {e}")
+    return args, training_args
