@@ -38,10 +38,12 @@ def parathinker(request):
     return tiny_parathinker(request.param)
 
 
-def test_path_logits_equal_each_path_decoded_alone(parathinker):
+@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+def test_path_logits_equal_each_path_decoded_alone(parathinker, attention):
     model, tok = parathinker
     outs = ParaThinkerEngine(model, tok).generate(
-        PROMPTS, num_paths=3, max_new_tokens=10, termination="last", temperature=1.0, seed=0, output_logits=True
+        PROMPTS, num_paths=3, max_new_tokens=10, termination="last", temperature=1.0, seed=0, output_logits=True,
+        attention=attention, block_size=4,  # paths of several pages
     )
     for out in outs:
         lp = len(out.prompt_ids)
@@ -69,12 +71,12 @@ def full_sequence_summary_logits(model, out, **layout_kwargs) -> torch.Tensor:
     return logits[-len(out.summary_ids) :]
 
 
-@pytest.mark.parametrize("termination", ["half", "last"])
-def test_summary_with_kv_reuse_equals_full_sequence_and_reprefill(parathinker, termination, monkeypatch):
+@pytest.mark.parametrize("termination, attention", [("half", "flex"), ("last", "flex"), ("half", "sdpa")])
+def test_summary_with_kv_reuse_equals_full_sequence_and_reprefill(parathinker, termination, attention, monkeypatch):
     model, tok = parathinker
-    Script({3: {0: tok.eos_token_id}}).install(monkeypatch)  # path 1 ends early: its columns stop, the rest go on
+    Script({3: {0: tok.eos_token_id}}).install(monkeypatch)  # path 1 ends early: its pages stop, the rest go on
     kwargs = dict(num_paths=3, max_new_tokens=12, termination=termination, summary_max_tokens=6,
-                  temperature=1.0, seed=3, output_logits=True)
+                  temperature=1.0, seed=3, output_logits=True, attention=attention, block_size=4)
     reuse = ParaThinkerEngine(model, tok).generate(PROMPTS, **kwargs)
     reprefill = ParaThinkerEngine(model, tok).generate(PROMPTS, summary_kv="reprefill", **kwargs)
     for a, b in zip(reuse, reprefill):

@@ -201,3 +201,20 @@ def test_kernels_attend_to_exactly_the_tokens_of_the_listed_segments(kernel):
         v = values[0][:, columns].repeat_interleave(groups, 0)
         weights = (query[0, :, b : b + 1] @ k.transpose(1, 2) / math.sqrt(dim)).softmax(-1)
         torch.testing.assert_close(out[b], (weights @ v)[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_keeps_one_cpu_thread_count_per_process(monkeypatch):
+    """inductor's CPU flex kernels are built for one thread count: after a change, auto falls back
+    to sdpa (with a warning) and an explicit flex is refused."""
+    from lm_eval_parathinker.engine import attention
+
+    cpu = torch.device("cpu")
+    if not attention.flex_available(cpu):
+        pytest.fail("these tests expect an x86 CPU with AVX2 (flex's CPU kernels)")
+    monkeypatch.setattr(attention, "_flex_cpu_threads", torch.get_num_threads() + 1)
+    with pytest.warns(UserWarning, match="built for one thread count: attention='auto' uses 'sdpa'"):
+        assert attention.resolve_kernel("auto", cpu) == "sdpa"
+    with pytest.raises(ValueError, match="attention='flex': compiled FlexAttention ran with"):
+        attention.resolve_kernel("flex", cpu)
+    monkeypatch.setattr(attention, "_flex_cpu_threads", None)
+    assert attention.resolve_kernel("auto", cpu) == "flex" and attention._flex_cpu_threads == torch.get_num_threads()

@@ -21,6 +21,7 @@ forward's own keys under a causal or given mask, after context pages they see in
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,15 +47,36 @@ def flex_available(device: torch.device) -> bool:
     return check_cpu_supported()
 
 
+# The CPU thread count compiled flex kernels run with in this process. inductor builds a CPU flex
+# kernel for the thread count of its compilation (torch 2.13), and a process that compiles at one
+# count and then at another can get kernels that compute wrong attention: so one count per process.
+_flex_cpu_threads: int | None = None
+
+
 def resolve_kernel(kernel: str, device: torch.device) -> str:
-    """``auto``: flex where it runs, else sdpa; an explicit choice is checked."""
+    """``auto``: flex where it runs, else sdpa; an explicit choice is checked. On the CPU, flex
+    runs at one thread count per process (see ``_flex_cpu_threads``): after a change ``auto``
+    falls back to sdpa with a warning, and ``flex`` is an error."""
+    global _flex_cpu_threads
     if kernel not in KERNELS:
         raise ValueError(f"attention={kernel!r} is not one of {', '.join(KERNELS)}")
-    if kernel == "auto":
-        return "flex" if flex_available(device) else "sdpa"
-    if kernel == "flex" and not flex_available(device):
-        raise ValueError(f"attention='flex' does not run on {device} (CUDA, or an x86 CPU with AVX2): use 'sdpa'")
-    return kernel
+    if kernel == "sdpa":
+        return kernel
+    if not flex_available(device):
+        if kernel == "flex":
+            raise ValueError(f"attention='flex' does not run on {device} (CUDA, or an x86 CPU with AVX2): use 'sdpa'")
+        return "sdpa"
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        if _flex_cpu_threads not in (None, threads):
+            message = (f"compiled FlexAttention ran with {_flex_cpu_threads} CPU threads in this process, and now "
+                       f"torch uses {threads}: inductor's CPU flex kernels are built for one thread count")
+            if kernel == "flex":
+                raise ValueError(f"attention='flex': {message}; use attention='sdpa' or keep the thread count")
+            warnings.warn(f"{message}: attention='auto' uses 'sdpa'", stacklevel=3)
+            return "sdpa"
+        _flex_cpu_threads = threads
+    return "flex"
 
 
 # FlexAttention compiled once per process (``dynamic``: any number of queries, any pool size;

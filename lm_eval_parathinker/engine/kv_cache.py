@@ -6,10 +6,10 @@ layout FlexAttention takes), and column ``c`` is token ``c % page_size`` of page
 ``c // page_size``. Which pages belong to whom is :mod:`pages`' business; ``fill`` counts the
 tokens written into each page, which bounds what a partial page shows.
 
-A forward first calls :meth:`PagedKVCache.begin` with the columns its tokens are written to and
-how its queries read (:mod:`attention`); every attention layer then calls :meth:`update`, as it
-calls a transformers ``Cache``, which writes the layer's new keys and values and returns what the
-queries attend to.
+A forward first calls :meth:`PagedKVCache.begin` with the columns its tokens are written to, then
+sets ``reads``, how its queries read (:mod:`attention`); every attention layer then calls
+:meth:`update`, as it calls a transformers ``Cache``, which writes the layer's new keys and values
+and returns what the queries attend to.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ class PagedKVCache:
         self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
         self.no_mask = torch.zeros(1, 1, 1, 1, device=device)  # a 4-D mask makes transformers skip mask creation
         self._columns: torch.Tensor | None = None
-        self.reads = None  # how the queries of the forward in flight read (set by begin)
+        self.reads = None  # how the queries of the forward in flight read (set after begin)
 
     def mark_static(self) -> None:
         """Fixed addresses for CUDA graphs (as transformers' StaticCache does)."""
@@ -46,14 +46,15 @@ class PagedKVCache:
         return (self.page_size, self.keys[0].device, self.keys[0].dtype, len(self.keys)) == (
             page_size, device, dtype, model.config.num_hidden_layers)
 
-    def begin(self, columns: torch.Tensor, written: torch.Tensor, reads) -> None:
+    def begin(self, columns: torch.Tensor, written: torch.Tensor) -> None:
         """The next forward writes its tokens ([B0, Q]) into ``columns`` (flat pool columns;
-        ``written`` marks real tokens) and its queries read as ``reads`` says."""
+        ``written`` marks real tokens). Counts them in ``fill`` at once: how the queries read
+        (``reads``, set next) may depend on it."""
         page, offset = columns.flatten() // self.page_size, columns.flatten() % self.page_size
         # tokens are appended in order: a page now holds up to its last written offset
         self.fill.scatter_reduce_(0, page, torch.where(written.flatten(), offset + 1, self.fill[page]), "amax",
                                   include_self=False)
-        self._columns, self.reads = columns.flatten(), reads
+        self._columns = columns.flatten()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write this forward's K/V (``[B0, Hkv, Q, D]``, rotated, thought embedding included) into

@@ -158,9 +158,9 @@ def decode_forward(model, cache: PagedKVCache, table: torch.Tensor, lengths: tor
     """One decode forward of ``tokens`` ([B0, Q]; query i of row r belongs to slot ``slot[r, i]``)
     with paged reads: the function ``torch.compile`` compiles."""
     segment = segment_of(blocks, num_paths)
-    cache.begin(columns(table, slot, segment, offsets, real, cache.page_size), real,
-                page_reads(table, lengths, slot.flatten(), segment_reads(blocks, real, num_paths).flatten(0, 1),
-                           cache.fill, cache.page_size, kernel, cache.groups))
+    cache.begin(columns(table, slot, segment, offsets, real, cache.page_size), real)
+    cache.reads = page_reads(table, lengths, slot.flatten(), segment_reads(blocks, real, num_paths).flatten(0, 1),
+                             cache.fill, cache.page_size, kernel, cache.groups)
     return model(
         input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, cache=cache, use_cache=True,
         segment_ids=protocol.segment_id(blocks, thought_embedding), reads=cache.reads,
@@ -171,7 +171,8 @@ def fresh_forward(model, cache: PagedKVCache, tokens: torch.Tensor, columns: tor
                   blocks: torch.Tensor, reads: FreshReads, thought_embedding: bool, last_only: bool) -> torch.Tensor:
     """A multi-token forward of one request (``tokens`` [1, n]): a prefill, a summary template or
     a reprefill, written into ``columns``."""
-    cache.begin(columns, torch.ones_like(columns, dtype=torch.bool), reads)
+    cache.begin(columns, torch.ones_like(columns, dtype=torch.bool))
+    cache.reads = reads
     return model(
         input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, cache=cache, use_cache=True,
         segment_ids=protocol.segment_id(blocks, thought_embedding), logits_to_keep=1 if last_only else 0,
