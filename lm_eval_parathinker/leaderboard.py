@@ -270,9 +270,9 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN
 
     labels = list(dict.fromkeys(label(r) for r in rows if r["metric"] == metric))
     labels = sorted(labels) if sort else labels
-    panels = [(metric, f"{metric} (accuracy)", False)] + [(m, title, True) for m, title in COST_PANELS]
+    panels = [(metric, f"{metric} (accuracy)", False)] + [(m, heading, True) for m, heading in COST_PANELS]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 1.8 + 0.5 * max(len(labels), 1)), sharey=True)
-    for ax, (name, title, per_problem) in zip(axes, panels):
+    for ax, (name, heading, per_problem) in zip(axes, panels):
         _, tasks, cells = pivot(rows, name, per_problem, label)
         height = 0.8 / max(len(tasks), 1)
         for j, task in enumerate(tasks):
@@ -283,7 +283,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN
             ax.bar_label(bars, labels=[_bar_text(v, per_problem) for v in values], fontsize=7, padding=2)
         if not cells:
             ax.text(0.5, 0.5, f"no {name} in these runs", transform=ax.transAxes, ha="center", fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(heading, fontsize=10)
         ax.grid(alpha=0.3, axis="x")
         ax.margins(x=0.25)
     axes[0].set_xlim(0, 1.15)

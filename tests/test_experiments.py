@@ -272,7 +272,7 @@ def test_configure_switches_options_without_reloading(ckpt):
 
 
 @pytest.mark.parametrize("name, points, checkpoints", [("paper_scaling", 24, 2), ("paper_ablations", 13, 1),
-                                                       ("demo", 18, 1)])
+                                                       ("demo", 17, 1)])
 def test_ready_configs_dry_run(name, points, checkpoints, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([str(REPO_ROOT / "experiments" / f"{name}.yaml"), "--output-path", str(out), "--dry-run"]) == 0

@@ -134,6 +134,8 @@ class Point:
 
 @dataclass(frozen=True)
 class Experiment:
+    """A checked config: its checkpoints' model args and every point, in config order."""
+
     path: Path
     output_path: Path
     checkpoints: dict[str, dict[str, Any]]

@@ -32,7 +32,7 @@ COLUMNS = ["sweep", "kind", "point", "checkpoint", "pretrained", "method", "num_
            "pass_at_1", "pass_at_1_stderr", "gen_tokens", "think_s", "latency_s", "repeats", "n", "results"]
 OPTIONS = ("termination", "thought_embedding", "positions", "summary_kv")
 METRICS = ("pass_at_1", "gen_tokens", "think_s", "latency_s")
-ZERO_NOTE = "every point scores pass@1 = 0 here: the curves show cost only"
+ZERO_NOTE = "every point scores pass@1 = 0 here: the picture shows cost only"
 
 
 def point_rows(point: Point, root: Path) -> list[dict[str, Any]]:
@@ -47,7 +47,8 @@ def point_rows(point: Point, root: Path) -> list[dict[str, Any]]:
             "sweep": point.sweep, "kind": point.kind, "point": point.title, "checkpoint": point.checkpoint,
             "pretrained": r["pretrained"], "method": r["method"], "num_paths": r["num_paths"],
             "max_gen_toks": data["configs"][r["task"]]["generation_kwargs"]["max_gen_toks"],
-            **{k: settings.get(k, "") for k in OPTIONS}, "compat": r["compat"] or "",
+            **{k: settings.get(k, "") if r["method"] == "parathinker" else "" for k in OPTIONS},  # baselines: none
+            "compat": r["compat"] or "",
             "batch_size": data["config"]["batch_size"], "task": r["task"], "repeats": r["repeats"], "n": r["n"],
             "results": str(path.relative_to(root)),
         })
@@ -142,7 +143,7 @@ CURVES = {
     "scaling": Curves("scaling: accuracy and time against generated tokens", _joined_axis, "gen_tokens",
                       "generated tokens per response (all paths + summary)", 10,
                       (("pass_at_1", "pass@1", False), ("latency_s", "seconds per response", True))),
-    "width": Curves("width: accuracy and think-stage latency against P (one request at a time)",
+    "width": Curves("width: accuracy and think-stage latency against P\n(one request at a time)",
                     lambda point: "num_paths", None, "paths P", 2,
                     (("pass_at_1", "pass@1", False), ("think_s", "think-stage seconds per response", False)),
                     ratio="think_s"),
@@ -165,14 +166,17 @@ def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]]
             ax = axes[i][j]
             _draw_lines(ax, lines, task, curves.x_metric, metric, curves.along, ratio=metric == curves.ratio)
             ax.set_xscale("log", base=curves.x_log_base)
+            ax.margins(x=0.15)  # room for the markers' labels
             if log_y:
                 ax.set_yscale("log")
+            if metric == "pass_at_1":
+                ax.set_ylim(0, 1)
             ax.set_xlabel(curves.x_label)
             ax.set_ylabel(label)
             ax.set_title(f"{task}: {label}", fontsize=10)
             ax.grid(alpha=0.3, which="both")
         axes[0][j].legend(fontsize=7)
-    note = f" ({ZERO_NOTE})" if _all_zero(flat) else ""
+    note = f"\n({ZERO_NOTE})" if _all_zero(flat) else ""
     fig.suptitle(curves.title + note, fontsize=10)
     fig.tight_layout()
     _save(fig, path)
@@ -230,7 +234,7 @@ def plot_ablations(points: list[Point], path: Path) -> None:
             rows.append({**r, "variant": point.title})
     zero = _all_zero([{"pass_at_1": r["value"]} for r in rows if r["metric"] == "pass_at_1"])
     leaderboard.plot(rows, path, label=lambda r: r["variant"], sort=False,
-                     title="ablations: accuracy and cost per variant" + (f" ({ZERO_NOTE})" if zero else ""))
+                     title="ablations: accuracy and cost per variant" + (f"\n({ZERO_NOTE})" if zero else ""))
 
 
 def write(experiment: Experiment) -> list[Path]:

@@ -206,7 +206,12 @@ def run(experiment: Experiment, report: Callable[[str], None] = print) -> dict[s
         for point in pending:
             start = time.perf_counter()
             report(f"[{position[id(point)]}/{total}] {point.sweep}: {point.title}")
-            results = run_point(lm, point)
+            try:
+                results = run_point(lm, point)
+            except Exception:
+                report(f"experiments: the point {point.sweep}: {point.title} ({point.entry}) failed; the points done "
+                       "so far are kept, and a rerun continues from here")
+                raise
             counts["ran"] += 1
             report(f"[{position[id(point)]}/{total}] {point.sweep}: {point.title}: {_summary(results)} "
                    f"({time.perf_counter() - start:.0f} s) -> {point.output_dir}")
