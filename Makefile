@@ -27,8 +27,12 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The three-way leaderboard, then the experiments demo from scratch (its pictures are committed).
+DEMO_EXPERIMENT := results/experiments/demo
 demo: $(STAMP)
 	$(PY) -m lm_eval_parathinker.demo --data-dir "$(PARATHINKER_DATA_DIR)" --output results
+	rm -rf $(DEMO_EXPERIMENT)/points $(DEMO_EXPERIMENT)/journal
+	$(PY) -m lm_eval_parathinker.experiments experiments/demo.yaml --output-path $(DEMO_EXPERIMENT)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.engine --threads 2

@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 COLUMNS = [
     "model",
@@ -65,7 +65,8 @@ def parse_model_args(model_args: Any) -> dict[str, Any]:
     return out
 
 
-def _num(x: Any) -> float | None:
+def as_number(x: Any) -> float | None:
+    """A finite number from a results value (numbers, numeric strings, booleans), else None."""
     if isinstance(x, bool):
         return float(x)
     if isinstance(x, (int, float)):
@@ -78,7 +79,7 @@ def _num(x: Any) -> float | None:
 
 
 def _date(x: Any) -> str:
-    v = _num(x)
+    v = as_number(x)
     if v is None:
         return str(x or "")
     try:
@@ -125,13 +126,13 @@ def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
             metric, filt = key.split(",", 1)
             if metric.endswith("_stderr"):
                 continue
-            metrics[(metric, filt)] = _num(value)
+            metrics[(metric, filt)] = as_number(value)
         by_name = {m: v for (m, _f), v in metrics.items()}
         tcfg = configs.get(task) or {}
         ns = n_samples.get(task) or {}
         n = ns.get("effective", ns.get("original", res.get("sample_len", "")))
         for (metric, filt), value in metrics.items():
-            stderr = _num(res.get(f"{metric}_stderr,{filt}"))
+            stderr = as_number(res.get(f"{metric}_stderr,{filt}"))
             rows.append(
                 {
                     "model": model,
@@ -176,7 +177,7 @@ def collect(root: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
@@ -192,13 +193,13 @@ def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def write_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike) -> None:
+def write_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike, columns: list[str] = COLUMNS) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({c: r.get(c, "") for c in COLUMNS})
-    _atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+        w.writerow({c: r.get(c, "") for c in columns})
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def _run_label(r: dict[str, Any]) -> str:
@@ -211,24 +212,26 @@ def _run_label(r: dict[str, Any]) -> str:
     return label
 
 
-def _task_sort(tasks: Iterable[str]) -> list[str]:
+def task_sort(tasks: Iterable[str]) -> list[str]:
     return sorted(set(tasks), key=lambda t: (_TASK_ORDER.index(t) if t in _TASK_ORDER else len(_TASK_ORDER), t))
 
 
 def pivot(
-    rows: list[dict[str, Any]], metric: str = MAIN_METRIC, per_problem: bool = False
+    rows: list[dict[str, Any]], metric: str = MAIN_METRIC, per_problem: bool = False,
+    label: Callable[[dict[str, Any]], str] = _run_label,
 ) -> tuple[list[str], list[str], dict]:
     """(row labels, tasks, {(label, task): value}) of ``metric``; later runs win on duplicates.
 
     ``per_problem``: a per-response mean times the task's repeats (the k responses of each problem).
+    ``label`` names a row's run (default: checkpoint, method, paths, compat).
     """
     cells: dict[tuple[str, str], float] = {}
     for r in sorted(rows, key=lambda r: str(r["date"])):
         if r["metric"] == metric and r["value"] != "":
-            repeats = _num(r.get("repeats")) if per_problem else None
-            cells[(_run_label(r), r["task"])] = float(r["value"]) * (repeats or 1.0)
+            repeats = as_number(r.get("repeats")) if per_problem else None
+            cells[(label(r), r["task"])] = float(r["value"]) * (repeats or 1.0)
     labels = sorted({k[0] for k in cells})
-    tasks = _task_sort(k[1] for k in cells)
+    tasks = task_sort(k[1] for k in cells)
     return labels, tasks, cells
 
 
@@ -256,18 +259,21 @@ def _bar_text(value: float | None, cost: bool) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
-def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN_METRIC) -> None:
-    """Accuracy and its cost side by side, one horizontal bar per run and task in each panel."""
+def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN_METRIC,
+         label: Callable[[dict[str, Any]], str] = _run_label, sort: bool = True, title: str | None = None) -> None:
+    """Accuracy and its cost side by side, one horizontal bar per run and task in each panel
+    (``label`` names the runs; ``sort=False`` keeps them in the order of ``rows``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = sorted({_run_label(r) for r in rows if r["metric"] == metric})
-    panels = [(metric, f"{metric} (accuracy)", False)] + [(m, title, True) for m, title in COST_PANELS]
+    labels = list(dict.fromkeys(label(r) for r in rows if r["metric"] == metric))
+    labels = sorted(labels) if sort else labels
+    panels = [(metric, f"{metric} (accuracy)", False)] + [(m, heading, True) for m, heading in COST_PANELS]
     fig, axes = plt.subplots(1, len(panels), figsize=(15, 1.8 + 0.5 * max(len(labels), 1)), sharey=True)
-    for ax, (name, title, per_problem) in zip(axes, panels):
-        _, tasks, cells = pivot(rows, name, per_problem)
+    for ax, (name, heading, per_problem) in zip(axes, panels):
+        _, tasks, cells = pivot(rows, name, per_problem, label)
         height = 0.8 / max(len(tasks), 1)
         for j, task in enumerate(tasks):
             ys = [i + (j - (len(tasks) - 1) / 2) * height for i in range(len(labels))]
@@ -277,22 +283,22 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN
             ax.bar_label(bars, labels=[_bar_text(v, per_problem) for v in values], fontsize=7, padding=2)
         if not cells:
             ax.text(0.5, 0.5, f"no {name} in these runs", transform=ax.transAxes, ha="center", fontsize=8)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(heading, fontsize=10)
         ax.grid(alpha=0.3, axis="x")
         ax.margins(x=0.25)
     axes[0].set_xlim(0, 1.15)
     axes[0].set_yticks(range(len(labels)))
     axes[0].set_yticklabels(labels, fontsize=8)
     axes[0].invert_yaxis()
-    tasks = _task_sort(r["task"] for r in rows)
+    tasks = task_sort(r["task"] for r in rows)
     if len(tasks) > 1:
         axes[0].legend(fontsize=7)
-    fig.suptitle(f"accuracy and cost per run ({', '.join(tasks)})", fontsize=10)
+    fig.suptitle(title or f"accuracy and cost per run ({', '.join(tasks)})", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    _atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

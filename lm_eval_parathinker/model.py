@@ -55,6 +55,7 @@ from .thought_embedding import (
     local_dir,
     quiet_unexpected_tables,
     read_thought_embeddings,
+    thought_embedding_tables,
 )
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,29 @@ class ParaThinkerOptions:
         """Flat, as the results JSON records them."""
         return {"method": self.method, "compile": self.compile, **asdict(self.engine)}
 
+    def check_layout(self, layout: protocol.Compat) -> None:
+        """Refuse what the layout (a resolved ``compat``) cannot run."""
+        if layout.block_size and self.engine.positions == "flattened":
+            raise ValueError("positions=flattened has no equivalent in the released engine (compat=official)")
+
+    def layout(self, tokenizer) -> protocol.Compat | None:
+        """The layout a ``parathinker`` run uses with ``tokenizer`` (``compat=auto`` resolved), checked;
+        None for the baselines, which have no layout."""
+        if self.method != "parathinker":
+            return None
+        layout = protocol.resolve_compat(self.engine.compat, tokenizer)
+        self.check_layout(layout)
+        return layout
+
+    def check_budget(self, max_gen_toks: int, layout: protocol.Compat | None) -> None:
+        """Refuse a per-path budget the layout does not allow."""
+        block = layout.block_size if layout is not None else None
+        if block and max_gen_toks % block:
+            raise ValueError(
+                f"max_gen_toks={max_gen_toks} (the per-path budget) must be a multiple of {block} with "
+                "compat=official (the released engine asserts it)"
+            )
+
 
 class ParaThinkerResponse(str):
     """Generated text plus per-request statistics in ``.meta`` (read by ``scoring.process_results``).
@@ -136,6 +160,12 @@ def _check_checkpoint_arg(arg: str, value: str | None) -> None:
     if value is None or Path(value).expanduser().exists() or not _looks_like_local_path(value):
         return
     raise ValueError(f"{arg}={value}: no such checkpoint directory")
+
+
+def adapter_tokenizer(peft: str | None, revision: str | None) -> str | None:
+    """The folder of an adapter that carries its own tokenizer (a trained one has the control tokens)."""
+    adapter = local_dir(peft, revision, ["*.json", "*.txt", "*.model"]) if peft is not None else None
+    return str(adapter) if adapter is not None and (adapter / "tokenizer_config.json").is_file() else None
 
 
 def _has_control_tokens(tokenizer) -> bool:
@@ -194,7 +224,8 @@ class _Job:
 
 #: numeric ``.meta`` keys of every response: scoring.process_results turns them into metrics, and
 #: the tasks' metric_list declares each one's aggregation
-META_METRICS = ("gen_tokens", "think_tokens", "summary_tokens", "num_paths", "paths_finished", "cut_paths", "latency_s")
+META_METRICS = ("gen_tokens", "think_tokens", "summary_tokens", "num_paths", "paths_finished", "cut_paths", "latency_s",
+                "think_s")
 
 
 def _meta(out: GenerationOutput) -> dict:
@@ -208,8 +239,43 @@ def _meta(out: GenerationOutput) -> dict:
         "paths_finished": s["paths_finished"],
         "cut_paths": s["num_paths"] - s["paths_finished"],
         "latency_s": s["latency_s"],  # wall time from the request's admission to its end
+        "think_s": s["think_s"],  # wall time of the think stage (of the samples, for the baselines)
         "termination": s["termination"],  # a string: kept out of the metrics by process_results
     }
+
+
+def _slots(batch_size: Any) -> int:
+    """``batch_size`` as the engine's number of slots (a number of prompts)."""
+    if str(batch_size).startswith("auto"):
+        raise ValueError("batch_size=auto is not supported by --model parathinker: pass a number of prompts")
+    try:
+        slots = int(batch_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size={batch_size!r} is not a number of prompts") from None
+    if slots < 1:
+        raise ValueError(f"batch_size={slots} must be at least 1")
+    return slots
+
+
+@dataclass(frozen=True)
+class _RunArgs:
+    """The model args that ``configure`` can switch, validated (the journal folder proven writable)."""
+
+    options: ParaThinkerOptions
+    resume: bool
+    journal_root: Path
+
+    @classmethod
+    def parse(cls, method: Any, compile: Any, journal_dir: str | None, resume: Any, engine_args: dict) -> _RunArgs:
+        unknown = sorted(set(engine_args) - set(EngineOptions.names()))
+        if unknown:
+            raise ValueError(f"{unknown} cannot be switched without loading a new model (configure takes method, "
+                             f"compile, journal_dir, resume, batch_size and the engine options)")
+        run = cls(ParaThinkerOptions.parse(method, compile, **engine_args), as_bool("resume", resume),
+                  (Path(journal_dir).expanduser() if journal_dir else journal.default_dir()).absolute())
+        if run.resume:
+            journal.check_writable(run.journal_root)  # fail before the weights load
+        return run
 
 
 @register_model("parathinker")
@@ -228,13 +294,8 @@ class ParaThinkerLM(HFLM):
         # Everything is validated before any loading; HFLM forwards unknown kwargs to from_pretrained.
         # The engine's options (num_paths, termination, ...: EngineOptions) are model args of their names.
         engine_args = {name: kwargs.pop(name) for name in EngineOptions.names() if name in kwargs}
-        self.options = ParaThinkerOptions.parse(method, compile, **engine_args)
-        self.resume = as_bool("resume", resume)
-        self.journal_root = (Path(journal_dir).expanduser() if journal_dir else journal.default_dir()).absolute()
-        if self.resume:
-            journal.check_writable(self.journal_root)  # fail before the weights load
-        if str(kwargs.get("batch_size", 1)).startswith("auto"):
-            raise ValueError("batch_size=auto is not supported by --model parathinker: pass a number of prompts")
+        self._use(_RunArgs.parse(method, compile, journal_dir, resume, engine_args))
+        _slots(kwargs.get("batch_size", 1))
         if isinstance(kwargs.get("think_end_token"), int) or str(kwargs.get("think_end_token", "")).isdigit():
             raise ValueError("think_end_token must be given as a string (not a token id) for --model parathinker")
         if not isinstance(pretrained, str) and pretrained is not None:
@@ -244,9 +305,9 @@ class ParaThinkerLM(HFLM):
         self._peft_arg = kwargs.get("peft")
         self._output_args = {k: v for k, v in kwargs.items() if k not in _NOT_OUTPUT_ARGS}
         self.control_tokens_added: list[str] = []
+        self.baseline_banned: list[int] = []  # see _create_model
         self.tables_source: str | None = None
         self.compat: protocol.Compat | None = None  # resolved with the tokenizer (method=parathinker)
-        self._warned_no_problem = False
         self._pretrained_name = embedded.resolve_pretrained(pretrained)
         super().__init__(pretrained=self._pretrained_name, **kwargs)
         self._engine: ParaThinkerEngine | None = None
@@ -256,9 +317,43 @@ class ParaThinkerLM(HFLM):
             report.info("response journal: %s (a rerun of the same command generates only the missing "
                         "responses; journal_dir=... moves it, resume=false turns it off)", self.journal_root)
 
+    def _use(self, run: _RunArgs) -> None:
+        self.options, self.resume, self.journal_root = run.options, run.resume, run.journal_root
+
+    def configure(self, method: str = "parathinker", compile: Any = False, journal_dir: str | None = None,
+                  resume: Any = True, batch_size: Any = 1, **engine_args: Any) -> None:
+        """Switch to another run's ParaThinker args without reloading the weights.
+
+        Takes the args a new model would (``method``, ``compile``, ``journal_dir``, ``resume``,
+        ``batch_size`` and the engine options: ``num_paths``, ``termination``, ...); those not given
+        take their defaults, so the model then runs as one constructed with these args. Everything
+        is validated before anything changes. The layout (``compat``) is resolved again, the per-run
+        state reset, and the engine kept (its compiled step and KV pool) unless ``compile`` changes.
+
+        ``method=parathinker`` needs the control tokens and thought embeddings: construct the model
+        with ``method=parathinker`` (or from a ParaThinker checkpoint). Its baselines then never
+        sample the token rows that adding the control tokens created, so they give what a model
+        constructed for them alone gives (``baseline_banned``).
+        """
+        run = _RunArgs.parse(method, compile, journal_dir, resume, engine_args)
+        slots = _slots(batch_size)
+        if run.options.method == "parathinker" and not (
+            _has_control_tokens(self.tokenizer) and thought_embedding_tables(self.model)
+        ):
+            raise ValueError("method=parathinker needs the control tokens and thought embeddings, which this model "
+                             "was loaded without: construct it with method=parathinker")
+        layout = run.options.layout(self.tokenizer)
+        if run.options.compile != self.options.compile:
+            self._engine = None  # the compiled step belongs to the engine
+        self._use(run)
+        self.compat = layout
+        self.batch_size_per_gpu = slots
+        self.reset_run_state()
+
     def reset_run_state(self) -> None:
-        """Forget the counters of the runs so far (termination reasons, journal reuse), e.g. between
-        runs that share this model."""
+        """Forget the counters of the runs so far (termination reasons, journal reuse, the engine
+        report, warnings given), e.g. between runs that share this model (see :meth:`configure`)."""
+        self._warned_no_problem = False
         self.termination_reasons: Counter = Counter()
         self.journal_report = {"dir": None, "reused": 0, "generated": 0}
         self.engine_report: dict = {}  # the KV pool over the run's engine calls (see _note_engine_stats)
@@ -267,15 +362,10 @@ class ParaThinkerLM(HFLM):
 
     def _create_tokenizer(self, pretrained, tokenizer, *args, **kwargs) -> None:
         """A trained adapter directory carries the tokenizer with the control tokens: prefer it."""
-        if tokenizer is None and self._peft_arg is not None:
-            adapter = local_dir(self._peft_arg, kwargs.get("revision"), ["*.json", "*.txt", "*.model"])
-            if adapter is not None and (adapter / "tokenizer_config.json").is_file():
-                tokenizer = str(adapter)
+        if tokenizer is None:
+            tokenizer = adapter_tokenizer(self._peft_arg, kwargs.get("revision"))
         super()._create_tokenizer(pretrained, tokenizer, *args, **kwargs)
-        if self.options.method == "parathinker":  # HFLM loads the tokenizer before the model: fail early
-            self.compat = protocol.resolve_compat(self.options.engine.compat, self.tokenizer)
-            if self.compat.block_size and self.options.engine.positions == "flattened":
-                raise ValueError("positions=flattened has no equivalent in the released engine (compat=official)")
+        self.compat = self.options.layout(self.tokenizer)  # HFLM loads the tokenizer before the model: fail early
 
     def _create_model(self, pretrained, *args, peft=None, revision="main", **kwargs) -> None:
         """HFLM's loading without its PEFT step, then control tokens, thought embeddings, adapter.
@@ -286,9 +376,13 @@ class ParaThinkerLM(HFLM):
         with quiet_unexpected_tables():  # official checkpoints hold seg_embeddings: read below
             super()._create_model(pretrained, *args, peft=None, revision=revision, **kwargs)
         model = self._model
+        _fit_embeddings(model, self.tokenizer)  # the tokenizer's own tokens first, as for the checkpoint alone
+        rows = model.get_input_embeddings().weight.shape[0]
         if self.options.method == "parathinker" or _has_control_tokens(self.tokenizer):
             self.control_tokens_added = add_control_tokens(model, self.tokenizer)
-        _fit_embeddings(model, self.tokenizer)
+        # Rows created for the added control tokens: the checkpoint alone has no such tokens, so the
+        # baselines never sample them (their other rows' logits are untouched).
+        self.baseline_banned = [i for i in self.tokenizer.convert_tokens_to_ids(self.control_tokens_added) if i >= rows]
         self._load_tables(model, pretrained, revision, peft)
         if peft:
             from peft import PeftModel
@@ -510,12 +604,7 @@ class ParaThinkerLM(HFLM):
         until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
         budget = kwargs.pop("max_gen_toks")
         sampling = _sampling(kwargs)
-        block = self.compat.block_size if self.options.method == "parathinker" else None
-        if block and budget % block:
-            raise ValueError(
-                f"max_gen_toks={budget} (the per-path budget) must be a multiple of {block} with compat=official "
-                "(the released engine asserts it)"
-            )
+        self.options.check_budget(budget, self.compat)
         return GenerationSettings(until, budget, sampling, samples.run_seed(sampling.pop("seed")))
 
     def _generate(self, prompts: list[str], seeds: list[int], settings: GenerationSettings,
@@ -537,6 +626,7 @@ class ParaThinkerLM(HFLM):
             max_new_tokens=settings.max_gen_toks,
             stop_strings=[s for s in until if s and s != eos],  # EOS is handled by token id
             seed=seeds,
+            banned_tokens=() if parathinker else self.baseline_banned,
             num_slots=self.batch_size,
             on_output=respond,
             **settings.sampling,
@@ -597,6 +687,7 @@ class ParaThinkerLM(HFLM):
             "training_free": self.training_free if self.options.method == "parathinker" else None,
             "thought_embeddings_from": self.tables_source,
             "control_tokens_added": len(self.control_tokens_added),
+            "banned_tokens": 0 if self.options.method == "parathinker" else len(self.baseline_banned),
             "termination_reasons": dict(self.termination_reasons),
             "resume": self.resume,
             "journal": dict(self.journal_report),
@@ -605,4 +696,4 @@ class ParaThinkerLM(HFLM):
         return info
 
 
-__all__ = ["META_METRICS", "METHODS", "ParaThinkerLM", "ParaThinkerOptions", "ParaThinkerResponse"]
+__all__ = ["META_METRICS", "METHODS", "ParaThinkerLM", "ParaThinkerOptions", "ParaThinkerResponse", "adapter_tokenizer"]

@@ -182,6 +182,8 @@ PAPER = Compat("paper", block_size=None, extra_bos=False, question_alone=False, 
 OFFICIAL = Compat("official", block_size=16, extra_bos=True, question_alone=True, eos_ends_path=False,
                   summary_after_prompt_twice=True, summary_cap_counts_template=True, max_paths=8,
                   yarn_above=8192)
+#: the layouts by name (``auto`` is not one: it is resolved from a tokenizer)
+LAYOUTS = {layout.name: layout for layout in (PAPER, OFFICIAL)}
 
 
 def check_compat_name(compat: str) -> str:

@@ -5,6 +5,9 @@ fixtures, which run before any test's own. lm_eval subprocesses inherit the vari
 from __future__ import annotations
 
 import pytest
+import torch
+
+from helpers import offline_env
 
 from lm_eval_parathinker.journal import JOURNAL_ENV
 
@@ -19,3 +22,17 @@ def _session_journal(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _own_journal(tmp_path, monkeypatch):
     monkeypatch.setenv(JOURNAL_ENV, str(tmp_path / "journal"))
+
+
+@pytest.fixture(scope="module")
+def one_thread_offline():
+    """For a module's in-process runs (its module fixtures included; ask for it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread_offline")``): the offline data and no hub, and one
+    torch thread (tiny models gain nothing from more, and on a busy shared box OpenMP spinning costs a lot)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch:
+        for key in ("PARATHINKER_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM"):
+            patch.setenv(key, offline_env()[key])
+        yield
+    torch.set_num_threads(before)

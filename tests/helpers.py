@@ -10,7 +10,10 @@ from tiny import DATA_DIR, save_tiny_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-__all__ = ["DATA_DIR", "REPO_ROOT", "lm_eval_cmd", "offline_env", "run_lm_eval", "tiny_hf_aime24_run"]
+__all__ = ["DATA_DIR", "REPO_ROOT", "journal_entries", "kill_when", "lm_eval_cmd", "offline_env", "run_lm_eval",
+           "tiny_hf_aime24_run"]
+#: subprocesses of tiny models: one thread (OpenMP spinning costs a lot on a busy shared box)
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 def lm_eval_cmd() -> list[str]:
@@ -31,6 +34,41 @@ def offline_env(**extra: str) -> dict:
     )
     env.update(extra)
     return env
+
+
+def journal_entries(root: str | os.PathLike) -> list[dict]:
+    """The whole records of the response journals under ``root`` (not a line being written)."""
+    import glob
+    import json
+
+    entries = []
+    for path in glob.glob(str(Path(root) / "**" / "rank*.jsonl"), recursive=True):
+        for line in Path(path).read_bytes().split(b"\n"):
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+    return entries
+
+
+def kill_when(cmd: list[str], ready, what: str, timeout: float = 300) -> None:
+    """Start ``cmd`` (offline, one thread) and SIGKILL it as soon as ``ready()``; fails if it ends
+    first or ``what`` has not happened within ``timeout`` seconds."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=offline_env(**ONE_THREAD), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"{cmd[1:3]} ended ({proc.returncode}) before {what}"
+            assert time.monotonic() < deadline, f"not {what} within {timeout} s"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 _RUN_CACHE: dict = {}

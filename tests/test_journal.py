@@ -8,16 +8,14 @@ import glob
 import json
 import os
 import signal
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from lm_eval.api.model import LM
 
-from helpers import lm_eval_cmd, offline_env, run_lm_eval
+from helpers import journal_entries, kill_when, lm_eval_cmd, run_lm_eval
 from tiny import save_tiny_checkpoint
 
 from lm_eval_parathinker import journal, progress, samples, scoring
@@ -30,24 +28,10 @@ REPEATS = 2
 CLI_GEN = "max_gen_toks=48,min_new_tokens=48,do_sample=true,temperature=5.0,seed=7"
 CLI_TOTAL = 2 * 2 * REPEATS  # two tasks, --limit 2
 ENV = {"OMP_NUM_THREADS": "1"}
-TIMED = "latency_s"  # wall-clock statistic: excluded when runs are compared
+TIMED = ("latency_s", "think_s")  # wall-clock statistics: excluded when runs are compared
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _offline():
-    """In-process runs (module fixtures included) read the offline data and never try the hub."""
-    with pytest.MonkeyPatch.context() as patch:
-        for key in ("PARATHINKER_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM"):
-            patch.setenv(key, offline_env()[key])
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread_offline")
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +59,14 @@ def _by_doc(samples_of_task: list[dict]) -> dict[str, dict]:
     return {
         s["doc_hash"]: {
             "resps": [[str(r) for r in rs] for rs in s["resps"]],
-            "metrics": {m: s[m] for m in s["metrics"] if TIMED not in m},
+            "metrics": {m: s[m] for m in s["metrics"] if not m.startswith(TIMED)},
         }
         for s in samples_of_task
     }
 
 
 def _metrics(res: dict) -> dict:
-    return {task: {k: v for k, v in m.items() if TIMED not in k} for task, m in res["results"].items()}
+    return {task: {k: v for k, v in m.items() if not k.startswith(TIMED)} for task, m in res["results"].items()}
 
 
 # --------------------------------------------------------------------------- sample keys
@@ -150,18 +134,6 @@ def _cli_args(ckpt: Path, journal_dir: Path, out: Path, gen: str = CLI_GEN) -> l
     ]  # fmt: skip
 
 
-def _journal_entries(journal_dir: Path) -> list[dict]:
-    """The whole records of a journal (not a line being written)."""
-    entries = []
-    for path in glob.glob(str(journal_dir / "*" / "rank*.jsonl")):
-        for line in Path(path).read_bytes().split(b"\n"):
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue
-    return entries
-
-
 def _cli_samples(out: Path) -> dict[str, dict]:
     found = {}
     for path in glob.glob(str(out / "**" / "samples_*.jsonl"), recursive=True):
@@ -172,19 +144,8 @@ def _cli_samples(out: Path) -> dict[str, dict]:
 
 def _kill_after_first_response(args: list[str], journal_dir: Path) -> int:
     """Start lm_eval, SIGKILL it once its first response is journaled; returns the responses journaled."""
-    proc = subprocess.Popen(lm_eval_cmd() + args, env=offline_env(**ENV), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    try:
-        while not _journal_entries(journal_dir):
-            assert proc.poll() is None, f"lm_eval ended ({proc.returncode}) before journaling a response"
-            assert time.monotonic() < deadline, "no response journaled within 300 s"
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-    return len(_journal_entries(journal_dir))
+    kill_when(lm_eval_cmd() + args, lambda: journal_entries(journal_dir), "journaling a response")
+    return len(journal_entries(journal_dir))
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +189,7 @@ def test_torn_journal_line_is_skipped_with_a_warning_and_cut(cli_runs):
 
 
 def test_journal_doc_hashes_are_lm_evals(cli_runs):
-    entries = _journal_entries(cli_runs["killed_journal"])
+    entries = journal_entries(cli_runs["killed_journal"])
     logged = {task: set(docs) for task, docs in _cli_samples(cli_runs["root"] / "whole").items()}
     assert {(e["task"], e["doc_hash"]) for e in entries} == {(t, h) for t, hs in logged.items() for h in hs}
 

@@ -29,21 +29,7 @@ HOT = "temperature=5.0,do_sample=True"
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    """In-process runs read the offline data and never try the hub."""
-    for key, value in offline_env().items():
-        if key in ("PARATHINKER_DATA_DIR", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TOKENIZERS_PARALLELISM"):
-            monkeypatch.setenv(key, value)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one torch thread is as fast, and much faster on a busy shared box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_offline")
 
 
 @pytest.fixture(scope="module")

@@ -51,9 +51,10 @@ def tiny_official_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_model(arch: str = "qwen2", seed: int = 0, max_position_embeddings: int = 4096) -> torch.nn.Module:
+def tiny_model(arch: str = "qwen2", seed: int = 0, max_position_embeddings: int = 4096,
+               vocab_size: int = VOCAB_SIZE) -> torch.nn.Module:
     config = CONFIGS[arch](
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
@@ -83,10 +84,16 @@ def tiny_parathinker(arch: str = "qwen2", seed: int = 0, table_std: float = 0.5,
     return model, tok
 
 
-def save_tiny_checkpoint(path: str | Path, arch: str = "qwen2", parathinker: bool = True, official: bool = False) -> Path:
+def save_tiny_checkpoint(path: str | Path, arch: str = "qwen2", parathinker: bool = True, official: bool = False,
+                         exact_vocab: bool = False) -> Path:
     """A tiny checkpoint directory: official ParaThinker format (``official``: with the released
-    tokenizer's shape), or a plain model + tokenizer."""
-    model, tok = tiny_parathinker(arch, official=official) if parathinker else (tiny_model(arch), tiny_tokenizer())
+    tokenizer's shape), or a plain model + tokenizer (``exact_vocab``: one embedding row per token, so
+    adding the control tokens grows the embeddings)."""
+    if parathinker:
+        model, tok = tiny_parathinker(arch, official=official)
+    else:
+        tok = tiny_tokenizer()
+        model = tiny_model(arch, vocab_size=len(tok) if exact_vocab else VOCAB_SIZE)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)

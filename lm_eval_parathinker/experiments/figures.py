@@ -1,0 +1,260 @@
+"""An experiment's pictures and tables: per sweep a CSV, a PNG and a markdown table, made from the
+points' results JSON files, read as the leaderboard reads any run.
+
+* ``scaling``: pass@1 against generated tokens per response (all paths and the summary; log x), one
+  line per run of the sweep and value of its other axes, joined along P (or along the budget when P
+  is not an axis: sequential over budgets, majority and ParaThinker over P at a per-path budget);
+  below it, seconds per response against the same tokens.
+* ``width``: pass@1 and think-stage seconds per response (``think_s``, run one request at a time)
+  against P, each think time marked with its ratio to the line's smallest P.
+* ``ablations``: the paper's table, rows the variants, columns the tasks, each cell pass@1 with the
+  generated tokens and seconds per problem (the k responses of a problem, as the leaderboard counts
+  them) beside it; the PNG is the leaderboard's picture of the same rows.
+
+When every point scores 0 (a small model), the pictures say so: their curves then show cost only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import leaderboard
+from ..leaderboard import as_number
+from .config import SHORT, Experiment, Point
+
+COLUMNS = ["sweep", "kind", "point", "checkpoint", "pretrained", "method", "num_paths", "max_gen_toks",
+           "termination", "thought_embedding", "positions", "summary_kv", "compat", "batch_size", "task",
+           "pass_at_1", "pass_at_1_stderr", "gen_tokens", "think_s", "latency_s", "repeats", "n", "results"]
+OPTIONS = ("termination", "thought_embedding", "positions", "summary_kv")
+METRICS = ("pass_at_1", "gen_tokens", "think_s", "latency_s")
+ZERO_NOTE = "every point scores pass@1 = 0 here: the picture shows cost only"
+
+
+def point_rows(point: Point, root: Path) -> list[dict[str, Any]]:
+    """One row per task of a done point, from its results JSON (read as the leaderboard reads it;
+    ``results``: its path under ``root``)."""
+    (path,) = leaderboard.find_result_files(point.output_dir)
+    data = json.loads(path.read_text(encoding="utf-8"))
+    settings = data["config"].get("parathinker") or {}
+    by_task: dict[str, dict[str, Any]] = {}
+    for r in leaderboard.rows_from_results(data, str(path)):
+        row = by_task.setdefault(r["task"], {
+            "sweep": point.sweep, "kind": point.kind, "point": point.title, "checkpoint": point.checkpoint,
+            "pretrained": r["pretrained"], "method": r["method"], "num_paths": r["num_paths"],
+            "max_gen_toks": data["configs"][r["task"]]["generation_kwargs"]["max_gen_toks"],
+            **{k: settings.get(k, "") if r["method"] == "parathinker" else "" for k in OPTIONS},  # baselines: none
+            "compat": r["compat"] or "",
+            "batch_size": data["config"]["batch_size"], "task": r["task"], "repeats": r["repeats"], "n": r["n"],
+            "results": str(path.relative_to(root)),
+        })
+        if r["metric"] in METRICS:
+            row[r["metric"]] = r["value"]
+            if r["metric"] == "pass_at_1":
+                row["pass_at_1_stderr"] = r["stderr"]
+    return list(by_task.values())
+
+
+def _joined_axis(point: Point) -> str:
+    """The axis a point's line runs along: P when its run varies P, else the budget."""
+    return "num_paths" if "num_paths" in point.axes else "max_gen_toks"
+
+
+def _line_name(point: Point, along: str) -> str:
+    values = [f"{SHORT.get(k, k)}={v}" for k, v in point.axes.items()
+              if k != along and (k, v) != ("method", point.label)]
+    if along == "num_paths" and "max_gen_toks" not in point.axes and point.method != "sequential":
+        values.append(f"B={point.max_gen_toks}")
+    return " ".join([point.label, *values])
+
+
+def _lines(points: list[Point], rows: dict[int, list[dict]], along: Callable[[Point], str]) -> dict:
+    """{(run, line name): [(point, row of each task)]}: a sweep's points joined into lines (never
+    across its runs)."""
+    lines: dict[tuple[int, str], list[tuple[Point, list[dict]]]] = {}
+    for point in points:
+        lines.setdefault((point.run, _line_name(point, along(point))), []).append((point, rows[id(point)]))
+    return lines
+
+
+def _all_zero(rows: list[dict]) -> bool:
+    values = [as_number(r.get("pass_at_1")) for r in rows]
+    return bool(values) and all(v == 0 for v in values)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    leaderboard.atomic_write_bytes(path, buf.getvalue())
+
+
+def _draw_lines(ax, lines: dict, task: str, x_metric: str | None, y_metric: str, along: Callable[[Point], str],
+                ratio: bool = False) -> None:
+    """One line per entry of ``lines`` on ``ax``: ``y_metric`` against ``x_metric`` (None: the line's axis),
+    each marker labelled with its axis value (``ratio``: and its y over the line's first y)."""
+    for (_, name), members in lines.items():
+        xs, ys, marks = [], [], []
+        for point, task_rows in sorted(members, key=lambda m: getattr(m[0], along(m[0]))):
+            row = next((r for r in task_rows if r["task"] == task), None)
+            if row is None:
+                continue
+            axis = along(point)
+            x = getattr(point, axis) if x_metric is None else as_number(row.get(x_metric))
+            y = as_number(row.get(y_metric))
+            if x is None or y is None:
+                continue
+            xs.append(x)
+            ys.append(y)
+            marks.append(f"{SHORT[axis]}={getattr(point, axis)}")
+        if not xs:
+            continue
+        ax.plot(xs, ys, marker="o", label=name)
+        for x, y, mark in zip(xs, ys, marks):
+            text = f"{mark} ({y / ys[0]:.2f}x)" if ratio and ys[0] else mark
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
+def _tasks(rows: list[dict]) -> list[str]:
+    return leaderboard.task_sort(r["task"] for r in rows)
+
+
+@dataclass(frozen=True)
+class Curves:
+    """The picture of a ``scaling`` or ``width`` sweep: per task a column of panels, each a metric
+    against the x axis, one line per run of the sweep and value of its other axes."""
+
+    title: str
+    along: Callable[[Point], str]  # the axis a point's line runs along
+    x_metric: str | None  # the x of a point: this metric, or (None) its value of the line's axis
+    x_label: str
+    x_log_base: int
+    panels: tuple[tuple[str, str, bool], ...]  # (metric, label, log y)
+    ratio: str | None = None  # the metric whose markers show their ratio to the line's first point
+
+
+CURVES = {
+    "scaling": Curves("scaling: accuracy and time against generated tokens", _joined_axis, "gen_tokens",
+                      "generated tokens per response (all paths + summary)", 10,
+                      (("pass_at_1", "pass@1", False), ("latency_s", "seconds per response", True))),
+    "width": Curves("width: accuracy and think-stage latency against P\n(one request at a time)",
+                    lambda point: "num_paths", None, "paths P", 2,
+                    (("pass_at_1", "pass@1", False), ("think_s", "think-stage seconds per response", False)),
+                    ratio="think_s"),
+}
+
+
+def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat = [r for p in points for r in rows[id(p)]]
+    tasks = _tasks(flat)
+    lines = _lines(points, rows, curves.along)
+    fig, axes = plt.subplots(len(curves.panels), len(tasks), figsize=(5.5 * len(tasks), 3.6 * len(curves.panels)),
+                             squeeze=False)
+    for j, task in enumerate(tasks):
+        for i, (metric, label, log_y) in enumerate(curves.panels):
+            ax = axes[i][j]
+            _draw_lines(ax, lines, task, curves.x_metric, metric, curves.along, ratio=metric == curves.ratio)
+            ax.set_xscale("log", base=curves.x_log_base)
+            ax.margins(x=0.15)  # room for the markers' labels
+            if log_y:
+                ax.set_yscale("log")
+            if metric == "pass_at_1":
+                ax.set_ylim(0, 1)
+            ax.set_xlabel(curves.x_label)
+            ax.set_ylabel(label)
+            ax.set_title(f"{task}: {label}", fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+        axes[0][j].legend(fontsize=7)
+    note = f"\n({ZERO_NOTE})" if _all_zero(flat) else ""
+    fig.suptitle(curves.title + note, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _cell(row: dict | None, kind: str) -> str:
+    """pass@1 ± stderr, then the kind's costs (see CELL_UNITS)."""
+    if row is None or as_number(row.get("pass_at_1")) is None:
+        return "-"
+    text = f"{float(row['pass_at_1']):.3f}"
+    if (stderr := as_number(row.get("pass_at_1_stderr"))) is not None:
+        text += f" ± {stderr:.3f}"
+    tokens, think, latency = (as_number(row.get(m)) for m in ("gen_tokens", "think_s", "latency_s"))
+    if kind == "ablations":  # per problem: the k responses of a problem, as the leaderboard counts them
+        repeats = as_number(row.get("repeats")) or 1.0
+        tokens, latency = (None if v is None else v * repeats for v in (tokens, latency))
+    costs = []
+    if kind == "width" and think is not None:
+        costs.append(f"think {think:.2f} s")
+    if kind != "width" and tokens is not None:
+        costs.append(f"{tokens:,.0f} tok")
+    if kind != "width" and latency is not None:
+        costs.append(f"{latency:.2f} s")
+    return text + (f" ({', '.join(costs)})" if costs else "")
+
+
+CELL_UNITS = {
+    "scaling": "pass@1 ± stderr (generated tokens and seconds per response)",
+    "width": "pass@1 ± stderr (think-stage seconds per response, one request at a time)",
+    "ablations": "pass@1 ± stderr (generated tokens and seconds per problem: its k responses together)",
+}
+
+
+def markdown(sweep: str, kind: str, points: list[Point], rows: dict[int, list[dict]]) -> str:
+    """The sweep's table: a row per point (variant), a column per task."""
+    tasks = _tasks([r for p in points for r in rows[id(p)]])
+    head = ["variant" if kind == "ablations" else "point", "method", "P", "tokens per path", *tasks]
+    lines = [f"**{sweep}** ({kind}): {CELL_UNITS[kind]}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for point in points:
+        by_task = {r["task"]: r for r in rows[id(point)]}
+        lines.append("| " + " | ".join([point.title, point.method, str(point.num_paths), str(point.max_gen_toks),
+                                          *(_cell(by_task.get(t), kind) for t in tasks)]) + " |")
+    if _all_zero([r for p in points for r in rows[id(p)]]):
+        lines += ["", f"Note: {ZERO_NOTE}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablations(points: list[Point], path: Path) -> None:
+    """The leaderboard's picture (accuracy, tokens and seconds per problem) with a bar per variant."""
+    rows = []
+    for point in points:
+        (results,) = leaderboard.find_result_files(point.output_dir)
+        for r in leaderboard.rows_from_results(json.loads(results.read_text(encoding="utf-8")), str(results)):
+            rows.append({**r, "variant": point.title})
+    zero = _all_zero([{"pass_at_1": r["value"]} for r in rows if r["metric"] == "pass_at_1"])
+    leaderboard.plot(rows, path, label=lambda r: r["variant"], sort=False,
+                     title="ablations: accuracy and cost per variant" + (f"\n({ZERO_NOTE})" if zero else ""))
+
+
+def write(experiment: Experiment) -> list[Path]:
+    """Every sweep's CSV, PNG and markdown table (of its done points) in the output folder."""
+    written = []
+    for sweep, points in experiment.sweeps().items():
+        done = [p for p in points if p.output_dir.is_dir()]
+        if not done:
+            continue
+        kind = done[0].kind
+        out = experiment.output_path
+        rows = {id(p): point_rows(p, out) for p in done}
+        leaderboard.write_csv([r for p in done for r in rows[id(p)]], out / f"{sweep}.csv", COLUMNS)
+        if kind == "ablations":
+            plot_ablations(done, out / f"{sweep}.png")
+        else:
+            plot_curves(CURVES[kind], done, rows, out / f"{sweep}.png")
+        leaderboard.atomic_write_bytes(out / f"{sweep}.md", markdown(sweep, kind, done, rows).encode("utf-8"))
+        written += [out / f"{sweep}.{ext}" for ext in ("csv", "png", "md")]
+    return written
+
+
+__all__ = ["COLUMNS", "markdown", "point_rows", "write"]
