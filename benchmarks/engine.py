@@ -43,7 +43,6 @@ import contextlib
 import csv
 import math
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -86,6 +85,8 @@ class Preset:
     path_lengths: tuple[int, ...] = (128, 1024, 2048)  # vs_hf, path_length, attention
     window: int = 64  # tokens timed per path at a filled length (a path no longer than it runs whole)
     vs_hf_paths: int = 8
+    vs_hf_whole: int = 128  # vs_hf: paths up to this long run whole, prefill included (longer: the window)
+    vs_hf_repeats: int = 2
     e2e_summary: int = 8  # ParaThinker end to end: summary tokens after the template
     path_length_paths: tuple[int, ...] = (1, 8)
     attention_slots: int = 1
@@ -114,7 +115,8 @@ class Preset:
 
 PRESETS = {
     "smoke": Preset("tiny", prompt_len=8, width_paths=(1, 2), width_budget=4, path_lengths=(8, 24), window=4,
-                    vs_hf_paths=2, e2e_summary=2, path_length_paths=(1, 2), attention_window=2, summary_paths=(2,),
+                    vs_hf_paths=2, vs_hf_whole=8, vs_hf_repeats=1, e2e_summary=2, path_length_paths=(1, 2),
+                    attention_window=2, summary_paths=(2,),
                     summary_lens=(8,), summary_tokens=2, length_contexts=(16, 32), length_steps=2,
                     memory_paths=(2,), memory_budget=8, oversubscribed=(4, 2, 48, 4), workload_prompts=6,
                     workload_prompt_len=8, workload_paths=2, workload_budget=16, workload_slots=2,
@@ -387,56 +389,14 @@ def _hf_step_time(b: Bench, prompt: list[int], steps: int) -> float:
     return b.timed(loop)[1] / steps
 
 
-def _peak_extra(b: Bench, fn: Callable[[], object]) -> int:
-    """Peak memory while ``fn`` runs minus memory before it (CUDA allocator, or sampled RSS)."""
-    if torch.device(b.device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    _mmap_threshold(64 << 10)  # so that the RSS tracks live tensors, not heap reused from earlier runs
-    try:
-        return _rss_peak_during(fn)
-    finally:
-        _mmap_threshold(128 << 10)
-
-
-def _mmap_threshold(size: int) -> None:
-    """glibc serves allocations of ``size`` bytes and more by mmap (freeing them returns them to
-    the OS; its default is 128 KiB, raised dynamically up to 32 MiB)."""
-    import ctypes
-
-    M_MMAP_THRESHOLD = -3
-    ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, size)
-
-
-def _rss() -> int:
-    import os
-
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _rss_peak_during(fn: Callable[[], object], interval_s: float = 0.002) -> int:
-    before = peak = _rss()
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(interval_s)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak, _rss()) - before
+def _cuda_peak_extra(fn: Callable[[], object]) -> int:
+    """Peak CUDA memory allocated while ``fn`` runs, minus the memory allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def workload_lengths(p: Preset, seed: int = 0) -> list[int]:
@@ -482,8 +442,9 @@ def bench_width(b: Bench) -> Path:
 
 
 def bench_vs_hf(b: Bench) -> Path:
-    """Engine vs ``model.generate``: P independent samples as paths grow (each side timed over the
-    same window of tokens), then P = 1 and ParaThinker end to end at the shortest length."""
+    """Engine vs ``model.generate``: P independent samples as paths grow (short paths whole, long
+    ones over the same window of tokens on both sides), then P = 1 and ParaThinker end to end at
+    the shortest length."""
     p = b.preset
     prompt = b.prompt(p.prompt_len)
     b.hf_generate(prompt, 2, 2)  # warm-up
@@ -507,28 +468,35 @@ def bench_vs_hf(b: Bench) -> Path:
 
 
 def _vs_hf_row(b: Bench, prompt: list[int], mode: str, paths: int, length: int, summary: int = 0) -> dict:
-    """One row: both sides generate the window's tokens for paths of ``length`` tokens; a path that
-    fits in the window runs whole (prompt included, and the summary for parathinker)."""
-    start, tokens = window(length, b.preset.window)
-    if (paths, length) not in b.hf_seconds:  # the parathinker row reuses the independent row's baseline
-        b.hf_seconds[paths, length] = b.timed(lambda: b.hf_generate(prompt, paths, tokens, filled=start))[1]
-    hf_s = b.hf_seconds[paths, length]
+    """One row: both sides generate ``paths`` x ``length`` tokens after the prompt, the whole run
+    (prefill included) for paths up to ``vs_hf_whole`` tokens; longer paths time a window of
+    ``window`` tokens around the middle (paths filled before it: steps only, on both sides). Best
+    of ``vs_hf_repeats`` runs, the two sides alternating."""
+    p = b.preset
+    start, tokens = (0, length) if length <= p.vs_hf_whole else window(length, p.window)
+    seen = {}
 
-    def engine_run():
+    def engine_run() -> float:
         with paths_filled(start):
-            return b.engine.generate([prompt], mode=mode, num_paths=paths, max_new_tokens=start + tokens,
-                                     summary_max_tokens=max(summary, 1), temperature=1.0, seed=0)
+            outs, took = b.timed(lambda: b.engine.generate(
+                [prompt], mode=mode, num_paths=paths, max_new_tokens=start + tokens,
+                summary_max_tokens=max(summary, 1), temperature=1.0, seed=0))
+        seen.update(outs[0].stats)
+        assert seen["think_tokens"] == paths * (start + tokens), seen
+        return seen["think_s"] if start else took  # a window: the think stage's steps only
 
-    outs, engine_s = b.timed(engine_run)
-    stats = outs[0].stats
-    if start:  # the window only: the think stage's steps
-        engine_s = stats["think_s"]
+    runs = {"engine": engine_run}
+    if (paths, length) not in b.hf_seconds:  # the parathinker row reuses the independent row's baseline
+        runs["hf"] = lambda: b.timed(lambda: b.hf_generate(prompt, paths, tokens, filled=start))[1]
+    best = alternate(runs, p.vs_hf_repeats)
+    hf_s = b.hf_seconds.setdefault((paths, length), best.get("hf"))
+    engine_s = best["engine"]
     generated = paths * tokens  # the generate baseline's count; the engine's summary comes on top
-    assert stats["think_tokens"] == paths * (start + tokens), stats
     return {
-        "mode": mode, "paths": paths, "tokens_per_path": length, "window_start": start, "window_tokens": tokens,
-        "summary_tokens": stats["summary_tokens"], "engine_s": engine_s, "hf_s": hf_s,
-        "engine_tok_s": generated / engine_s, "hf_tok_s": generated / hf_s, "speedup": hf_s / engine_s,
+        "mode": mode, "paths": paths, "tokens_per_path": length, "timed": "window" if start else "whole run",
+        "window_start": start, "window_tokens": tokens, "summary_tokens": seen["summary_tokens"],
+        "engine_s": engine_s, "hf_s": hf_s, "engine_tok_s": generated / engine_s, "hf_tok_s": generated / hf_s,
+        "speedup": hf_s / engine_s,
     }
 
 
@@ -644,36 +612,54 @@ def bench_length(b: Bench) -> Path:
 
 
 def bench_memory(b: Bench) -> Path:
-    """Peak memory of P-path decoding (engine and generate) against weights + theoretical KV; the
-    KV pages held at peak against the tokens they held; then a run whose slots' worst cases add up
-    to 4x the pool (it preempts) against the same run with a large pool: the outputs must be the
-    same."""
+    """KV memory of P-path decoding: the pages held at peak against the tokens they held (within
+    one page per segment), the pool, the theoretical KV (the prompt once + P paths) and
+    ``generate``'s (P copies of the prompt); on CUDA also both sides' measured peak above the
+    loaded model (the CPU has no allocator statistics that track live tensors). Then a run whose
+    slots' worst cases add up to 4x the pool (it preempts) against the same run with a large pool:
+    the outputs must be the same."""
     p = b.preset
     prompt = b.prompt(p.prompt_len)
     n, per_token = p.memory_budget, b.kv_bytes_per_token
+    cuda = torch.device(b.device).type == "cuda"
     rows = []
     mb = 2**20
     for paths in p.memory_paths:
-        kv_theory = per_token * (p.prompt_len + paths * n)  # the prompt's KV stored once
-        engine_peak = _peak_extra(b, lambda: b.engine.generate([prompt], mode="independent", num_paths=paths,
-                                                                max_new_tokens=n, temperature=1.0, seed=0))
+        b.engine.release_pool()  # the run allocates its own pool
+
+        def run():
+            return b.engine.generate([prompt], mode="independent", num_paths=paths, max_new_tokens=n,
+                                     temperature=1.0, seed=0)
+
+        if cuda:
+            engine_peak = _cuda_peak_extra(run)
+        else:
+            run()
         stats = b.engine.last_stats
-        hf_peak = _peak_extra(b, lambda: b.hf_generate(prompt, paths, n))
-        rows.append({"run": f"P={paths}", "paths": paths, "tokens_per_path": n, "weights_mb": b.weight_bytes / mb,
-                     "kv_theory_mb": kv_theory / mb, "engine_extra_mb": engine_peak / mb, "hf_extra_mb": hf_peak / mb,
-                     "kv_peak_mb": stats["kv_peak_bytes"] / mb, "kv_peak_tokens_mb": stats["kv_peak_tokens"] * per_token / mb,
-                     "page_mb": stats["kv_page_size"] * per_token / mb, "segments": 1 + paths, "preemptions": 0,
-                     "same_outputs": ""})
+        slack = stats["kv_peak_bytes"] - stats["kv_peak_tokens"] * per_token
+        assert slack <= (1 + paths) * stats["kv_page_size"] * per_token, stats  # one page per segment
+        row = {"run": f"P={paths}", "paths": paths, "tokens_per_path": n,
+               "kv_theory_mb": per_token * (p.prompt_len + paths * n) / mb,
+               "hf_kv_mb": per_token * paths * (p.prompt_len + n) / mb, "kv_pool_mb": stats["kv_pool_bytes"] / mb,
+               "kv_peak_mb": stats["kv_peak_bytes"] / mb, "kv_peak_tokens_mb": stats["kv_peak_tokens"] * per_token / mb,
+               "page_mb": stats["kv_page_size"] * per_token / mb, "segments": 1 + paths, "preemptions": 0,
+               "same_outputs": ""}
+        if cuda:
+            row["engine_extra_mb"] = engine_peak / mb
+            row["hf_extra_mb"] = _cuda_peak_extra(lambda: b.hf_generate(prompt, paths, n)) / mb
+        rows.append(row)
     rows.append(_oversubscribed_row(b))
 
     def plot(ax):
         sel = [r for r in rows if r["run"].startswith("P=")]
         x = [r["paths"] for r in sel]
-        ax.plot(x, [r["kv_theory_mb"] for r in sel], "--", color="grey", label="theoretical KV")
-        ax.plot(x, [r["engine_extra_mb"] for r in sel], "o-", label="engine peak - before")
+        ax.plot(x, [r["kv_theory_mb"] for r in sel], "--", color="grey", label="KV of the tokens (prompt once)")
         ax.plot(x, [r["kv_peak_mb"] for r in sel], "^-", label="KV pages held at peak")
-        ax.plot(x, [r["hf_extra_mb"] for r in sel], "s-", label="generate peak - before")
-        ax.set(xlabel="paths P", ylabel="MiB above the loaded model")
+        ax.plot(x, [r["hf_kv_mb"] for r in sel], "s:", label="generate's KV (P prompt copies)")
+        if cuda:
+            ax.plot(x, [r["engine_extra_mb"] for r in sel], "o-", label="engine peak - before")
+            ax.plot(x, [r["hf_extra_mb"] for r in sel], "s-", label="generate peak - before")
+        ax.set(xlabel="paths P", ylabel="MiB")
 
     return b.write("memory", rows, plot)
 
@@ -691,9 +677,10 @@ def _oversubscribed_row(b: Bench) -> dict:
     stats, mb = b.engine.last_stats, 2**20
     same = [o.path_ids for o in small] == [o.path_ids for o in large]
     assert same, "a preempting run gave other outputs than a large pool"
+    assert stats["preemptions"] > 0, "the small pool did not run short"
     return {"run": f"{slots} slots x worst case = {slots * worst / pool:.1f} x pool", "paths": paths,
-            "tokens_per_path": budget, "weights_mb": b.weight_bytes / mb, "kv_theory_mb": "", "engine_extra_mb": "",
-            "hf_extra_mb": "", "kv_peak_mb": stats["kv_peak_bytes"] / mb,
+            "tokens_per_path": budget, "kv_theory_mb": "", "hf_kv_mb": "", "kv_pool_mb": stats["kv_pool_bytes"] / mb,
+            "kv_peak_mb": stats["kv_peak_bytes"] / mb,
             "kv_peak_tokens_mb": stats["kv_peak_tokens"] * b.kv_bytes_per_token / mb,
             "page_mb": ps * b.kv_bytes_per_token / mb, "segments": slots * (1 + paths),
             "preemptions": stats["preemptions"], "same_outputs": same}

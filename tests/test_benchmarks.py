@@ -11,21 +11,20 @@ from benchmarks import engine as bench
 
 COLUMNS = {
     "width": ["paths", "tokens_per_path", "think_s", "ratio_to_p1", "think_tokens_per_s"],
-    "vs_hf": ["mode", "paths", "tokens_per_path", "window_start", "window_tokens", "summary_tokens", "engine_s",
+    "vs_hf": ["mode", "paths", "tokens_per_path", "timed", "window_start", "window_tokens", "summary_tokens", "engine_s",
               "hf_s", "engine_tok_s", "hf_tok_s", "speedup"],
     "path_length": ["tokens_per_path", "window_tokens", "s_per_token_p1", "s_per_token_p2", "ratio_to_first_p2",
                     "think_latency_p2_over_p1"],
     "attention": ["tokens_per_path", "slots", "paths", "flex_ms_per_step", "sdpa_ms_per_step", "sdpa_over_flex"],
     "summary": ["paths", "tokens_per_path", "reuse_s", "reprefill_s", "speedup"],
     "length": ["context", "steps", "engine_ms_per_step", "hf_ms_per_step", "speedup"],
-    "memory": ["run", "paths", "tokens_per_path", "weights_mb", "kv_theory_mb", "engine_extra_mb", "hf_extra_mb",
-               "kv_peak_mb", "kv_peak_tokens_mb", "page_mb", "segments", "preemptions", "same_outputs"],
+    "memory": ["run", "paths", "tokens_per_path", "kv_theory_mb", "hf_kv_mb", "kv_pool_mb", "kv_peak_mb", "kv_peak_tokens_mb", "page_mb", "segments", "preemptions", "same_outputs"],
     "eval_workload": ["shape", "scheduling", "prompts", "paths", "slots", "mean_think_len", "max_think_len", "seconds",
                       "problems_per_min", "gen_tokens_per_s", "speedup_vs_static"],
     "decode_step": ["step", "slots", "paths", "tokens_per_path", "weights_mb", "kv_mb", "bandwidth_gb_s", "step_ms",
                     "roofline_ms", "ratio_to_roofline"],
 }
-TEXT_COLUMNS = {"mode", "scheduling", "step", "run", "shape", "same_outputs"}
+TEXT_COLUMNS = {"mode", "timed", "scheduling", "step", "run", "shape", "same_outputs"}
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +61,12 @@ def test_smoke_grids_and_forced_lengths(smoke_run):
     assert [(r["mode"], int(r["tokens_per_path"])) for r in vs_hf] == [
         *(("independent", n) for n in smoke.path_lengths), ("sequential", smoke.path_lengths[0]),
         ("parathinker", smoke.path_lengths[0])]
-    for r in vs_hf:  # a window of the path's middle, or the whole path when it fits
-        start, tokens = bench.window(int(r["tokens_per_path"]), smoke.window)
-        assert (int(r["window_start"]), int(r["window_tokens"])) == (start, tokens) and tokens <= smoke.window
+    for r in vs_hf:  # short paths whole, long ones a window of their middle
+        length = int(r["tokens_per_path"])
+        whole = length <= smoke.vs_hf_whole
+        start, tokens = (0, length) if whole else bench.window(length, smoke.window)
+        assert (r["timed"] == "whole run") == whole and whole == (length == smoke.path_lengths[0])
+        assert (int(r["window_start"]), int(r["window_tokens"])) == (start, tokens)
         assert float(r["speedup"]) == pytest.approx(float(r["hf_s"]) / float(r["engine_s"]))
     tok = bench.build_tokenizer()
     tok.add_tokens(bench.protocol.control_tokens(bench.NUM_CONTROL_PATHS), special_tokens=True)
@@ -117,6 +119,9 @@ def test_memory_theory_is_the_kv_of_prompt_plus_paths(smoke_run):
         tokens = smoke.prompt_len + int(r["paths"]) * int(r["tokens_per_path"])
         per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * head_dim * 4  # K and V, float32
         assert float(r["kv_theory_mb"]) == pytest.approx(tokens * per_token / 2**20)
+        copies = int(r["paths"]) * (smoke.prompt_len + int(r["tokens_per_path"]))  # generate: P prompt copies
+        assert float(r["hf_kv_mb"]) == pytest.approx(copies * per_token / 2**20)
+        assert float(r["kv_pool_mb"]) >= float(r["kv_peak_mb"])
 
 
 def test_banned_tokens_are_never_generated():

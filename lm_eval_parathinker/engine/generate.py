@@ -92,6 +92,12 @@ class ParaThinkerEngine:
         """Token ids of each prompt: strings as ``compat`` encodes them, id lists as they are."""
         return [compat.prompt_ids(p, self.tokenizer) if isinstance(p, str) else list(p) for p in prompts]
 
+    def release_pool(self) -> None:
+        """Free the KV pool kept across calls (the next call allocates one again)."""
+        self._cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def compiled_step(self) -> Callable | None:
         """The compiled decode step (compiled once per engine), or None when compile is off."""
         if self.compile and self._compiled is None:
@@ -222,9 +228,7 @@ class ParaThinkerEngine:
             held.num_pages == num_pages or (opts.num_blocks is None and num_pages <= held.num_pages <= budget + 1)
         ):
             return held  # a pool at least as large, within the budget
-        self._cache = None  # free the old pool first
-        if cuda:
-            torch.cuda.empty_cache()
+        self.release_pool()  # the old pool first
         self._cache = PagedKVCache(self.model, num_pages, page_size, self.device, dtype)
         return self._cache
 
