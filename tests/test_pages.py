@@ -153,6 +153,20 @@ def test_a_request_larger_than_the_pool_is_refused_before_decoding(tiny):
         ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=3, max_new_tokens=16, block_size=PAGE, num_blocks=6)
 
 
+def test_the_pool_is_kept_across_calls_until_released(tiny):
+    model, tok = tiny
+    engine = ParaThinkerEngine(model, tok)
+    kwargs = dict(num_paths=2, max_new_tokens=8, block_size=PAGE, temperature=1.0, seed=3)
+    first = engine.generate(PROMPTS[:2], **kwargs)
+    pool = engine._cache
+    assert engine.generate(PROMPTS[:2], **kwargs) and engine._cache is pool  # reused
+    engine.release_pool()
+    assert engine._cache is None
+    again = engine.generate(PROMPTS[:2], **kwargs)  # a fresh pool, the same outputs
+    assert engine._cache is not None and engine._cache is not pool
+    assert _tokens(again) == _tokens(first)
+
+
 def test_engine_options_parse_model_arg_strings():
     opts = EngineOptions.parse(num_paths="4", thought_embedding="false", block_size="16", num_blocks="none",
                                max_memory_percent="0.5", attention="sdpa")
