@@ -55,6 +55,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTra
 import lm_eval_parathinker.engine.generate as generate_mod
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.engine import ParaThinkerEngine
+from lm_eval_parathinker.engine.kv_cache import cache_argument
 from lm_eval_parathinker.engine.scheduler import Scheduler
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings
 
@@ -299,7 +300,7 @@ class Bench:
         # filled: one cache row per sequence; else one prompt, num_return_sequences copies (one prefill)
         inputs = ids if filled else ids[:1]
         out = self.model.generate(
-            input_ids=inputs, attention_mask=torch.ones_like(inputs), past_key_values=cache, do_sample=True,
+            input_ids=inputs, attention_mask=torch.ones_like(inputs), **{cache_argument(self.model): cache}, do_sample=True,
             temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=1 if filled else num_sequences,
             max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
@@ -378,12 +379,13 @@ def print_table(name: str, rows: list[dict]) -> None:
 @torch.inference_mode()
 def _hf_step_time(b: Bench, prompt: list[int], steps: int) -> float:
     out = b.model(input_ids=torch.tensor([prompt], device=b.device), use_cache=True, logits_to_keep=1)
-    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
+    argument = cache_argument(b.model)
+    cache, token = getattr(out, argument), out.logits[:, -1].argmax(-1, keepdim=True)
 
     def loop():
         nonlocal token
         for _ in range(steps):
-            step = b.model(input_ids=token, cache=cache, use_cache=True)
+            step = b.model(input_ids=token, **{argument: cache}, use_cache=True)
             token = step.logits[:, -1].argmax(-1, keepdim=True)
 
     return b.timed(loop)[1] / steps

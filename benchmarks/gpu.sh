@@ -10,11 +10,43 @@
 #
 #   bash benchmarks/gpu.sh [--smoke] [extra args for python -m benchmarks.engine, e.g. --output DIR]
 #
+# Python: $PYTHON, else the project's .venv where there is one, else python3 (a GPU image's, which
+# holds its torch). Where the package is not installed, it is installed first, offline, from
+# wheelhouse/ (`make wheelhouse`: what the image lacks), with the image's torch held as it is;
+# then the imports are checked, so a missing package fails here, in the first seconds.
 # --smoke runs the same benchmarks on the CPU with a tiny shape (what the tests run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+say() { echo "benchmarks/gpu.sh: $*" >&2; }
+
+if ! "$PY" -c 'import importlib.metadata as m; m.version("lm-eval-parathinker")' 2>/dev/null; then
+  [ -d wheelhouse ] || { say "lm-eval-parathinker is not installed for $PY and there is no wheelhouse/ to install it from (make wheelhouse)"; exit 1; }
+  say "installing lm-eval-parathinker from wheelhouse/ (offline)"
+  "$PY" -m pip install -q --no-index --find-links wheelhouse --no-cache-dir \
+      -c <("$PY" -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))') lm-eval-parathinker \
+    || { say "the offline install from wheelhouse/ failed (above): rebuild it for this image (make wheelhouse)"; exit 1; }
+fi
+"$PY" - <<'EOF' || exit 1
+import importlib
+import sys
+
+missing = []
+for name in ("torch", "transformers", "lm_eval", "lm_eval_parathinker.engine", "lm_eval_parathinker.model",
+             "benchmarks.engine"):
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # any import failure: name it and stop before measuring
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+if missing:
+    sys.exit("benchmarks/gpu.sh: cannot import " + "; ".join(missing))
+import torch, transformers
+
+print(f"benchmarks/gpu.sh: python {sys.version.split()[0]}, torch {torch.__version__}, "
+      f"transformers {transformers.__version__}", file=sys.stderr)
+EOF
+
 ONLY=decode_step,path_length,vs_hf
 if [ "${1:-}" = "--smoke" ]; then
   shift

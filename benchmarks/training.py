@@ -209,7 +209,8 @@ def bench_training_step(b: Bench) -> Path:
     p = b.preset
     flex_backward = b.device.type != "cpu"  # FlexAttention has no backward pass on the CPU
     model = _step_model(p.step_shape, b.device, b.dtype)
-    model.activation_checkpointing_enable()
+    # transformers 5.17 spells it gradient_checkpointing_enable (renamed later, kept as deprecated)
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     rows = []
     for length in p.step_lengths:
         batch = _step_batch(length, p.step_paths, model.config.vocab_size, b.device)

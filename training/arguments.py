@@ -22,6 +22,10 @@ from lm_eval_parathinker.protocol import COMPAT_CHOICES
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 LAYOUTS = ("parathinker", "sequential")
 ATTENTION_CHOICES = ("auto", "sdpa", "eager", "flex_attention")
+# transformers releases after 5.17 renamed gradient_checkpointing(_kwargs) to
+# activation_checkpointing(_kwargs), keeping the old names as deprecated spellings
+_NEW_NAMES = any(f.name == "activation_checkpointing" for f in dataclasses.fields(TrainingArguments))
+CHECKPOINTING_FIELD = "activation_checkpointing" if _NEW_NAMES else "gradient_checkpointing"
 
 # project flag (dest) -> the TrainingArguments field it sets
 FLAG_FIELDS = {
@@ -37,7 +41,7 @@ FLAG_FIELDS = {
     "max_steps": "max_steps",
     "seed": "seed",
     "bf16": "bf16",
-    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing": CHECKPOINTING_FIELD,
     "resume": "resume_from_checkpoint",
     "warmup_ratio": "warmup_steps",  # transformers 4's name, still in LLaMA-Factory and the official recipe
 }
@@ -51,9 +55,9 @@ FIXED_FIELDS = {
     "logging_steps": (1, "loss.csv has one row per optimizer step"),
     "remove_unused_columns": (False, "the collator's segment, block and document ids must reach the trainer"),
 }
-# transformers 5's deprecated spellings -> the fields they set
+# deprecated spellings -> the fields they set (none before the rename)
 RENAMED_FIELDS = {"gradient_checkpointing": "activation_checkpointing",
-                  "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+                  "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"} if _NEW_NAMES else {}
 # defaults of this command that differ from TrainingArguments' (a user's value wins)
 COMMAND_DEFAULTS = {
     "lr_scheduler_type": "constant",  # the official recipe's schedule

@@ -28,6 +28,7 @@ from .. import protocol
 from ..protocol import Compat, ControlTokenIds
 from . import step
 from .attention import paged_attention_for, resolve_kernel
+from .hub_kernels import bypass_kernel_routing
 from .kv_cache import PagedKVCache
 from .options import EngineOptions
 from .pages import pages_for
@@ -102,6 +103,7 @@ class ParaThinkerEngine:
         """The compiled decode step (compiled once per engine), or None when compile is off."""
         if self.compile and self._compiled is None:
             cuda = self.device.type == "cuda"
+            bypass_kernel_routing(self.model)
             # dynamic: one compilation serves any number of slots, paths and pages (CUDA graphs are
             # recorded per shape)
             self._compiled = torch.compile(step.decode_forward, mode="reduce-overhead" if cuda else None, dynamic=True)

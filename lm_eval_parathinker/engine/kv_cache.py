@@ -14,7 +14,17 @@ and returns what the queries attend to.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+
+
+def cache_argument(model) -> str:
+    """The keyword a model's forward takes its KV cache by: ``cache`` in newer transformers 5
+    releases, ``past_key_values`` in older ones (which would ignore ``cache`` and attend to the
+    step's own keys only)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class PagedKVCache:
@@ -35,6 +45,7 @@ class PagedKVCache:
         self.no_mask = torch.zeros(1, 1, 1, 1, device=device)  # a 4-D mask makes transformers skip mask creation
         self._columns: torch.Tensor | None = None
         self.reads = None  # how the queries of the forward in flight read (set after begin)
+        self.argument = cache_argument(model)  # how the model's forward takes this cache
 
     def mark_static(self) -> None:
         """Fixed addresses for CUDA graphs (as transformers' StaticCache does)."""

@@ -162,7 +162,7 @@ def decode_forward(model, cache: PagedKVCache, table: torch.Tensor, lengths: tor
     cache.reads = page_reads(table, lengths, slot.flatten(), segment_reads(blocks, real, num_paths).flatten(0, 1),
                              cache.fill, cache.page_size, kernel, cache.groups)
     return model(
-        input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, cache=cache, use_cache=True,
+        input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, **{cache.argument: cache}, use_cache=True,
         segment_ids=protocol.segment_id(blocks, thought_embedding), reads=cache.reads,
     ).logits
 
@@ -174,7 +174,7 @@ def fresh_forward(model, cache: PagedKVCache, tokens: torch.Tensor, columns: tor
     cache.begin(columns, torch.ones_like(columns, dtype=torch.bool))
     cache.reads = reads
     return model(
-        input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, cache=cache, use_cache=True,
+        input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, **{cache.argument: cache}, use_cache=True,
         segment_ids=protocol.segment_id(blocks, thought_embedding), logits_to_keep=1 if last_only else 0,
         reads=reads,
     ).logits
