@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
+from helpers import CPU_KERNELS
 from scripted import Script
 from tiny import save_tiny_checkpoint, tiny_model, tiny_parathinker, tiny_tokenizer
 
@@ -38,7 +39,7 @@ def parathinker(request):
     return tiny_parathinker(request.param)
 
 
-@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+@pytest.mark.parametrize("attention", CPU_KERNELS)
 def test_path_logits_equal_each_path_decoded_alone(parathinker, attention):
     model, tok = parathinker
     outs = ParaThinkerEngine(model, tok).generate(
@@ -71,7 +72,8 @@ def full_sequence_summary_logits(model, out, **layout_kwargs) -> torch.Tensor:
     return logits[-len(out.summary_ids) :]
 
 
-@pytest.mark.parametrize("termination, attention", [("half", "flex"), ("last", "flex"), ("half", "sdpa")])
+@pytest.mark.parametrize("termination, attention",
+                         list(dict.fromkeys([("half", CPU_KERNELS[0]), ("last", CPU_KERNELS[0]), ("half", "sdpa")])))
 def test_summary_with_kv_reuse_equals_full_sequence_and_reprefill(parathinker, termination, attention, monkeypatch):
     model, tok = parathinker
     Script({3: {0: tok.eos_token_id}}).install(monkeypatch)  # path 1 ends early: its pages stop, the rest go on

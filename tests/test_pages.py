@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from helpers import CPU_KERNELS
 from tiny import tiny_parathinker
 
 import lm_eval_parathinker.engine.scheduler as scheduler_mod
@@ -58,7 +59,7 @@ class Recorder:
         monkeypatch.setattr(step, "decode_forward", recording_forward)
 
 
-@pytest.mark.parametrize("attention", ["flex", "sdpa"])
+@pytest.mark.parametrize("attention", CPU_KERNELS)
 def test_each_query_reads_exactly_the_pages_it_may_see(tiny, monkeypatch, attention):
     model, tok = tiny
     recorder = Recorder(monkeypatch)
@@ -184,7 +185,7 @@ def test_engine_options_parse_model_arg_strings():
             EngineOptions.parse(**values)
 
 
-@pytest.mark.parametrize("kernel", ["flex", "sdpa"])
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
 def test_kernels_attend_to_exactly_the_tokens_of_the_listed_segments(kernel):
     """Both kernels against attention written out over the keys each query may see."""
     from lm_eval_parathinker.engine.attention import page_reads
@@ -223,8 +224,7 @@ def test_flex_keeps_one_cpu_thread_count_per_process(monkeypatch):
     from lm_eval_parathinker.engine import attention
 
     cpu = torch.device("cpu")
-    if not attention.flex_available(cpu):
-        pytest.fail("these tests expect an x86 CPU with AVX2 (flex's CPU kernels)")
+    monkeypatch.setattr(attention, "flex_available", lambda device: True)  # the rule where flex runs
     monkeypatch.setattr(attention, "_flex_cpu_threads", torch.get_num_threads() + 1)
     with pytest.warns(UserWarning, match="built for one thread count: attention='auto' uses 'sdpa'"):
         assert attention.resolve_kernel("auto", cpu) == "sdpa"
@@ -232,3 +232,18 @@ def test_flex_keeps_one_cpu_thread_count_per_process(monkeypatch):
         attention.resolve_kernel("flex", cpu)
     monkeypatch.setattr(attention, "_flex_cpu_threads", None)
     assert attention.resolve_kernel("auto", cpu) == "flex" and attention._flex_cpu_threads == torch.get_num_threads()
+
+
+def test_compiled_cpu_flex_needs_torch_2_13(monkeypatch):
+    """Below torch 2.13 (whose CPU flex kernels corrupted the heap here), auto uses sdpa with a
+    warning that says why, and an explicit flex is refused naming the version."""
+    from lm_eval_parathinker.engine import attention
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert not attention.flex_available(cpu) and attention.flex_available(torch.device("cuda"))
+    with pytest.warns(UserWarning, match=r"compiled CPU FlexAttention needs torch >= 2.13 \(this is 2.11.0\+cu130\)"):
+        assert attention.resolve_kernel("auto", cpu) == "sdpa"
+    with pytest.raises(ValueError, match=r"attention='flex' does not run on cpu with torch 2.11.0\+cu130 "
+                                         r"\(CUDA, or an x86 CPU with AVX2 and torch >= 2.13\)"):
+        attention.resolve_kernel("flex", cpu)

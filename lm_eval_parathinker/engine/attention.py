@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.torch_version import TorchVersion
 from transformers import AttentionInterface
 
 from ..protocol import additive_mask
@@ -36,11 +37,18 @@ KERNELS = ("auto", "flex", "sdpa")
 FLEX_Q_BLOCK = 128  # a query's heads fit one query block
 
 
+# Compiled CPU FlexAttention from the torch release the tests pass on: torch 2.11's CPU flex
+# kernels corrupted the heap in an lm_eval run (the official layout after SFT, tests/test_training.py)
+CPU_FLEX_MIN_TORCH = "2.13"
+FLEX_RUNS_ON = f"CUDA, or an x86 CPU with AVX2 and torch >= {CPU_FLEX_MIN_TORCH}"
+
+
 def flex_available(device: torch.device) -> bool:
-    """Compiled FlexAttention runs on CUDA, and on x86 CPUs with AVX2 (inference only)."""
+    """Compiled FlexAttention runs on CUDA, and on x86 CPUs with AVX2 (inference only) from
+    torch :data:`CPU_FLEX_MIN_TORCH`."""
     if device.type == "cuda":
         return True
-    if device.type != "cpu":
+    if device.type != "cpu" or TorchVersion(torch.__version__) < CPU_FLEX_MIN_TORCH:
         return False
     from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
 
@@ -64,7 +72,11 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
         return kernel
     if not flex_available(device):
         if kernel == "flex":
-            raise ValueError(f"attention='flex' does not run on {device} (CUDA, or an x86 CPU with AVX2): use 'sdpa'")
+            raise ValueError(f"attention='flex' does not run on {device} with torch {torch.__version__} "
+                             f"({FLEX_RUNS_ON}): use 'sdpa'")
+        if device.type == "cpu" and TorchVersion(torch.__version__) < CPU_FLEX_MIN_TORCH:
+            warnings.warn(f"compiled CPU FlexAttention needs torch >= {CPU_FLEX_MIN_TORCH} (this is "
+                          f"{torch.__version__}): attention='auto' uses 'sdpa'", stacklevel=3)
         return "sdpa"
     if device.type == "cpu":
         threads = torch.get_num_threads()
