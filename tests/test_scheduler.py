@@ -14,6 +14,7 @@ import lm_eval_parathinker.engine.scheduler as scheduler_mod
 from lm_eval_parathinker.engine import ParaThinkerEngine, step
 from lm_eval_parathinker.engine import attention
 from lm_eval_parathinker.engine.sampling import Draw, SamplingParams, request_seeds, sample
+from lm_eval_parathinker import protocol
 from lm_eval_parathinker.protocol import ControlTokenIds
 
 PROMPTS = ["Find x.", "Let x be the answer.", "x = 3 + 4", "Find the number of ways to do it.", "so x = 7"]
@@ -192,3 +193,60 @@ def test_sampling_follows_the_distribution():
     assert torch.equal(draw.uniform(), draw.uniform())  # a function of the coordinates
     other = Draw(torch.full((n,), 12), draw.request, draw.path, draw.index)
     assert (other.uniform() != draw.uniform()).float().mean() > 0.99  # another seed, another stream
+
+
+class LatePhaseView(scheduler_mod.PhaseView):
+    """The phases as a CUDA host may see them: each step's snapshot two steps after the step."""
+
+    LAG = 2
+
+    def pull(self):
+        newest = self.landed[-1][0] if self.landed else 0
+        ready = [snapshot for snapshot in self.landed if snapshot[0] <= newest - self.LAG]
+        self.landed = self.landed[len(ready):]
+        return ready
+
+
+def _run_checking_page_tables(monkeypatch, engine, late: bool, **kwargs):
+    """``engine.generate(**kwargs)``, asserting at every flush that no page goes beyond a table."""
+    flush = scheduler_mod.PagePool.flush
+
+    def checked_flush(pool):
+        beyond = [entry for entry in pool._pending if entry[2] >= pool.table.shape[-1]]
+        assert not beyond, f"(slot, segment, index, page) beyond a page table of {pool.table.shape[-1]}: {beyond}"
+        flush(pool)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scheduler_mod.PagePool, "flush", checked_flush)
+        if late:
+            patch.setattr(scheduler_mod, "PhaseView", LatePhaseView)
+        return engine.generate(**kwargs)
+
+
+@pytest.mark.parametrize("layout", ["paper", "official"])
+def test_late_phase_reads_reserve_no_page_beyond_a_limit(monkeypatch, layout):
+    """The host reads the phases two steps late: it goes on growing a finished summary's segment
+    for two steps. The official layout's default summary (template + generated = 128 tokens) is
+    exactly one page of 128; the paper layout's here is a whole number of pages of 4."""
+    model, tok = tiny_parathinker("qwen2", official=layout == "official")
+    ids = ControlTokenIds.from_tokenizer(tok)
+    w = tok.convert_tokens_to_ids("x")
+    template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
+    # path 2 of each request closes at a different step; the summary never ends before its limit
+    Script(by_request={i: _closing(ids, i) for i in range(2)}, path_default=w, summary_default=w).install(monkeypatch)
+    if layout == "official":
+        summary_len = 128
+        kwargs = dict(compat="official", max_new_tokens=16, block_size=128)
+    else:
+        summary_len = 4 * (template // 4 + 2)  # template + generated tokens: whole pages
+        kwargs = dict(max_new_tokens=16, block_size=4, summary_max_tokens=summary_len - template)
+    kwargs.update(prompts=PROMPTS[:2], num_paths=3, output_logits=True, num_slots=2)
+    engine = ParaThinkerEngine(model, tok)
+    on_time = _run_checking_page_tables(monkeypatch, engine, late=False, **kwargs)
+    late = _run_checking_page_tables(monkeypatch, engine, late=True, **kwargs)
+    assert all(len(o.summary_ids) == summary_len for o in on_time)  # every summary ran to its limit
+    assert _tokens(late) == _tokens(on_time)
+    for a, b in zip(late, on_time):
+        for x, y in zip(a.path_logits, b.path_logits):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.summary_logits, b.summary_logits, atol=1e-4, rtol=0)

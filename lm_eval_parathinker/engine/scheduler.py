@@ -225,21 +225,24 @@ class Scheduler:
 
     def _reserve(self, waiting: deque) -> None:
         """Pages for the tokens the next step writes, oldest request first: a segment gets a page
-        when its next token opens one (a path only while it is not known to be done)."""
-        ps = self.pool.page_size
+        when its next token opens one (a path only while it is not known to be done), and never
+        beyond its limit: the host's counters run on while a late phase read (CUDA) has not yet
+        shown that the device has finished the stage."""
+        ps, plan = self.pool.page_size, self.plan
         for slot in sorted((s for s, b in enumerate(self.busy) if b is not None), key=lambda s: self.busy[s].order):
             busy = self.busy[slot]
             if busy is None:  # preempted for an older request in this loop
                 continue
             if busy.summary is None:
-                if busy.t % ps or busy.t >= self.plan.budget:
-                    continue
-                needs = [(k + 1, busy.t + 1) for k, done in enumerate(busy.done) if not done]
+                offset, limit = busy.t, plan.budget
+                segments = [k + 1 for k, done in enumerate(busy.done) if not done]
             else:
-                offset = self.plan.template_len + busy.summary
-                needs = [] if offset % ps else [(summary_segment(self.plan.num_paths), offset + 1)]
-            for segment, tokens in needs:
-                if not self._grow(slot, segment, tokens, waiting):
+                offset, limit = plan.template_len + busy.summary, plan.template_len + plan.summary_tokens
+                segments = [summary_segment(plan.num_paths)]
+            if offset % ps or offset >= limit:
+                continue
+            for segment in segments:
+                if not self._grow(slot, segment, offset + 1, waiting):
                     break
         self.pool.flush()
         self._note_peak()
