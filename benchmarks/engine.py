@@ -271,7 +271,7 @@ class Bench:
 
     def sync(self) -> None:
         if torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
     def think(self, prompts: list[list[int]], paths: int, length: int, size: int, engine: ParaThinkerEngine | None = None,
               **kwargs) -> tuple[list, float]:
@@ -391,14 +391,14 @@ def _hf_step_time(b: Bench, prompt: list[int], steps: int) -> float:
     return b.timed(loop)[1] / steps
 
 
-def _cuda_peak_extra(fn: Callable[[], object]) -> int:
-    """Peak CUDA memory allocated while ``fn`` runs, minus the memory allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+def _cuda_peak_extra(fn: Callable[[], object], device: str) -> int:
+    """Peak CUDA memory allocated on ``device`` while ``fn`` runs, minus the memory allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def workload_lengths(p: Preset, seed: int = 0) -> list[int]:
@@ -634,7 +634,7 @@ def bench_memory(b: Bench) -> Path:
                                      temperature=1.0, seed=0)
 
         if cuda:
-            engine_peak = _cuda_peak_extra(run)
+            engine_peak = _cuda_peak_extra(run, b.device)
         else:
             run()
         stats = b.engine.last_stats
@@ -648,7 +648,7 @@ def bench_memory(b: Bench) -> Path:
                "same_outputs": ""}
         if cuda:
             row["engine_extra_mb"] = engine_peak / mb
-            row["hf_extra_mb"] = _cuda_peak_extra(lambda: b.hf_generate(prompt, paths, n)) / mb
+            row["hf_extra_mb"] = _cuda_peak_extra(lambda: b.hf_generate(prompt, paths, n), b.device) / mb
         rows.append(row)
     rows.append(_oversubscribed_row(b))
 

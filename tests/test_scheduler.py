@@ -4,6 +4,8 @@ that depends on the request only."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from scripted import Script
@@ -250,3 +252,28 @@ def test_late_phase_reads_reserve_no_page_beyond_a_limit(monkeypatch, layout):
         for x, y in zip(a.path_logits, b.path_logits):
             torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
         torch.testing.assert_close(a.summary_logits, b.summary_logits, atol=1e-4, rtol=0)
+
+
+def test_phase_snapshots_are_timed_on_the_models_device(monkeypatch):
+    """On CUDA the host reads a snapshot once an event recorded after its copy has passed: the
+    event must follow the copy on the model's device (cuda:1 here), whichever device is current.
+    CUDA's calls are stood in for: the CPU has no events and no pinned memory."""
+    recorded = []
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def query(self):
+            return True
+
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"the stream of {device or 'the current device'}")
+    monkeypatch.setattr(torch, "empty", lambda *args, pin_memory=False, **kwargs: empty(*args, **kwargs))
+    view = scheduler_mod.PhaseView(torch.device("cuda", 1), (2, 3))
+    state = SimpleNamespace(phase=torch.tensor([step.THINK, step.DONE]), done=torch.tensor([[False], [True]]),
+                            lengths=torch.tensor([[3], [4]]))
+    view.push(1, state)
+    assert recorded == ["the stream of cuda:1"]
+    assert view.pull() == [(1, [[step.THINK, 0, 3], [step.DONE, 1, 4]])]

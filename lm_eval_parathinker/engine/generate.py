@@ -17,6 +17,7 @@ checkpoint; ``auto``: official when the tokenizer has ``<vllm_pad>``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -190,7 +191,7 @@ class ParaThinkerEngine:
             on_finished=finished, progress=progress,
         )
         rope = layout.rope_parameters(max_new_tokens, self._rope_theta()) if parathinker else None
-        with paged_attention_for(self.model), rope_scaling(self.model, rope):
+        with paged_attention_for(self.model), rope_scaling(self.model, rope), current_device(self.device):
             scheduler.run()
         self.last_stats = {"attention": kernel, **scheduler.pool.stats.as_dict(cache.bytes_per_token)}
         return outputs
@@ -404,6 +405,13 @@ class ParaThinkerEngine:
             path_logits=done.path_logits,
             summary_logits=summary_logits,
         )
+
+
+def current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` as the current CUDA device (nothing elsewhere): torch's own calls during a step
+    (flex's kernel configs and split count, CUDA graph capture) read the current device's
+    properties, which must be the model's when it is on another GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _free_memory(device: torch.device) -> int:

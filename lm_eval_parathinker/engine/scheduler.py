@@ -96,6 +96,7 @@ class PhaseView:
     for the device only when it is ``depth`` steps ahead of it; elsewhere they are read at once."""
 
     def __init__(self, device: torch.device, shape: tuple[int, int], depth: int = 2):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.in_flight: deque = deque()  # (step, buffer, event): copies not read yet
         self.landed: list[tuple[int, list[list[int]]]] = []
@@ -114,7 +115,9 @@ class PhaseView:
             self._read_landed()
         buffer, event = self.spare.pop()
         buffer.copy_(snapshot, non_blocking=True)
-        event.record()
+        # the copy runs on the model's device's stream, which is not the current device's when
+        # the model is on another GPU (cuda:1 with cuda:0 current)
+        event.record(torch.cuda.current_stream(self.device))
         self.in_flight.append((step, buffer, event))
 
     def _read_landed(self) -> None:
