@@ -167,6 +167,27 @@ def test_the_pool_is_kept_across_calls_until_released(tiny):
     assert _tokens(again) == _tokens(first)
 
 
+def test_the_steps_static_inputs_keep_their_addresses_across_calls(tiny, monkeypatch):
+    """A compiled step's CUDA graphs are recorded for the addresses of its static inputs (the KV
+    pages, their fill counts, the page table): a call that allocated new ones would re-record
+    every graph, inside whatever is being timed. Each call's scheduler is kept alive here, so a
+    freed table's memory cannot be handed out again at the same address."""
+    model, tok = tiny
+    recorder = Recorder(monkeypatch)
+    engine = ParaThinkerEngine(model, tok)
+    kwargs = dict(num_paths=2, max_new_tokens=8, block_size=PAGE, temperature=1.0, seed=3)
+    first = engine.generate(PROMPTS[:2], **kwargs)
+    second = engine.generate(PROMPTS[:2], **kwargs)
+
+    def addresses(scheduler) -> list[int]:
+        cache = scheduler.cache
+        return [t.data_ptr() for t in (scheduler.pool.table, cache.fill, *cache.keys, *cache.values)]
+
+    assert len(recorder.schedulers) == 2
+    assert addresses(recorder.schedulers[0]) == addresses(recorder.schedulers[1])
+    assert _tokens(second) == _tokens(first)
+
+
 def test_engine_options_parse_model_arg_strings():
     opts = EngineOptions.parse(num_paths="4", thought_embedding="false", block_size="16", num_blocks="none",
                                max_memory_percent="0.5", attention="sdpa")

@@ -18,6 +18,8 @@ import inspect
 
 import torch
 
+from .pages import SCRATCH_PAGE
+
 
 def cache_argument(model) -> str:
     """The keyword a model's forward takes its KV cache by: ``cache`` in newer transformers 5
@@ -44,12 +46,23 @@ class PagedKVCache:
         self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
         self.no_mask = torch.zeros(1, 1, 1, 1, device=device)  # a 4-D mask makes transformers skip mask creation
         self._columns: torch.Tensor | None = None
+        self._table: torch.Tensor | None = None  # the slots' page lists (page_table)
         self.reads = None  # how the queries of the forward in flight read (set after begin)
         self.argument = cache_argument(model)  # how the model's forward takes this cache
 
+    def page_table(self, slots: int, segments: int, max_pages: int) -> torch.Tensor:
+        """The device table of the slots' page lists for a call, every entry the scratch page: one
+        tensor for every call of the same shape, kept with the pool, so that a compiled step
+        reads it at the same address (CUDA graphs re-record for a new one)."""
+        shape = (slots, segments, max_pages)
+        if self._table is None or self._table.shape != shape:
+            self._table = torch.empty(shape, dtype=torch.long, device=self.fill.device)
+        return self._table.fill_(SCRATCH_PAGE)
+
     def mark_static(self) -> None:
-        """Fixed addresses for CUDA graphs (as transformers' StaticCache does)."""
-        for t in [*self.keys, *self.values, self.fill]:
+        """Fixed addresses for CUDA graphs (as transformers' StaticCache does): the pages, their
+        fill counts and the page table."""
+        for t in [*self.keys, *self.values, self.fill, self._table]:
             torch._dynamo.mark_static_address(t)
 
     def matches(self, model, page_size: int, device: torch.device, dtype: torch.dtype) -> bool:

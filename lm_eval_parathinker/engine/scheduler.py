@@ -168,10 +168,9 @@ class Scheduler:
         summary_len = len(template) + plan.summary_tokens if plan.summary_rules is not None else 0
         max_pages = pages_for(max(max(map(len, prompts)), plan.budget, summary_len), ps)
         self.cache, self.kernel = cache, kernel
-        self.pool = PagePool(cache.num_pages, ps, slots, P + 2, max_pages, self.device)
+        self.pool = PagePool(cache.num_pages, ps, cache.page_table(slots, P + 2, max_pages))
         if compiled is not None:
             cache.mark_static()
-            torch._dynamo.mark_static_address(self.pool.table)
         self.state = SlotState.allocate(slots, plan, self.device)
         self.first_tokens = None if first_tokens is None else torch.tensor(first_tokens, device=self.device)
         self.template = torch.tensor(template, device=self.device)
