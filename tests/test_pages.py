@@ -238,6 +238,32 @@ def test_kernels_attend_to_exactly_the_tokens_of_the_listed_segments(kernel):
         torch.testing.assert_close(out[b], (weights @ v)[:, 0], atol=1e-5, rtol=1e-5)
 
 
+def test_flex_on_cuda_reads_every_page_as_a_partial_block(monkeypatch):
+    """On CUDA no page is a full block (torch's flex decoding kernel then splits its work over the
+    pages a query reads, not over the pool): the same attention as the CPU's blocks, where the
+    complete pages are full blocks. The CUDA rule is applied on the CPU here."""
+    from lm_eval_parathinker.engine import attention
+
+    g = torch.Generator().manual_seed(1)
+    slots, segments, max_pages, kv_heads, groups, dim = 2, 3, 4, 2, 2, 16
+    num_pages = 1 + slots * segments * max_pages
+    table = (1 + torch.randperm(num_pages - 1, generator=g)).view(slots, segments, max_pages)
+    lengths = torch.randint(1, max_pages * PAGE + 1, (slots, segments), generator=g)
+    fill = torch.full((num_pages,), PAGE)
+    fill[table.flatten(0, 1)[torch.arange(slots * segments), (lengths.flatten() - 1) // PAGE]] = \
+        (lengths.flatten() - 1) % PAGE + 1  # each segment's last page holds what remains
+    slot, reads = torch.tensor([0, 1, 1]), torch.tensor([[1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    keys, values = (torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g) for _ in range(2))
+    query = torch.randn(1, kv_heads * groups, len(slot), dim, generator=g)
+    cpu = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", groups)
+    monkeypatch.setattr(attention, "flex_full_blocks", lambda device: False)
+    cuda = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", groups)
+    assert cpu.block_mask.full_kv_num_blocks is not None and cuda.block_mask.full_kv_num_blocks is None
+    assert cuda.block_mask.kv_num_blocks.flatten().tolist() == (cpu.full_count + cpu.partial_count).tolist()
+    torch.testing.assert_close(cuda.attend(query, keys, values, scale=None), cpu.attend(query, keys, values, scale=None),
+                               atol=1e-6, rtol=1e-6)
+
+
 def test_flex_keeps_one_cpu_thread_count_per_process(monkeypatch):
     """inductor's CPU flex kernels are built for one thread count: after a change, auto falls back
     to sdpa (with a warning) and an explicit flex is refused."""

@@ -277,3 +277,46 @@ def test_phase_snapshots_are_timed_on_the_models_device(monkeypatch):
     view.push(1, state)
     assert recorded == ["the stream of cuda:1"]
     assert view.pull() == [(1, [[step.THINK, 0, 3], [step.DONE, 1, 4]])]
+
+
+@pytest.mark.parametrize("prompts, paths", [(1, 1), (2, 3)])
+def test_the_compiled_steps_flex_call_has_a_static_batch(tiny, monkeypatch, prompts, paths):
+    """torch's flex decoding kernel (one query block per KV head, work split over the pages read)
+    needs the query's batch dimension as an integer; a symbolic one gets the main kernel, its
+    query block 95% padding. The engine's step compiled with a recording backend, for B = 1 and
+    B = 2 x 3 queries."""
+    model, tok = tiny
+    batches = []
+
+    def record(graph, example_inputs):
+        for node in graph.graph.nodes:
+            if node.target is torch.ops.higher_order.flex_attention:
+                batches.append(node.args[0].meta["example_value"].shape[0])
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: compile_(fn, backend=record, **kwargs))
+    ParaThinkerEngine(model, tok, compile=True).generate(PROMPTS[:prompts], mode="independent", num_paths=paths,
+                                                         max_new_tokens=3, attention="flex")
+    assert batches and all(type(b) is int for b in batches), batches
+    assert set(batches) == {prompts * paths}
+
+
+def test_a_step_past_its_recompile_limit_fails_rather_than_running_uncompiled(tiny, monkeypatch):
+    """Uncompiled, flex computes the scores over the whole KV pool: a compiled step that meets
+    more shapes than its recompile limit stops with dynamo's error (the limit set to one more
+    than the step's compilations so far in this process: the second batch size is one too many)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    model, tok = tiny
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: compile_(fn, backend="eager", **kwargs))
+    limit = len(_debug_get_cache_entry_list(step.decode_forward.__code__)) + 1
+    monkeypatch.setattr(step, "STEP_RECOMPILE_LIMIT", limit)
+    engine = ParaThinkerEngine(model, tok, compile=True)
+    kwargs = dict(mode="independent", max_new_tokens=3, attention="flex")
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        engine.generate(PROMPTS[:1], num_paths=2, **kwargs)
+        with pytest.raises(FailOnRecompileLimitHit):
+            engine.generate(PROMPTS[:1], num_paths=3, **kwargs)

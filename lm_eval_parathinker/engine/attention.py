@@ -96,6 +96,7 @@ class PageReads:
     fill: torch.Tensor  # [num_pages] tokens written in each page
     page_size: int
     kernel: str  # "flex" or "sdpa"
+    static_batch: bool  # B is the same at every step (see attend)
     block_mask: BlockMask | None = None  # flex: the pages as kv blocks
     gathered: torch.Tensor | None = None  # sdpa: [B, Wb] the pages to gather
     visible: torch.Tensor | None = None  # sdpa: [B, 1, 1, Wb * page_size] additive mask of their tokens
@@ -112,6 +113,12 @@ class PageReads:
         # KV page is read once per group, and no K/V is copied to every head
         q = query.transpose(1, 2).reshape(B0 * Q, kv_heads, H // kv_heads, D)
         if self.kernel == "flex":
+            if self.static_batch and not torch.compiler.is_compiling():
+                # torch's flex decoding kernel (one query block per KV head, work split over the
+                # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
+                # runs its main kernel, a 128-row query block for `groups` rows. A compiled step
+                # has its inputs marked static instead (step.step_forward).
+                torch._dynamo.mark_static(q, 0)
             out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale)
         else:
             out = self._sdpa(q, key, value, scale)
@@ -131,11 +138,12 @@ class PageReads:
 
 
 def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, reads: torch.Tensor,
-               fill: torch.Tensor, page_size: int, kernel: str, groups: int) -> PageReads:
+               fill: torch.Tensor, page_size: int, kernel: str, groups: int, static_batch: bool = False) -> PageReads:
     """The pages of each query: ``slot`` [B] its slot, ``reads`` [B, G] which of the slot's
     segments it reads, ``lengths`` [S, G] the tokens in every segment (this step's included),
-    ``table`` [S, G, M] the slots' page ids; ``groups`` query heads share a KV head. Tensor operations only (static shapes) for flex; the
-    sdpa kernel reads how many pages the busiest query reads (eager only)."""
+    ``table`` [S, G, M] the slots' page ids; ``groups`` query heads share a KV head;
+    ``static_batch``: B is the same at every step. Tensor operations only (static shapes) for
+    flex; the sdpa kernel reads how many pages the busiest query reads (eager only)."""
     B = slot.shape[0]
     width = fill.shape[0]  # the BlockMask convention: one column per page of the pool
     n = torch.where(reads, lengths[slot], 0)  # [B, G]
@@ -151,18 +159,29 @@ def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, r
         out = torch.zeros(B, width + 1, dtype=pages.dtype, device=pages.device).scatter_(1, at, pages)
         return out[:, :width], mask.sum(1)
 
-    result = PageReads(*compact(full), *compact(partial), fill, page_size, kernel)
+    result = PageReads(*compact(full), *compact(partial), fill, page_size, kernel, static_batch)
     if kernel == "flex":
-        result.block_mask = _block_mask(result, groups, width * page_size)
+        masked, unmasked = (compact(partial), compact(full)) if flex_full_blocks(fill.device) else \
+            (compact(full | partial), None)
+        result.block_mask = _block_mask(masked, unmasked, fill, page_size, groups, width * page_size)
     else:
         result.gathered, result.visible = _gathered(result)
     return result
 
 
-def _block_mask(reads: PageReads, groups: int, kv_len: int) -> BlockMask:
-    """The pages as FlexAttention kv blocks, one batch row per query (its ``groups`` heads as the
-    query axis); a partial page shows its first ``fill`` tokens."""
-    ps, fill = reads.page_size, reads.fill
+def flex_full_blocks(device: torch.device) -> bool:
+    """Whether flex reads a query's complete pages as full blocks (no fill mask). Not on CUDA:
+    with full blocks torch's flex decoding kernel splits the work over the pool's length
+    (``flex_decode.py.jinja``, ``HAS_FULL_BLOCKS``), so most splits find no page; with partial
+    blocks only, over the pages read. The CPU kernel is faster with them (25-35% on 2 x86 cores)."""
+    return device.type != "cuda"
+
+
+def _block_mask(masked: tuple[torch.Tensor, torch.Tensor], unmasked: tuple[torch.Tensor, torch.Tensor] | None,
+                fill: torch.Tensor, ps: int, groups: int, kv_len: int) -> BlockMask:
+    """Pages as FlexAttention kv blocks, one batch row per query (its ``groups`` heads as the
+    query axis): ``masked`` ones ((pages [B, W], count [B])) show their first ``fill`` tokens,
+    ``unmasked`` ones (None: none) all of theirs."""
 
     def within_fill(b, h, q_idx, kv_idx):
         return kv_idx % ps < fill[kv_idx // ps]
@@ -170,8 +189,9 @@ def _block_mask(reads: PageReads, groups: int, kv_len: int) -> BlockMask:
     def rows(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.int32)[:, None, None]
 
+    full_count, full = (None, None) if unmasked is None else (rows(unmasked[1]), rows(unmasked[0]))
     return BlockMask.from_kv_blocks(
-        rows(reads.partial_count), rows(reads.partial), rows(reads.full_count), rows(reads.full),
+        rows(masked[1]), rows(masked[0]), full_count, full,
         BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(groups, kv_len), compute_q_blocks=False,
     )
 

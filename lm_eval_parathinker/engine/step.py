@@ -12,7 +12,8 @@ handles it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -154,13 +155,14 @@ def columns(table: torch.Tensor, slot: torch.Tensor, segment: torch.Tensor, offs
 
 def decode_forward(model, cache: PagedKVCache, table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor,
                    tokens, positions, blocks, offsets, real, num_paths: int, thought_embedding: bool,
-                   kernel: str) -> torch.Tensor:
+                   kernel: str, static_batch: bool) -> torch.Tensor:
     """One decode forward of ``tokens`` ([B0, Q]; query i of row r belongs to slot ``slot[r, i]``)
-    with paged reads: the function ``torch.compile`` compiles."""
+    with paged reads: the function ``torch.compile`` compiles. ``static_batch``: the step is a
+    rectangle, whose number of queries is the same at every step."""
     segment = segment_of(blocks, num_paths)
     cache.begin(columns(table, slot, segment, offsets, real, cache.page_size), real)
     cache.reads = page_reads(table, lengths, slot.flatten(), segment_reads(blocks, real, num_paths).flatten(0, 1),
-                             cache.fill, cache.page_size, kernel, cache.groups)
+                             cache.fill, cache.page_size, kernel, cache.groups, static_batch)
     return model(
         input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, **{cache.argument: cache}, use_cache=True,
         segment_ids=protocol.segment_id(blocks, thought_embedding), reads=cache.reads,
@@ -199,9 +201,33 @@ def step_forward(model, cache: PagedKVCache, table: torch.Tensor, state: SlotSta
             return None
         slot = slot.flatten()[index][None]
         fields = tuple(x.flatten()[index][None] for x in fields)
+    else:  # a rectangle: a static batch for the compiled step (see attention.PageReads.static_batch)
+        for x in (lengths, slot, *fields):
+            torch._dynamo.mark_static(x)
     run = compiled or decode_forward
-    logits = run(model, cache, table, lengths, slot, *fields, plan.num_paths, plan.thought_embedding, kernel)
+    with step_compile_limits():
+        logits = run(model, cache, table, lengths, slot, *fields, plan.num_paths, plan.thought_embedding, kernel,
+                     not ragged)
     return logits, index
+
+
+# A step compiles once per static batch (its slots x P: a few per engine) and per KV pool (whose
+# tensors are static addresses). Past dynamo's recompile limit (8 per function) it would run
+# uncompiled, flex included, which then computes scores over the whole pool: so a higher limit
+# for the step's calls, and an error rather than that fallback.
+STEP_RECOMPILE_LIMIT = 64
+
+
+@contextlib.contextmanager
+def step_compile_limits() -> Iterator[None]:
+    """Dynamo's recompile limit at least ``STEP_RECOMPILE_LIMIT``, and a hard failure past it."""
+    config = torch._dynamo.config
+    before = config.recompile_limit, config.fail_on_recompile_limit_hit
+    config.recompile_limit, config.fail_on_recompile_limit_hit = max(before[0], STEP_RECOMPILE_LIMIT), True
+    try:
+        yield
+    finally:
+        config.recompile_limit, config.fail_on_recompile_limit_hit = before
 
 
 def choose(logits: torch.Tensor, plan: Plan, draw: sampling.Draw, banned: torch.Tensor, rules: TokenRules) -> torch.Tensor:
