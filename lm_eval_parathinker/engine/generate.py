@@ -105,8 +105,9 @@ class ParaThinkerEngine:
         if self.compile and self._compiled is None:
             cuda = self.device.type == "cuda"
             bypass_kernel_routing(self.model)
-            # dynamic: one compilation serves any number of slots, paths and pages (CUDA graphs are
-            # recorded per shape)
+            # dynamic: one compilation serves any pool and page table; the batch (slots x P) is
+            # static (step.step_forward marks it: flex's decoding kernel needs it), one
+            # compilation each (CUDA graphs are recorded per shape)
             self._compiled = torch.compile(step.decode_forward, mode="reduce-overhead" if cuda else None, dynamic=True)
         return self._compiled
 
