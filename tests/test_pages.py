@@ -264,6 +264,33 @@ def test_flex_on_cuda_reads_every_page_as_a_partial_block(monkeypatch):
                                atol=1e-6, rtol=1e-6)
 
 
+def test_flex_on_cuda_takes_pages_that_fit_torchs_kv_blocks(monkeypatch):
+    """torch's flex configs on an H200 (compute capability 9.0, read from torch with CUDA's calls
+    stood in for): bf16 with head_dim 128 has one forward config, BLOCK_N 64; head_dim 64 has
+    BLOCK_N 128. Other pages: ``auto`` uses sdpa, ``flex`` names the page size and the fix."""
+    import contextlib
+
+    from lm_eval_parathinker.engine import attention
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    cuda, sizes = torch.device("cuda"), (16, 32, 48, 64, 96, 128, 192, 256)
+
+    def fitting(head_dim: int) -> list[int]:
+        forward, decoding = attention.cuda_flex_blocks(cuda, head_dim, torch.bfloat16)
+        return [size for size in sizes if attention.flex_reads_pages(size, forward, decoding)]
+
+    assert attention.cuda_flex_blocks(cuda, 128, torch.bfloat16)[0] == [(128, 64)]
+    assert fitting(128) == [64, 128, 192, 256]
+    assert fitting(64) == [128, 256]
+    pages = dict(head_dim=128, dtype=torch.bfloat16)
+    assert attention.resolve_kernel("auto", cuda, page_size=128, **pages) == "flex"
+    with pytest.warns(UserWarning, match=r"block_size=16 does not fit .* KV blocks of \[64\] tokens: attention='auto' uses"):
+        assert attention.resolve_kernel("auto", cuda, page_size=16, **pages) == "sdpa"
+    with pytest.raises(ValueError, match=r"attention='flex': block_size=16 .* use a block_size that is a multiple of 64"):
+        attention.resolve_kernel("flex", cuda, page_size=16, **pages)
+
+
 def test_flex_keeps_one_cpu_thread_count_per_process(monkeypatch):
     """inductor's CPU flex kernels are built for one thread count: after a change, auto falls back
     to sdpa (with a warning) and an explicit flex is refused."""

@@ -8,8 +8,9 @@ tokens are visible (``fill`` counts the tokens written into each page). Two kern
 * ``flex``: PyTorch FlexAttention with a ``BlockMask`` whose blocks are the pages
   (``BlockMask.from_kv_blocks``, as torch's own paged attention builds them): the kernel reads
   the listed pages of the pool in place, skips the rest, and applies the ``fill`` mask to
-  partial pages only. Compiled (inference runs on CPUs with AVX2 and on CUDA); static shapes, so
-  the compiled step can be captured in a CUDA graph.
+  partial pages only (on CUDA to every page: :func:`flex_full_blocks`). Compiled (inference
+  runs on CPUs with AVX2 and on CUDA, there with pages that fit its KV blocks:
+  :func:`flex_reads_pages`); static shapes, so the compiled step can be captured in a CUDA graph.
 * ``sdpa``: the pages a query reads gathered into one tensor, then SDPA (GQA folded into the
   query axis, no ``repeat_kv`` copy): eager everywhere, the fallback and the reference.
 
@@ -53,11 +54,13 @@ def flex_available(device: torch.device) -> bool:
 _flex_cpu_threads: int | None = None
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
+def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None = None, head_dim: int = 0,
+                   dtype: torch.dtype = torch.float32) -> str:
     """``auto``: flex where it runs, else sdpa; an explicit choice is checked. On the CPU, flex
-    runs at one thread count per process (see ``_flex_cpu_threads``): after a change ``auto``
-    falls back to sdpa with a warning, and ``flex`` is an error."""
-    global _flex_cpu_threads
+    runs at one thread count per process (see ``_flex_cpu_threads``); on CUDA, with pages of
+    ``page_size`` tokens that fit torch's KV blocks for ``head_dim`` and ``dtype``
+    (:func:`flex_reads_pages`; None: not checked). Where flex cannot run, ``auto`` falls back to
+    sdpa with a warning, and ``flex`` is an error that says why."""
     if kernel not in KERNELS:
         raise ValueError(f"attention={kernel!r} is not one of {', '.join(KERNELS)}")
     if kernel == "sdpa":
@@ -66,17 +69,58 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
         if kernel == "flex":
             raise ValueError(f"attention='flex' does not run on {device} (CUDA, or an x86 CPU with AVX2): use 'sdpa'")
         return "sdpa"
+    problem, fix = _flex_problem(device, page_size, head_dim, dtype)
+    if problem is None:
+        return "flex"
+    if kernel == "flex":
+        raise ValueError(f"attention='flex': {problem}; {fix}")
+    warnings.warn(f"{problem}: attention='auto' uses 'sdpa'", stacklevel=3)
+    return "sdpa"
+
+
+def _flex_problem(device: torch.device, page_size: int | None, head_dim: int,
+                  dtype: torch.dtype) -> tuple[str | None, str]:
+    """Why flex cannot run here (None: it can), and the fix; notes the CPU thread count it runs at."""
+    global _flex_cpu_threads
     if device.type == "cpu":
         threads = torch.get_num_threads()
         if _flex_cpu_threads not in (None, threads):
-            message = (f"compiled FlexAttention ran with {_flex_cpu_threads} CPU threads in this process, and now "
-                       f"torch uses {threads}: inductor's CPU flex kernels are built for one thread count")
-            if kernel == "flex":
-                raise ValueError(f"attention='flex': {message}; use attention='sdpa' or keep the thread count")
-            warnings.warn(f"{message}: attention='auto' uses 'sdpa'", stacklevel=3)
-            return "sdpa"
+            return (f"compiled FlexAttention ran with {_flex_cpu_threads} CPU threads in this process, and now "
+                    f"torch uses {threads}: inductor's CPU flex kernels are built for one thread count",
+                    "use attention='sdpa' or keep the thread count")
         _flex_cpu_threads = threads
-    return "flex"
+    elif page_size is not None:
+        forward, decoding = cuda_flex_blocks(device, head_dim, dtype)
+        if not flex_reads_pages(page_size, forward, decoding):
+            blocks = sorted({n for _, n in forward} | set(decoding))
+            return (f"block_size={page_size} does not fit torch's flex kernels on {device} ({dtype}, head_dim "
+                    f"{head_dim}), which read KV blocks of {blocks} tokens",
+                    f"use a block_size that is a multiple of {max(blocks)} (a multiple of 128 always fits), or "
+                    "attention='sdpa'")
+    return None, ""
+
+
+def flex_reads_pages(page_size: int, forward: list[tuple[int, int]], decoding: list[int]) -> bool:
+    """Whether torch's flex kernels take KV blocks of ``page_size`` tokens, given the (BLOCK_M,
+    BLOCK_N) of the forward kernel's configs and the BLOCK_N of the decoding kernel's: each
+    kernel needs a config that fits (``kernel/flex/flex_attention.py``: the KV block a multiple
+    of BLOCK_N and the query block of BLOCK_M, an error when the only config does not fit;
+    ``flex_decoding.py``: a multiple of BLOCK_N, cut down to a smaller page). A multiple of 128
+    fits every CUDA config torch has."""
+    main = any(page_size % n == 0 and FLEX_Q_BLOCK % m == 0 for m, n in forward)
+    return main and any(page_size % min(n, page_size) == 0 for n in decoding)
+
+
+def cuda_flex_blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], list[int]]:
+    """The blocks of torch's flex configs on CUDA ``device`` for ``head_dim`` and ``dtype``, as
+    inductor's template heuristics choose them (by compute capability; more with max_autotune):
+    the forward kernel's (BLOCK_M, BLOCK_N), the decoding kernel's BLOCK_N."""
+    from torch._inductor.virtualized import V
+
+    with torch.cuda.device(device):  # the heuristics read the current device's capability
+        forward = V.choices.get_flex_attention_fwd_configs(head_dim, dtype, "cuda")
+        decoding = V.choices.get_flex_decode_configs(head_dim, dtype, "cuda")
+    return [(c.block_m, c.block_n) for c in forward], [c.block_n for c in decoding]
 
 
 # FlexAttention compiled once per process (``dynamic``: any number of queries, any pool size;

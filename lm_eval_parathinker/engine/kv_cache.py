@@ -29,13 +29,17 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def head_dim(config) -> int:
+    """A model's attention head size (from its transformers config)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class PagedKVCache:
     """Duck-types the part of transformers' ``Cache`` that attention layers call: ``update``."""
 
     def __init__(self, model, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype):
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (1, config.num_key_value_heads, num_pages * page_size, head_dim)
+        shape = (1, config.num_key_value_heads, num_pages * page_size, head_dim(config))
         # zeros, not empty: a kernel multiplies the masked tail of a partial page by a zero weight,
         # which must not meet a NaN left in uninitialised memory
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -43,7 +47,7 @@ class PagedKVCache:
         self.fill = torch.zeros(num_pages, dtype=torch.long, device=device)
         self.num_pages, self.page_size = num_pages, page_size
         self.groups = config.num_attention_heads // config.num_key_value_heads  # query heads per KV head
-        self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+        self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * shape[-1] * dtype.itemsize
         self.no_mask = torch.zeros(1, 1, 1, 1, device=device)  # a 4-D mask makes transformers skip mask creation
         self._columns: torch.Tensor | None = None
         self._table: torch.Tensor | None = None  # the slots' page lists (page_table)
