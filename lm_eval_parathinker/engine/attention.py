@@ -15,14 +15,16 @@ tokens are visible (``fill`` counts the tokens written into each page). Two kern
   query axis, no ``repeat_kv`` copy): eager everywhere, the fallback and the reference.
 
 ``auto`` picks ``flex`` where it runs (:func:`resolve_kernel`). Multi-token forwards (a
-prompt's prefill, a summary template, ``reprefill``) attend with :class:`FreshReads`: to this
-forward's own keys under a causal or given mask, after context pages they see in full.
+prompt's prefill, a summary template, ``reprefill``) attend with :class:`FreshReads`: causally to
+this forward's own keys, after context pages they see in full, or (``reprefill``) under the
+two-phase rule, segment by segment in chunks of queries, never through an [n, n] mask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from transformers import AttentionInterface
 
-from ..protocol import additive_mask
+from ..protocol import additive_mask, may_attend
 
 PAGED_ATTENTION = "parathinker_paged"
 KERNELS = ("auto", "flex", "sdpa")
@@ -255,13 +257,21 @@ def _gathered(reads: PageReads) -> tuple[torch.Tensor, torch.Tensor]:
     return pages, additive_mask(visible, torch.float32)[:, None, None]
 
 
+# Queries x keys per attention call of a segmented fresh forward (reprefill): its masks and the
+# scores SDPA's math kernel materialises (the two-phase mask rules flash attention out) stay
+# this small whatever the forward's length.
+FRESH_CHUNK_ELEMENTS = 2**22
+
+
 @dataclass
 class FreshReads:
     """A multi-token forward of one request: its queries attend to every token of ``context``
-    (pages [C], their first ``fill`` tokens) and to this forward's own keys under ``mask``
-    ([n, n] bool; None: causal)."""
+    (pages [C], their first ``fill`` tokens) and causally to this forward's own keys; with
+    ``segments`` ((protocol block, length) of each run of its tokens, in order: a reprefill's
+    prompt and paths), a query sees only the segments :func:`protocol.may_attend` lets its block
+    see, attended segment by segment, in chunks of queries: no [n, n] mask or scores."""
 
-    mask: torch.Tensor | None = None
+    segments: list[tuple[int, int]] | None = None
     context: torch.Tensor | None = None
     fill: torch.Tensor | None = None
     page_size: int = 1
@@ -275,18 +285,42 @@ class FreshReads:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
         n = query.shape[2]
-        if self.context is None and self.mask is None:
+        if self.segments is not None:
+            out = torch.cat(list(_segment_attention(query, key, value, scale, self.segments)), dim=2)
+        elif self.context is None:
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            own = self.mask if self.mask is not None else torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-            allowed = own
-            if self.context is not None:
-                offset = torch.arange(self.page_size, device=query.device)
-                seen = (offset < self.fill[self.context][:, None]).flatten()
-                allowed = torch.cat([seen.expand(n, -1), own], dim=1)
+            offset = torch.arange(self.page_size, device=query.device)
+            seen = (offset < self.fill[self.context][:, None]).flatten()
+            own = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+            allowed = torch.cat([seen.expand(n, -1), own], dim=1)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask(allowed, query.dtype),
                                                  scale=scale, enable_gqa=True)
         return out.transpose(1, 2)
+
+
+def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                       segments: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+    """The two-phase rule over consecutive segments, chunk by chunk of queries ([1, H, rows, D]
+    each, in order): a segment's queries attend to the earlier segments their block may see, in
+    full, and causally to their own (keys gathered once per segment)."""
+    starts = [sum(n for _, n in segments[:s]) for s in range(len(segments))]
+    for (block, length), start in zip(segments, starts):
+        seen = [slice(other_start, other_start + n) for (other, n), other_start in zip(segments, starts)
+                if other_start < start and may_attend(block, other)]
+        before = sum(part.stop - part.start for part in seen)
+        keys, values = (torch.cat([x[:, :, part] for part in [*seen, slice(start, start + length)]], dim=2)
+                        for x in (key, value))
+        rows = max(1, FRESH_CHUNK_ELEMENTS // (before + length))
+        for first in range(0, length, rows):
+            last = min(first + rows, length)
+            visible = before + last  # the chunk's last query sees every key up to itself
+            # key j is visible to the query at offset i of the segment when j <= before + i
+            allowed = (torch.arange(visible, device=query.device)[None, :]
+                       <= before + torch.arange(first, last, device=query.device)[:, None])
+            yield F.scaled_dot_product_attention(
+                query[:, :, start + first : start + last], keys[:, :, :visible], values[:, :, :visible],
+                attn_mask=additive_mask(allowed, query.dtype), scale=scale, enable_gqa=True)
 
 
 def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, reads=None, **kwargs):

@@ -383,7 +383,7 @@ class Scheduler:
 
     def _recompute_paths(self, slot: int, prompt_len: int, lengths: list[int]) -> None:
         """``summary_kv="reprefill"``: recompute the prompt's and the paths' KV in one forward of
-        the packed sequence (the two-phase mask, the same positions and segments), overwriting
+        the packed sequence (the two-phase rule, the same positions and segments), overwriting
         their pages in place."""
         device = self.device
         layout = protocol.sequence_layout(prompt_len, lengths, 0, flattened=self.flattened,
@@ -392,9 +392,10 @@ class Scheduler:
         tokens = torch.cat([prompt, *(self.state.path_tokens[slot, k, :n] for k, n in enumerate(lengths))])
         columns = torch.cat([self._columns(slot, k, torch.arange(n, device=device))
                              for k, n in enumerate([prompt_len, *lengths])])
+        segments = [(protocol.PROMPT_BLOCK, prompt_len), *((k + 1, n) for k, n in enumerate(lengths))]
         fresh_forward(self.model, self.cache, tokens[None], columns[None], layout.position_ids.to(device)[None],
-                      layout.block_ids.to(device)[None], FreshReads(mask=layout.attention_mask().to(device)),
-                      self.plan.thought_embedding, last_only=True)
+                      layout.block_ids.to(device)[None], FreshReads(segments=segments), self.plan.thought_embedding,
+                      last_only=True)
 
     def _harvest(self, slot: int) -> None:
         """A request has ended: read it back, hand it to ``on_finished``, free its slot and pages."""
