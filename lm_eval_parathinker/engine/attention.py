@@ -125,8 +125,9 @@ def cuda_flex_blocks(device: torch.device, head_dim: int, dtype: torch.dtype) ->
     return [(c.block_m, c.block_n) for c in forward], [c.block_n for c in decoding]
 
 
-# FlexAttention compiled once per process (``dynamic``: any number of queries, any pool size;
-# torch.compile is lazy: nothing is compiled before the first call)
+# FlexAttention compiled per process (``dynamic``: any pool size, and any number of queries for
+# ragged steps; a rectangle's batch is static, one compilation per size: PageReads.attend).
+# torch.compile is lazy: nothing is compiled before the first call
 flex_kernel = torch.compile(flex_attention, dynamic=True)
 
 

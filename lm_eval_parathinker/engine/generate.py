@@ -198,7 +198,7 @@ class ParaThinkerEngine:
             on_finished=finished, progress=progress,
         )
         rope = layout.rope_parameters(max_new_tokens, self._rope_theta()) if parathinker else None
-        with paged_attention_for(self.model), rope_scaling(self.model, rope), current_device(self.device):
+        with paged_attention_for(self.model), rope_scaling(self.model, rope), _current_device(self.device):
             scheduler.run()
         self.last_stats = {"attention": kernel, **scheduler.pool.stats.as_dict(cache.bytes_per_token)}
         return outputs
@@ -413,7 +413,7 @@ class ParaThinkerEngine:
         )
 
 
-def current_device(device: torch.device) -> contextlib.AbstractContextManager:
+def _current_device(device: torch.device) -> contextlib.AbstractContextManager:
     """``device`` as the current CUDA device (nothing elsewhere): torch's own calls during a step
     (flex's kernel configs and split count, CUDA graph capture) read the current device's
     properties, which must be the model's when it is on another GPU."""
