@@ -264,6 +264,32 @@ def test_flex_on_cuda_reads_every_page_as_a_partial_block(monkeypatch):
                                atol=1e-6, rtol=1e-6)
 
 
+def test_flex_past_its_recompile_limit_fails_rather_than_running_uncompiled(monkeypatch):
+    """Uncompiled, flex applies its mask to the whole pool and ignores which pages a query lists
+    (wrong attention). An eager step's flex calls compile once per batch size: past the limit (one
+    more than flex's compilations so far in this process) they fail instead of running uncompiled."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from lm_eval_parathinker.engine import attention
+
+    limit = len(_debug_get_cache_entry_list(attention._paged_flex.__code__)) + 1
+    monkeypatch.setattr(attention, "flex_kernel", torch.compile(attention._paged_flex, backend="eager", dynamic=True))
+    monkeypatch.setattr(attention, "RECOMPILE_LIMIT", limit)
+    table, lengths, fill = torch.arange(1, 5).view(2, 2, 1), torch.full((2, 2), PAGE), torch.full((5,), PAGE)
+    keys = torch.randn(1, 2, 5 * PAGE, 16)
+
+    def attend(queries: int) -> torch.Tensor:
+        slot, reads = torch.arange(queries) % 2, torch.ones(queries, 2, dtype=torch.bool)
+        plan = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", 2, static_batch=True)
+        return plan.attend(torch.randn(1, 4, queries, 16), keys, keys, scale=None)
+
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        attend(2)
+        with pytest.raises(FailOnRecompileLimitHit):
+            attend(3)
+
+
 def test_flex_on_cuda_takes_pages_that_fit_torchs_kv_blocks(monkeypatch):
     """torch's flex configs on an H200 (compute capability 9.0, read from torch with CUDA's calls
     stood in for): bf16 with head_dim 128 has one forward config, BLOCK_N 64; head_dim 64 has

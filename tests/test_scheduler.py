@@ -313,7 +313,7 @@ def test_a_step_past_its_recompile_limit_fails_rather_than_running_uncompiled(ti
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: compile_(fn, backend="eager", **kwargs))
     limit = len(_debug_get_cache_entry_list(step.decode_forward.__code__)) + 1
-    monkeypatch.setattr(step, "STEP_RECOMPILE_LIMIT", limit)
+    monkeypatch.setattr(attention, "RECOMPILE_LIMIT", limit)
     engine = ParaThinkerEngine(model, tok, compile=True)
     kwargs = dict(mode="independent", max_new_tokens=3, attention="flex")
     with torch._dynamo.config.patch(recompile_limit=limit):

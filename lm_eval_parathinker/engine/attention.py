@@ -125,10 +125,45 @@ def cuda_flex_blocks(device: torch.device, head_dim: int, dtype: torch.dtype) ->
     return [(c.block_m, c.block_n) for c in forward], [c.block_n for c in decoding]
 
 
+def _paged_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, block_mask: BlockMask,
+                scale: float | None) -> torch.Tensor:
+    """flex_attention from a function of the engine's own: dynamo counts (and, past its limit,
+    stops) compilations per function, so other flex calls in the process (training's) neither
+    share nor use up this one's."""
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+
+
 # FlexAttention compiled per process (``dynamic``: any pool size, and any number of queries for
 # ragged steps; a rectangle's batch is static, one compilation per size: PageReads.attend).
 # torch.compile is lazy: nothing is compiled before the first call
-flex_kernel = torch.compile(flex_attention, dynamic=True)
+flex_kernel = torch.compile(_paged_flex, dynamic=True)
+
+# Uncompiled, flex applies the mask_mod to the whole pool and ignores which pages a query lists:
+# wrong attention, not just slow. Dynamo runs a function uncompiled once it has compiled it
+# `recompile_limit` times (8), and from then on for every new shape; flex's kernel and the
+# compiled step compile once per batch size (rectangles), page size and KV pool. So their calls
+# run under a higher limit, and fail past it (compile_limits).
+RECOMPILE_LIMIT = 64
+_limits_on = False  # a compile_limits block is active (nested ones change nothing)
+
+
+@contextlib.contextmanager
+def compile_limits() -> Iterator[None]:
+    """Dynamo's recompile limit at least ``RECOMPILE_LIMIT``, and an error past it (instead of
+    running uncompiled) while the block runs."""
+    global _limits_on
+    if _limits_on:
+        yield
+        return
+    config = torch._dynamo.config
+    before = config.recompile_limit, config.fail_on_recompile_limit_hit
+    config.recompile_limit, config.fail_on_recompile_limit_hit = max(before[0], RECOMPILE_LIMIT), True
+    _limits_on = True
+    try:
+        yield
+    finally:
+        config.recompile_limit, config.fail_on_recompile_limit_hit = before
+        _limits_on = False
 
 
 @dataclass
@@ -159,16 +194,18 @@ class PageReads:
         # one row per query, the query heads that share a KV head folded into its query axis: each
         # KV page is read once per group, and no K/V is copied to every head
         q = query.transpose(1, 2).reshape(B0 * Q, kv_heads, H // kv_heads, D)
-        if self.kernel == "flex":
-            if self.static_batch and not torch.compiler.is_compiling():
-                # torch's flex decoding kernel (one query block per KV head, work split over the
-                # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
-                # runs its main kernel, a 128-row query block for `groups` rows. A compiled step
-                # has its inputs marked static instead (step.step_forward).
-                torch._dynamo.mark_static(q, 0)
+        if self.kernel == "sdpa":
+            out = self._sdpa(q, key, value, scale)
+        elif torch.compiler.is_compiling():  # inlined into the compiled step (its inputs are marked static)
             out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale)
         else:
-            out = self._sdpa(q, key, value, scale)
+            if self.static_batch:
+                # torch's flex decoding kernel (one query block per KV head, work split over the
+                # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
+                # runs its main kernel, a 128-row query block for `groups` rows
+                torch._dynamo.mark_static(q, 0)
+            with compile_limits():
+                out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale)
         return out.reshape(B0, Q, H, D)
 
     def _sdpa(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:

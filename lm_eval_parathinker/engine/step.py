@@ -12,15 +12,14 @@ handles it.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .. import protocol
 from . import sampling
-from .attention import FreshReads, page_reads
+from .attention import FreshReads, compile_limits, page_reads
 from .kv_cache import PagedKVCache
 from .pages import SCRATCH_PAGE
 from .sampling import SamplingParams, TokenRules
@@ -205,29 +204,10 @@ def step_forward(model, cache: PagedKVCache, table: torch.Tensor, state: SlotSta
         for x in (lengths, slot, *fields):
             torch._dynamo.mark_static(x)
     run = compiled or decode_forward
-    with step_compile_limits():
+    with compile_limits():  # the compiled step, or the eager step's flex calls (attention.RECOMPILE_LIMIT)
         logits = run(model, cache, table, lengths, slot, *fields, plan.num_paths, plan.thought_embedding, kernel,
                      not ragged)
     return logits, index
-
-
-# A step compiles once per static batch (its slots x P: a few per engine) and per KV pool (whose
-# tensors are static addresses). Past dynamo's recompile limit (8 per function) it would run
-# uncompiled, flex included, which then computes scores over the whole pool: so a higher limit
-# for the step's calls, and an error rather than that fallback.
-STEP_RECOMPILE_LIMIT = 64
-
-
-@contextlib.contextmanager
-def step_compile_limits() -> Iterator[None]:
-    """Dynamo's recompile limit at least ``STEP_RECOMPILE_LIMIT``, and a hard failure past it."""
-    config = torch._dynamo.config
-    before = config.recompile_limit, config.fail_on_recompile_limit_hit
-    config.recompile_limit, config.fail_on_recompile_limit_hit = max(before[0], STEP_RECOMPILE_LIMIT), True
-    try:
-        yield
-    finally:
-        config.recompile_limit, config.fail_on_recompile_limit_hit = before
 
 
 def choose(logits: torch.Tensor, plan: Plan, draw: sampling.Draw, banned: torch.Tensor, rules: TokenRules) -> torch.Tensor:
