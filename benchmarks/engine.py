@@ -34,6 +34,12 @@ tokens costs per token when a step's cost grows linearly with the context, as at
 Token counts are forced: a hook on the LM head bans EOS and every control token, so every path
 runs to its budget and runs are comparable; ``eval_workload`` also forces each prompt's paths to
 close at a chosen step.
+
+Every timed call first runs once at its own shapes, untimed (:meth:`Bench.warm_up`): the engine
+compiles its step and flex's kernel per batch size, and CUDA graphs are recorded per shape and per
+KV pool, which would otherwise land in the measured window. ``decode_step``, ``path_length`` and
+``vs_hf`` report those first calls' seconds (compilation and CUDA graph capture included) in
+their own columns, and every benchmark prints its total.
 """
 
 from __future__ import annotations
@@ -242,6 +248,7 @@ class Bench:
     suffix: str
     compile: bool = False  # also time the compiled decode step
     hf_seconds: dict = field(default_factory=dict)  # (P, length) -> generate's time for the window
+    warmup_s: float = 0.0  # seconds of first calls at the timed shapes so far (warm_up)
 
     @classmethod
     def create(cls, preset: Preset, device: str, dtype: torch.dtype, output: Path, compile: bool = False,
@@ -269,9 +276,16 @@ class Bench:
         self.sync()
         return result, time.perf_counter() - t0
 
+    def warm_up(self, fn: Callable[[], object]) -> float:
+        """Run ``fn`` once, untimed for the benchmark, at the shapes of the timed call that follows
+        (compilations and CUDA graph captures happen here); returns its seconds."""
+        seconds = self.timed(fn)[1]
+        self.warmup_s += seconds
+        return seconds
+
     def sync(self) -> None:
         if torch.device(self.device).type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
     def think(self, prompts: list[list[int]], paths: int, length: int, size: int, engine: ParaThinkerEngine | None = None,
               **kwargs) -> tuple[list, float]:
@@ -391,14 +405,14 @@ def _hf_step_time(b: Bench, prompt: list[int], steps: int) -> float:
     return b.timed(loop)[1] / steps
 
 
-def _cuda_peak_extra(fn: Callable[[], object]) -> int:
-    """Peak CUDA memory allocated while ``fn`` runs, minus the memory allocated before it."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+def _cuda_peak_extra(fn: Callable[[], object], device: str) -> int:
+    """Peak CUDA memory allocated on ``device`` while ``fn`` runs, minus the memory allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
     fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def workload_lengths(p: Preset, seed: int = 0) -> list[int]:
@@ -425,10 +439,11 @@ def bench_width(b: Bench) -> Path:
     """Think-stage latency for P paths at a fixed per-path budget, relative to P = 1."""
     p, n = b.preset, b.preset.width_budget
     prompt = b.prompt(p.prompt_len)
-    b.engine.generate([prompt], num_paths=2, max_new_tokens=2, summary_max_tokens=1)  # warm-up
     rows = []
     for paths in p.width_paths:
-        out = b.engine.generate([prompt], num_paths=paths, max_new_tokens=n, summary_max_tokens=1)[0]
+        kwargs = dict(num_paths=paths, max_new_tokens=n, summary_max_tokens=1)
+        b.warm_up(lambda: b.engine.generate([prompt], **kwargs))
+        out = b.engine.generate([prompt], **kwargs)[0]
         assert out.stats["think_tokens"] == paths * n, out.stats
         rows.append({"paths": paths, "tokens_per_path": n, "think_s": out.stats["think_s"]})
     for r in rows:
@@ -449,8 +464,7 @@ def bench_vs_hf(b: Bench) -> Path:
     the shortest length."""
     p = b.preset
     prompt = b.prompt(p.prompt_len)
-    b.hf_generate(prompt, 2, 2)  # warm-up
-    b.engine.generate([prompt], mode="independent", num_paths=2, max_new_tokens=2, temperature=1.0, seed=0)
+    b.hf_generate(prompt, 2, 2)  # warm-up (the engine warms up at each row's shapes)
     rows = [_vs_hf_row(b, prompt, "independent", p.vs_hf_paths, n) for n in p.path_lengths]
     rows.append(_vs_hf_row(b, prompt, "sequential", 1, p.path_lengths[0]))
     rows.append(_vs_hf_row(b, prompt, "parathinker", p.vs_hf_paths, p.path_lengths[0], p.e2e_summary))
@@ -473,7 +487,8 @@ def _vs_hf_row(b: Bench, prompt: list[int], mode: str, paths: int, length: int, 
     """One row: both sides generate ``paths`` x ``length`` tokens after the prompt, the whole run
     (prefill included) for paths up to ``vs_hf_whole`` tokens; longer paths time a window of
     ``window`` tokens around the middle (paths filled before it: steps only, on both sides). Best
-    of ``vs_hf_repeats`` runs, the two sides alternating."""
+    of ``vs_hf_repeats`` runs, the two sides alternating, after a first engine call at the row's
+    shapes (``engine_warmup_s``)."""
     p = b.preset
     start, tokens = (0, length) if length <= p.vs_hf_whole else window(length, p.window)
     seen = {}
@@ -487,6 +502,7 @@ def _vs_hf_row(b: Bench, prompt: list[int], mode: str, paths: int, length: int, 
         assert seen["think_tokens"] == paths * (start + tokens), seen
         return seen["think_s"] if start else took  # a window: the think stage's steps only
 
+    warmup_s = b.warm_up(engine_run)
     runs = {"engine": engine_run}
     if (paths, length) not in b.hf_seconds:  # the parathinker row reuses the independent row's baseline
         runs["hf"] = lambda: b.timed(lambda: b.hf_generate(prompt, paths, tokens, filled=start))[1]
@@ -498,7 +514,7 @@ def _vs_hf_row(b: Bench, prompt: list[int], mode: str, paths: int, length: int, 
         "mode": mode, "paths": paths, "tokens_per_path": length, "timed": "window" if start else "whole run",
         "window_start": start, "window_tokens": tokens, "summary_tokens": seen["summary_tokens"],
         "engine_s": engine_s, "hf_s": hf_s, "engine_tok_s": generated / engine_s, "hf_tok_s": generated / hf_s,
-        "speedup": hf_s / engine_s,
+        "speedup": hf_s / engine_s, "engine_warmup_s": warmup_s,
     }
 
 
@@ -507,11 +523,11 @@ def bench_path_length(b: Bench) -> Path:
     middle window), at P = 8 and P = 1, as a ratio to the shortest length and P8 / P1."""
     p = b.preset
     prompt = b.prompt(p.prompt_len)
-    b.think([prompt], 2, 4, 4)  # warm-up
     rows = []
     for length in p.path_lengths:
         row = {"tokens_per_path": length, "window_tokens": window(length, p.window)[1]}
         for paths in p.path_length_paths:
+            row[f"warmup_s_p{paths}"] = b.warm_up(lambda: b.think([prompt], paths, length, p.window))
             _, seconds = b.think([prompt], paths, length, p.window)
             row[f"s_per_token_p{paths}"] = seconds / (paths * row["window_tokens"])
         rows.append(row)
@@ -537,8 +553,8 @@ def bench_attention(b: Bench) -> Path:
     p = b.preset
     prompts = [b.prompt(p.prompt_len, seed=i) for i in range(p.attention_slots)]
     kernels = ["flex", "sdpa"] if flex_available(torch.device(b.device)) else ["sdpa"]
-    for kernel in kernels:  # warm-up (and flex's compilation)
-        b.think(prompts, 2, 4, 4, mode="independent", attention=kernel)
+    for kernel in kernels:  # the timed slots and paths (flex compiles per batch size)
+        b.warm_up(lambda: b.think(prompts, p.vs_hf_paths, 4, 4, mode="independent", attention=kernel))
     rows = []
     for length in p.path_lengths:
         tokens = window(length, p.attention_window)[1]
@@ -572,9 +588,9 @@ def bench_summary(b: Bench) -> Path:
                                     summary_max_tokens=p.summary_tokens, termination="first")[0]
         return out.stats["summary_s"]
 
-    summary_s(2, 4, "reprefill")  # warm-up
     rows = []
     for paths in p.summary_paths:
+        b.warm_up(lambda: summary_s(paths, 4, "reprefill"))  # the timed paths (flex compiles per batch size)
         for length in p.summary_lens:
             reuse_s, reprefill_s = summary_s(paths, length, "reuse"), summary_s(paths, length, "reprefill")
             rows.append({"paths": paths, "tokens_per_path": length, "reuse_s": reuse_s, "reprefill_s": reprefill_s,
@@ -595,7 +611,7 @@ def bench_length(b: Bench) -> Path:
     p = b.preset
     steps = p.length_steps
     _hf_step_time(b, b.prompt(8), 2)  # warm-up
-    b.engine.generate([b.prompt(8)], mode="sequential", max_new_tokens=2)
+    b.warm_up(lambda: b.engine.generate([b.prompt(8)], mode="sequential", max_new_tokens=2))  # one query, as timed
     rows = []
     for context in p.length_contexts:
         prompt = b.prompt(context)
@@ -634,7 +650,7 @@ def bench_memory(b: Bench) -> Path:
                                      temperature=1.0, seed=0)
 
         if cuda:
-            engine_peak = _cuda_peak_extra(run)
+            engine_peak = _cuda_peak_extra(run, b.device)
         else:
             run()
         stats = b.engine.last_stats
@@ -648,7 +664,7 @@ def bench_memory(b: Bench) -> Path:
                "same_outputs": ""}
         if cuda:
             row["engine_extra_mb"] = engine_peak / mb
-            row["hf_extra_mb"] = _cuda_peak_extra(lambda: b.hf_generate(prompt, paths, n)) / mb
+            row["hf_extra_mb"] = _cuda_peak_extra(lambda: b.hf_generate(prompt, paths, n), b.device) / mb
         rows.append(row)
     rows.append(_oversubscribed_row(b))
 
@@ -669,7 +685,9 @@ def bench_memory(b: Bench) -> Path:
 def _oversubscribed_row(b: Bench) -> dict:
     prompts_n, paths, budget, slots = b.preset.oversubscribed
     prompts = [b.prompt(b.preset.prompt_len // 2 + 8 * i, seed=i) for i in range(prompts_n)]
-    ps = 16  # small pages: requests grow page by page, so all slots fill up before the pool runs out
+    # small pages: requests grow page by page, so all slots fill up before the pool runs out; on
+    # CUDA pages that torch's flex kernels take at any head size and dtype (attention.flex_reads_pages)
+    ps = 16 if torch.device(b.device).type == "cpu" else 128
     kwargs = dict(mode="independent", num_paths=paths, max_new_tokens=budget, temperature=1.0, seed=0,
                   num_slots=slots, block_size=ps)
     large = b.engine.generate(prompts, **kwargs)
@@ -701,6 +719,8 @@ def bench_eval_workload(b: Bench) -> Path:
     for shape in b.preset.workload_shapes:
         bench = b if shape == b.preset.shape else Bench.create(b.preset, b.device, b.dtype, b.output, b.compile, shape)
         rows += _workload_rows(bench, shape)
+        if bench is not b:
+            b.warmup_s += bench.warmup_s
 
     def plot(ax):
         labels = [f"{r['shape']}\n{r['scheduling']}" for r in rows]
@@ -733,11 +753,12 @@ def _workload_rows(b: Bench, shape: str) -> list[dict]:
         results["tokens"] = sum(o.stats["gen_tokens"] for o in outs)  # the same in every run
         return took
 
+    # warm-ups at the timed shapes: as many slots, the longest prompts (the page table's width and
+    # the KV pool follow the longest request)
+    longest = sorted(prompts, key=len)[-p.workload_slots :]
     with force_token_at(b.model, p.workload_prompt_len + p.workload_budget - 2, closer):
-        b.engine.generate(prompts[:2], **{**kwargs, "max_new_tokens": 2})  # warm-up
         for _, scheduling, engine in variants:
-            if engine.compile:  # compile outside the timing
-                engine.generate(prompts[: p.workload_slots], scheduling=scheduling, **kwargs)
+            b.warm_up(lambda: engine.generate(longest, scheduling=scheduling, **kwargs))
         best = alternate({name: lambda s=scheduling, e=engine: run(s, e) for name, scheduling, e in variants},
                          p.workload_repeats)
     rows = [{"shape": shape, "scheduling": name, "prompts": len(prompts), "paths": p.workload_paths,
@@ -760,9 +781,9 @@ def bench_decode_step(b: Bench) -> Path:
         engines.append(("compiled", ParaThinkerEngine(b.model, b.tokenizer, NUM_CONTROL_PATHS, compile=True)))
     rows = []
     for name, engine in engines:
-        b.think(prompts, p.step_paths, 4, 4, engine, mode="independent")  # warm-up (and compilation)
         for length in p.step_lengths:
             start, tokens = window(length, p.step_window)
+            warmup_s = b.warm_up(lambda: b.think(prompts, p.step_paths, length, p.step_window, engine, mode="independent"))
             _, seconds = b.think(prompts, p.step_paths, length, p.step_window, engine, mode="independent")
             step_s = seconds / tokens
             held = p.step_slots * (p.prompt_len + p.step_paths * (start + tokens / 2))  # tokens held, mid-window
@@ -770,7 +791,7 @@ def bench_decode_step(b: Bench) -> Path:
             rows.append({"step": name, "slots": p.step_slots, "paths": p.step_paths, "tokens_per_path": start,
                          "weights_mb": b.weight_bytes / 2**20, "kv_mb": held * b.kv_bytes_per_token / 2**20,
                          "bandwidth_gb_s": bandwidth / 1e9, "step_ms": 1000 * step_s, "roofline_ms": 1000 * roofline_s,
-                         "ratio_to_roofline": step_s / roofline_s})
+                         "ratio_to_roofline": step_s / roofline_s, "warmup_s": warmup_s})
 
     def plot(ax):
         for name, _ in engines:
@@ -820,9 +841,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     print(f"# {preset.shape} on {args.device} ({args.dtype}, {torch.get_num_threads()} CPU threads)")
     paths = []
     for name in args.only:
-        started = time.perf_counter()
+        started, warmed = time.perf_counter(), bench.warmup_s
         paths.append(RUNNERS[name](bench))
-        print(f"# {name}: {time.perf_counter() - started:.0f} s")
+        print(f"# {name}: {time.perf_counter() - started:.0f} s, of which {bench.warmup_s - warmed:.0f} s first calls at "
+              "the timed shapes (compilation, CUDA graph capture)")
     return paths
 
 

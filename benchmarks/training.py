@@ -92,7 +92,7 @@ class Bench:
 
     def sync(self) -> None:
         if self.device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
 
     def timed(self, fn) -> tuple[object, float]:
         self.sync()
@@ -225,10 +225,10 @@ def bench_training_step(b: Bench) -> Path:
             model.zero_grad(set_to_none=True)
             if b.device.type == "cuda":
                 torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats(b.device)
+                base = torch.cuda.memory_allocated(b.device)
             _, seconds = b.timed(step)
-            peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if b.device.type == "cuda" else float("nan")
+            peak = (torch.cuda.max_memory_allocated(b.device) - base) / 2**30 if b.device.type == "cuda" else float("nan")
             rows.append({"check": "step", "length": length, "paths": p.step_paths, "attention": attention,
                          "pass": "forward+backward" if backward else "forward (CPU)", "seconds": seconds,
                          "peak_gib": peak, "max_rel_diff": float("nan")})

@@ -12,9 +12,9 @@ from benchmarks import engine as bench
 COLUMNS = {
     "width": ["paths", "tokens_per_path", "think_s", "ratio_to_p1", "think_tokens_per_s"],
     "vs_hf": ["mode", "paths", "tokens_per_path", "timed", "window_start", "window_tokens", "summary_tokens", "engine_s",
-              "hf_s", "engine_tok_s", "hf_tok_s", "speedup"],
-    "path_length": ["tokens_per_path", "window_tokens", "s_per_token_p1", "s_per_token_p2", "ratio_to_first_p2",
-                    "think_latency_p2_over_p1"],
+              "hf_s", "engine_tok_s", "hf_tok_s", "speedup", "engine_warmup_s"],
+    "path_length": ["tokens_per_path", "window_tokens", "warmup_s_p1", "s_per_token_p1", "warmup_s_p2", "s_per_token_p2",
+                    "ratio_to_first_p2", "think_latency_p2_over_p1"],
     "attention": ["tokens_per_path", "slots", "paths", "flex_ms_per_step", "sdpa_ms_per_step", "sdpa_over_flex"],
     "summary": ["paths", "tokens_per_path", "reuse_s", "reprefill_s", "speedup"],
     "length": ["context", "steps", "engine_ms_per_step", "hf_ms_per_step", "speedup"],
@@ -22,7 +22,7 @@ COLUMNS = {
     "eval_workload": ["shape", "scheduling", "prompts", "paths", "slots", "mean_think_len", "max_think_len", "seconds",
                       "problems_per_min", "gen_tokens_per_s", "speedup_vs_static"],
     "decode_step": ["step", "slots", "paths", "tokens_per_path", "weights_mb", "kv_mb", "bandwidth_gb_s", "step_ms",
-                    "roofline_ms", "ratio_to_roofline"],
+                    "roofline_ms", "ratio_to_roofline", "warmup_s"],
 }
 TEXT_COLUMNS = {"mode", "timed", "scheduling", "step", "run", "shape", "same_outputs"}
 
@@ -108,6 +108,35 @@ def test_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
     steps = read(tmp_path / "bench_decode_step.csv")
     assert [r["step"] for r in steps] == ["eager", "compiled"]
     assert (tmp_path / "bench_path_length.png").is_file() and (tmp_path / "bench_vs_hf.png").is_file()
+
+
+def test_timed_calls_compile_nothing(tmp_path, monkeypatch):
+    """Every timed engine call of gpu.sh's benchmarks runs at shapes its warm-up has met: nothing
+    compiles inside a measured call (here the compiled step and flex's kernel, per batch size; on
+    CUDA the graphs are also recorded per shape and per KV pool)."""
+    from torch._dynamo.utils import counters
+
+    warming, compiled = [], []  # compiled: frames compiled by each engine call outside a warm-up
+    warm_up, generate = bench.Bench.warm_up, bench.ParaThinkerEngine.generate
+
+    def marked_warm_up(self, fn):
+        warming.append(fn)
+        try:
+            return warm_up(self, fn)
+        finally:
+            warming.pop()
+
+    def counted_generate(self, *args, **kwargs):
+        before = counters["frames"]["ok"]
+        outputs = generate(self, *args, **kwargs)
+        if not warming:
+            compiled.append(counters["frames"]["ok"] - before)
+        return outputs
+
+    monkeypatch.setattr(bench.Bench, "warm_up", marked_warm_up)
+    monkeypatch.setattr(bench.ParaThinkerEngine, "generate", counted_generate)
+    bench.main(["--smoke", "--compile", "--only", "decode_step,path_length,vs_hf", "--output", str(tmp_path)])
+    assert compiled and not any(compiled), compiled
 
 
 def test_memory_theory_is_the_kv_of_prompt_plus_paths(smoke_run):

@@ -91,6 +91,57 @@ def test_summary_with_kv_reuse_equals_full_sequence_and_reprefill(parathinker, t
     assert any(len({len(p) for p in o.path_ids}) > 1 for o in reuse)
 
 
+def test_reprefill_attends_in_linear_memory(monkeypatch):
+    """summary_kv=reprefill recomputes the prompt's and the paths' KV in one forward of n tokens,
+    8 paths of 1,024 here: no tensor of that forward holds n^2 elements (a dense two-phase mask,
+    the scores of SDPA's math kernel), and the summary's logits are those of the KV reused in place.
+    Chunks of 256 queries (as a path of 16K tokens gets by default)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    import lm_eval_parathinker.engine.scheduler as scheduler_mod
+    from lm_eval_parathinker.engine import attention
+
+    class Largest(TorchDispatchMode):
+        """The most elements of any tensor an operator returns while active."""
+
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes = [t.numel() for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+            self.numel = max([self.numel, *sizes])
+            return out
+
+    largest = Largest()
+    recompute = scheduler_mod.Scheduler._recompute_paths
+
+    def watched(self, *args):
+        with largest:
+            recompute(self, *args)
+
+    monkeypatch.setattr(scheduler_mod.Scheduler, "_recompute_paths", watched)
+    monkeypatch.setattr(attention, "FRESH_CHUNK_ELEMENTS", 256 * 1024)
+    model, tok = tiny_parathinker("qwen2")
+    enders = torch.tensor(ControlTokenIds.from_tokenizer(tok).path_enders([tok.eos_token_id]))
+    model.lm_head.register_forward_hook(lambda m, a, logits: logits.index_fill(-1, enders, float("-inf")))
+    engine = ParaThinkerEngine(model, tok)
+    kwargs = dict(num_paths=8, max_new_tokens=1024, termination="last", summary_max_tokens=3, temperature=1.0, seed=0,
+                  output_logits=True, attention="sdpa")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2,048 steps of a tiny model: more threads only spin (sdpa: flex's count is untouched)
+    try:
+        reuse = engine.generate(PROMPTS[:1], **kwargs)[0]
+        reprefill = engine.generate(PROMPTS[:1], summary_kv="reprefill", **kwargs)[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert [len(p) for p in reuse.path_ids] == [1024] * 8  # every path ran to its budget
+    n = len(reuse.prompt_ids) + 8 * 1024
+    assert 0 < largest.numel < n * n
+    assert reprefill.path_ids == reuse.path_ids
+    torch.testing.assert_close(reprefill.summary_logits, reuse.summary_logits, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("thought_embedding", [True, False])
 def test_flattened_positions_ablation_matches_full_sequence(thought_embedding):
     model, tok = tiny_parathinker("llama")

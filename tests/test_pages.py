@@ -168,6 +168,27 @@ def test_the_pool_is_kept_across_calls_until_released(tiny):
     assert _tokens(again) == _tokens(first)
 
 
+def test_the_steps_static_inputs_keep_their_addresses_across_calls(tiny, monkeypatch):
+    """A compiled step's CUDA graphs are recorded for the addresses of its static inputs (the KV
+    pages, their fill counts, the page table): a call that allocated new ones would re-record
+    every graph, inside whatever is being timed. Each call's scheduler is kept alive here, so a
+    freed table's memory cannot be handed out again at the same address."""
+    model, tok = tiny
+    recorder = Recorder(monkeypatch)
+    engine = ParaThinkerEngine(model, tok)
+    kwargs = dict(num_paths=2, max_new_tokens=8, block_size=PAGE, temperature=1.0, seed=3)
+    first = engine.generate(PROMPTS[:2], **kwargs)
+    second = engine.generate(PROMPTS[:2], **kwargs)
+
+    def addresses(scheduler) -> list[int]:
+        cache = scheduler.cache
+        return [t.data_ptr() for t in (scheduler.pool.table, cache.fill, *cache.keys, *cache.values)]
+
+    assert len(recorder.schedulers) == 2
+    assert addresses(recorder.schedulers[0]) == addresses(recorder.schedulers[1])
+    assert _tokens(second) == _tokens(first)
+
+
 def test_engine_options_parse_model_arg_strings():
     opts = EngineOptions.parse(num_paths="4", thought_embedding="false", block_size="16", num_blocks="none",
                                max_memory_percent="0.5", attention="sdpa")
@@ -216,6 +237,85 @@ def test_kernels_attend_to_exactly_the_tokens_of_the_listed_segments(kernel):
         v = values[0][:, columns].repeat_interleave(groups, 0)
         weights = (query[0, :, b : b + 1] @ k.transpose(1, 2) / math.sqrt(dim)).softmax(-1)
         torch.testing.assert_close(out[b], (weights @ v)[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_on_cuda_reads_every_page_as_a_partial_block(monkeypatch):
+    """On CUDA no page is a full block (torch's flex decoding kernel then splits its work over the
+    pages a query reads, not over the pool): the same attention as the CPU's blocks, where the
+    complete pages are full blocks. The CUDA rule is applied on the CPU here."""
+    from lm_eval_parathinker.engine import attention
+
+    g = torch.Generator().manual_seed(1)
+    slots, segments, max_pages, kv_heads, groups, dim = 2, 3, 4, 2, 2, 16
+    num_pages = 1 + slots * segments * max_pages
+    table = (1 + torch.randperm(num_pages - 1, generator=g)).view(slots, segments, max_pages)
+    lengths = torch.randint(1, max_pages * PAGE + 1, (slots, segments), generator=g)
+    fill = torch.full((num_pages,), PAGE)
+    fill[table.flatten(0, 1)[torch.arange(slots * segments), (lengths.flatten() - 1) // PAGE]] = \
+        (lengths.flatten() - 1) % PAGE + 1  # each segment's last page holds what remains
+    slot, reads = torch.tensor([0, 1, 1]), torch.tensor([[1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)
+    keys, values = (torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g) for _ in range(2))
+    query = torch.randn(1, kv_heads * groups, len(slot), dim, generator=g)
+    cpu = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", groups)
+    monkeypatch.setattr(attention, "flex_full_blocks", lambda device: False)
+    cuda = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", groups)
+    assert cpu.block_mask.full_kv_num_blocks is not None and cuda.block_mask.full_kv_num_blocks is None
+    assert cuda.block_mask.kv_num_blocks.flatten().tolist() == (cpu.full_count + cpu.partial_count).tolist()
+    torch.testing.assert_close(cuda.attend(query, keys, values, scale=None), cpu.attend(query, keys, values, scale=None),
+                               atol=1e-6, rtol=1e-6)
+
+
+def test_flex_past_its_recompile_limit_fails_rather_than_running_uncompiled(monkeypatch):
+    """Uncompiled, flex applies its mask to the whole pool and ignores which pages a query lists
+    (wrong attention). An eager step's flex calls compile once per batch size: past the limit (one
+    more than flex's compilations so far in this process) they fail instead of running uncompiled."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    from lm_eval_parathinker.engine import attention
+
+    limit = len(_debug_get_cache_entry_list(attention._paged_flex.__code__)) + 1
+    monkeypatch.setattr(attention, "flex_kernel", torch.compile(attention._paged_flex, backend="eager", dynamic=True))
+    monkeypatch.setattr(attention, "RECOMPILE_LIMIT", limit)
+    table, lengths, fill = torch.arange(1, 5).view(2, 2, 1), torch.full((2, 2), PAGE), torch.full((5,), PAGE)
+    keys = torch.randn(1, 2, 5 * PAGE, 16)
+
+    def attend(queries: int) -> torch.Tensor:
+        slot, reads = torch.arange(queries) % 2, torch.ones(queries, 2, dtype=torch.bool)
+        plan = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", 2, static_batch=True)
+        return plan.attend(torch.randn(1, 4, queries, 16), keys, keys, scale=None)
+
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        attend(2)
+        with pytest.raises(FailOnRecompileLimitHit):
+            attend(3)
+
+
+def test_flex_on_cuda_takes_pages_that_fit_torchs_kv_blocks(monkeypatch):
+    """torch's flex configs on an H200 (compute capability 9.0, read from torch with CUDA's calls
+    stood in for): bf16 with head_dim 128 has one forward config, BLOCK_N 64; head_dim 64 has
+    BLOCK_N 128. Other pages: ``auto`` uses sdpa, ``flex`` names the page size and the fix."""
+    import contextlib
+
+    from lm_eval_parathinker.engine import attention
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    cuda, sizes = torch.device("cuda"), (16, 32, 48, 64, 96, 128, 192, 256)
+
+    def fitting(head_dim: int) -> list[int]:
+        forward, decoding = attention.cuda_flex_blocks(cuda, head_dim, torch.bfloat16)
+        return [size for size in sizes if attention.flex_reads_pages(size, forward, decoding)]
+
+    assert attention.cuda_flex_blocks(cuda, 128, torch.bfloat16)[0] == [(128, 64)]
+    assert fitting(128) == [64, 128, 192, 256]
+    assert fitting(64) == [128, 256]
+    pages = dict(head_dim=128, dtype=torch.bfloat16)
+    assert attention.resolve_kernel("auto", cuda, page_size=128, **pages) == "flex"
+    with pytest.warns(UserWarning, match=r"block_size=16 does not fit .* KV blocks of \[64\] tokens: attention='auto' uses"):
+        assert attention.resolve_kernel("auto", cuda, page_size=16, **pages) == "sdpa"
+    with pytest.raises(ValueError, match=r"attention='flex': block_size=16 .* use a block_size that is a multiple of 64"):
+        attention.resolve_kernel("flex", cuda, page_size=16, **pages)
 
 
 def test_flex_keeps_one_cpu_thread_count_per_process(monkeypatch):

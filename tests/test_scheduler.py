@@ -4,6 +4,8 @@ that depends on the request only."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from scripted import Script
@@ -14,6 +16,7 @@ import lm_eval_parathinker.engine.scheduler as scheduler_mod
 from lm_eval_parathinker.engine import ParaThinkerEngine, step
 from lm_eval_parathinker.engine import attention
 from lm_eval_parathinker.engine.sampling import Draw, SamplingParams, request_seeds, sample
+from lm_eval_parathinker import protocol
 from lm_eval_parathinker.protocol import ControlTokenIds
 
 PROMPTS = ["Find x.", "Let x be the answer.", "x = 3 + 4", "Find the number of ways to do it.", "so x = 7"]
@@ -194,3 +197,128 @@ def test_sampling_follows_the_distribution():
     assert torch.equal(draw.uniform(), draw.uniform())  # a function of the coordinates
     other = Draw(torch.full((n,), 12), draw.request, draw.path, draw.index)
     assert (other.uniform() != draw.uniform()).float().mean() > 0.99  # another seed, another stream
+
+
+class LatePhaseView(scheduler_mod.PhaseView):
+    """The phases as a CUDA host may see them: each step's snapshot two steps after the step."""
+
+    LAG = 2
+
+    def pull(self):
+        newest = self.landed[-1][0] if self.landed else 0
+        ready = [snapshot for snapshot in self.landed if snapshot[0] <= newest - self.LAG]
+        self.landed = self.landed[len(ready):]
+        return ready
+
+
+def _run_checking_page_tables(monkeypatch, engine, late: bool, **kwargs):
+    """``engine.generate(**kwargs)``, asserting at every flush that no page goes beyond a table."""
+    flush = scheduler_mod.PagePool.flush
+
+    def checked_flush(pool):
+        beyond = [entry for entry in pool._pending if entry[2] >= pool.table.shape[-1]]
+        assert not beyond, f"(slot, segment, index, page) beyond a page table of {pool.table.shape[-1]}: {beyond}"
+        flush(pool)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(scheduler_mod.PagePool, "flush", checked_flush)
+        if late:
+            patch.setattr(scheduler_mod, "PhaseView", LatePhaseView)
+        return engine.generate(**kwargs)
+
+
+@pytest.mark.parametrize("layout", ["paper", "official"])
+def test_late_phase_reads_reserve_no_page_beyond_a_limit(monkeypatch, layout):
+    """The host reads the phases two steps late: it goes on growing a finished summary's segment
+    for two steps. The official layout's default summary (template + generated = 128 tokens) is
+    exactly one page of 128; the paper layout's here is a whole number of pages of 4."""
+    model, tok = tiny_parathinker("qwen2", official=layout == "official")
+    ids = ControlTokenIds.from_tokenizer(tok)
+    w = tok.convert_tokens_to_ids("x")
+    template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
+    # path 2 of each request closes at a different step; the summary never ends before its limit
+    Script(by_request={i: _closing(ids, i) for i in range(2)}, path_default=w, summary_default=w).install(monkeypatch)
+    if layout == "official":
+        summary_len = 128
+        kwargs = dict(compat="official", max_new_tokens=16, block_size=128)
+    else:
+        summary_len = 4 * (template // 4 + 2)  # template + generated tokens: whole pages
+        kwargs = dict(max_new_tokens=16, block_size=4, summary_max_tokens=summary_len - template)
+    kwargs.update(prompts=PROMPTS[:2], num_paths=3, output_logits=True, num_slots=2)
+    engine = ParaThinkerEngine(model, tok)
+    on_time = _run_checking_page_tables(monkeypatch, engine, late=False, **kwargs)
+    late = _run_checking_page_tables(monkeypatch, engine, late=True, **kwargs)
+    assert all(len(o.summary_ids) == summary_len for o in on_time)  # every summary ran to its limit
+    assert _tokens(late) == _tokens(on_time)
+    for a, b in zip(late, on_time):
+        for x, y in zip(a.path_logits, b.path_logits):
+            torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+        torch.testing.assert_close(a.summary_logits, b.summary_logits, atol=1e-4, rtol=0)
+
+
+def test_phase_snapshots_are_timed_on_the_models_device(monkeypatch):
+    """On CUDA the host reads a snapshot once an event recorded after its copy has passed: the
+    event must follow the copy on the model's device (cuda:1 here), whichever device is current.
+    CUDA's calls are stood in for: the CPU has no events and no pinned memory."""
+    recorded = []
+
+    class Event:
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def query(self):
+            return True
+
+    empty = torch.empty
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: f"the stream of {device or 'the current device'}")
+    monkeypatch.setattr(torch, "empty", lambda *args, pin_memory=False, **kwargs: empty(*args, **kwargs))
+    view = scheduler_mod.PhaseView(torch.device("cuda", 1), (2, 3))
+    state = SimpleNamespace(phase=torch.tensor([step.THINK, step.DONE]), done=torch.tensor([[False], [True]]),
+                            lengths=torch.tensor([[3], [4]]))
+    view.push(1, state)
+    assert recorded == ["the stream of cuda:1"]
+    assert view.pull() == [(1, [[step.THINK, 0, 3], [step.DONE, 1, 4]])]
+
+
+@pytest.mark.parametrize("prompts, paths", [(1, 1), (2, 3)])
+def test_the_compiled_steps_flex_call_has_a_static_batch(tiny, monkeypatch, prompts, paths):
+    """torch's flex decoding kernel (one query block per KV head, work split over the pages read)
+    needs the query's batch dimension as an integer; a symbolic one gets the main kernel, its
+    query block 95% padding. The engine's step compiled with a recording backend, for B = 1 and
+    B = 2 x 3 queries."""
+    model, tok = tiny
+    batches = []
+
+    def record(graph, example_inputs):
+        for node in graph.graph.nodes:
+            if node.target is torch.ops.higher_order.flex_attention:
+                batches.append(node.args[0].meta["example_value"].shape[0])
+        return graph.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: compile_(fn, backend=record, **kwargs))
+    ParaThinkerEngine(model, tok, compile=True).generate(PROMPTS[:prompts], mode="independent", num_paths=paths,
+                                                         max_new_tokens=3, attention="flex")
+    assert batches and all(type(b) is int for b in batches), batches
+    assert set(batches) == {prompts * paths}
+
+
+def test_a_step_past_its_recompile_limit_fails_rather_than_running_uncompiled(tiny, monkeypatch):
+    """Uncompiled, flex computes the scores over the whole KV pool: a compiled step that meets
+    more shapes than its recompile limit stops with dynamo's error (the limit set to one more
+    than the step's compilations so far in this process: the second batch size is one too many)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    model, tok = tiny
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: compile_(fn, backend="eager", **kwargs))
+    limit = len(_debug_get_cache_entry_list(step.decode_forward.__code__)) + 1
+    monkeypatch.setattr(attention, "RECOMPILE_LIMIT", limit)
+    engine = ParaThinkerEngine(model, tok, compile=True)
+    kwargs = dict(mode="independent", max_new_tokens=3, attention="flex")
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        engine.generate(PROMPTS[:1], num_paths=2, **kwargs)
+        with pytest.raises(FailOnRecompileLimitHit):
+            engine.generate(PROMPTS[:1], num_paths=3, **kwargs)

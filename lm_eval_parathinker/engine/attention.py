@@ -8,20 +8,23 @@ tokens are visible (``fill`` counts the tokens written into each page). Two kern
 * ``flex``: PyTorch FlexAttention with a ``BlockMask`` whose blocks are the pages
   (``BlockMask.from_kv_blocks``, as torch's own paged attention builds them): the kernel reads
   the listed pages of the pool in place, skips the rest, and applies the ``fill`` mask to
-  partial pages only. Compiled (inference runs on CPUs with AVX2 and on CUDA); static shapes, so
-  the compiled step can be captured in a CUDA graph.
+  partial pages only (on CUDA to every page: :func:`flex_full_blocks`). Compiled (inference
+  runs on CPUs with AVX2 and on CUDA, there with pages that fit its KV blocks:
+  :func:`flex_reads_pages`); static shapes, so the compiled step can be captured in a CUDA graph.
 * ``sdpa``: the pages a query reads gathered into one tensor, then SDPA (GQA folded into the
   query axis, no ``repeat_kv`` copy): eager everywhere, the fallback and the reference.
 
 ``auto`` picks ``flex`` where it runs (:func:`resolve_kernel`). Multi-token forwards (a
-prompt's prefill, a summary template, ``reprefill``) attend with :class:`FreshReads`: to this
-forward's own keys under a causal or given mask, after context pages they see in full.
+prompt's prefill, a summary template, ``reprefill``) attend with :class:`FreshReads`: causally to
+this forward's own keys, after context pages they see in full, or (``reprefill``) under the
+two-phase rule, segment by segment in chunks of queries, never through an [n, n] mask.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +33,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.torch_version import TorchVersion
 from transformers import AttentionInterface
 
-from ..protocol import additive_mask
+from ..protocol import additive_mask, may_attend
 
 PAGED_ATTENTION = "parathinker_paged"
 KERNELS = ("auto", "flex", "sdpa")
@@ -61,11 +64,13 @@ def flex_available(device: torch.device) -> bool:
 _flex_cpu_threads: int | None = None
 
 
-def resolve_kernel(kernel: str, device: torch.device) -> str:
+def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None = None, head_dim: int = 0,
+                   dtype: torch.dtype = torch.float32) -> str:
     """``auto``: flex where it runs, else sdpa; an explicit choice is checked. On the CPU, flex
-    runs at one thread count per process (see ``_flex_cpu_threads``): after a change ``auto``
-    falls back to sdpa with a warning, and ``flex`` is an error."""
-    global _flex_cpu_threads
+    runs at one thread count per process (see ``_flex_cpu_threads``); on CUDA, with pages of
+    ``page_size`` tokens that fit torch's KV blocks for ``head_dim`` and ``dtype``
+    (:func:`flex_reads_pages`; None: not checked). Where flex cannot run, ``auto`` falls back to
+    sdpa with a warning, and ``flex`` is an error that says why."""
     if kernel not in KERNELS:
         raise ValueError(f"attention={kernel!r} is not one of {', '.join(KERNELS)}")
     if kernel == "sdpa":
@@ -78,22 +83,99 @@ def resolve_kernel(kernel: str, device: torch.device) -> str:
             warnings.warn(f"compiled CPU FlexAttention needs torch >= {CPU_FLEX_MIN_TORCH} (this is "
                           f"{torch.__version__}): attention='auto' uses 'sdpa'", stacklevel=3)
         return "sdpa"
+    problem, fix = _flex_problem(device, page_size, head_dim, dtype)
+    if problem is None:
+        return "flex"
+    if kernel == "flex":
+        raise ValueError(f"attention='flex': {problem}; {fix}")
+    warnings.warn(f"{problem}: attention='auto' uses 'sdpa'", stacklevel=3)
+    return "sdpa"
+
+
+def _flex_problem(device: torch.device, page_size: int | None, head_dim: int,
+                  dtype: torch.dtype) -> tuple[str | None, str]:
+    """Why flex cannot run here (None: it can), and the fix; notes the CPU thread count it runs at."""
+    global _flex_cpu_threads
     if device.type == "cpu":
         threads = torch.get_num_threads()
         if _flex_cpu_threads not in (None, threads):
-            message = (f"compiled FlexAttention ran with {_flex_cpu_threads} CPU threads in this process, and now "
-                       f"torch uses {threads}: inductor's CPU flex kernels are built for one thread count")
-            if kernel == "flex":
-                raise ValueError(f"attention='flex': {message}; use attention='sdpa' or keep the thread count")
-            warnings.warn(f"{message}: attention='auto' uses 'sdpa'", stacklevel=3)
-            return "sdpa"
+            return (f"compiled FlexAttention ran with {_flex_cpu_threads} CPU threads in this process, and now "
+                    f"torch uses {threads}: inductor's CPU flex kernels are built for one thread count",
+                    "use attention='sdpa' or keep the thread count")
         _flex_cpu_threads = threads
-    return "flex"
+    elif page_size is not None:
+        forward, decoding = cuda_flex_blocks(device, head_dim, dtype)
+        if not flex_reads_pages(page_size, forward, decoding):
+            blocks = sorted({n for _, n in forward} | set(decoding))
+            return (f"block_size={page_size} does not fit torch's flex kernels on {device} ({dtype}, head_dim "
+                    f"{head_dim}), which read KV blocks of {blocks} tokens",
+                    f"use a block_size that is a multiple of {max(blocks)} (a multiple of 128 always fits), or "
+                    "attention='sdpa'")
+    return None, ""
 
 
-# FlexAttention compiled once per process (``dynamic``: any number of queries, any pool size;
-# torch.compile is lazy: nothing is compiled before the first call)
-flex_kernel = torch.compile(flex_attention, dynamic=True)
+def flex_reads_pages(page_size: int, forward: list[tuple[int, int]], decoding: list[int]) -> bool:
+    """Whether torch's flex kernels take KV blocks of ``page_size`` tokens, given the (BLOCK_M,
+    BLOCK_N) of the forward kernel's configs and the BLOCK_N of the decoding kernel's: each
+    kernel needs a config that fits (``kernel/flex/flex_attention.py``: the KV block a multiple
+    of BLOCK_N and the query block of BLOCK_M, an error when the only config does not fit;
+    ``flex_decoding.py``: a multiple of BLOCK_N, cut down to a smaller page). A multiple of 128
+    fits every CUDA config torch has."""
+    main = any(page_size % n == 0 and FLEX_Q_BLOCK % m == 0 for m, n in forward)
+    return main and any(page_size % min(n, page_size) == 0 for n in decoding)
+
+
+def cuda_flex_blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], list[int]]:
+    """The blocks of torch's flex configs on CUDA ``device`` for ``head_dim`` and ``dtype``, as
+    inductor's template heuristics choose them (by compute capability; more with max_autotune):
+    the forward kernel's (BLOCK_M, BLOCK_N), the decoding kernel's BLOCK_N."""
+    from torch._inductor.virtualized import V
+
+    with torch.cuda.device(device):  # the heuristics read the current device's capability
+        forward = V.choices.get_flex_attention_fwd_configs(head_dim, dtype, "cuda")
+        decoding = V.choices.get_flex_decode_configs(head_dim, dtype, "cuda")
+    return [(c.block_m, c.block_n) for c in forward], [c.block_n for c in decoding]
+
+
+def _paged_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, block_mask: BlockMask,
+                scale: float | None) -> torch.Tensor:
+    """flex_attention from a function of the engine's own: dynamo counts (and, past its limit,
+    stops) compilations per function, so other flex calls in the process (training's) neither
+    share nor use up this one's."""
+    return flex_attention(query, key, value, block_mask=block_mask, scale=scale)
+
+
+# FlexAttention compiled per process (``dynamic``: any pool size, and any number of queries for
+# ragged steps; a rectangle's batch is static, one compilation per size: PageReads.attend).
+# torch.compile is lazy: nothing is compiled before the first call
+flex_kernel = torch.compile(_paged_flex, dynamic=True)
+
+# Uncompiled, flex applies the mask_mod to the whole pool and ignores which pages a query lists:
+# wrong attention, not just slow. Dynamo runs a function uncompiled once it has compiled it
+# `recompile_limit` times (8), and from then on for every new shape; flex's kernel and the
+# compiled step compile once per batch size (rectangles), page size and KV pool. So their calls
+# run under a higher limit, and fail past it (compile_limits).
+RECOMPILE_LIMIT = 64
+_limits_on = False  # a compile_limits block is active (nested ones change nothing)
+
+
+@contextlib.contextmanager
+def compile_limits() -> Iterator[None]:
+    """Dynamo's recompile limit at least ``RECOMPILE_LIMIT``, and an error past it (instead of
+    running uncompiled) while the block runs."""
+    global _limits_on
+    if _limits_on:
+        yield
+        return
+    config = torch._dynamo.config
+    before = config.recompile_limit, config.fail_on_recompile_limit_hit
+    config.recompile_limit, config.fail_on_recompile_limit_hit = max(before[0], RECOMPILE_LIMIT), True
+    _limits_on = True
+    try:
+        yield
+    finally:
+        config.recompile_limit, config.fail_on_recompile_limit_hit = before
+        _limits_on = False
 
 
 @dataclass
@@ -108,6 +190,7 @@ class PageReads:
     fill: torch.Tensor  # [num_pages] tokens written in each page
     page_size: int
     kernel: str  # "flex" or "sdpa"
+    static_batch: bool  # B is the same at every step (see attend)
     block_mask: BlockMask | None = None  # flex: the pages as kv blocks
     gathered: torch.Tensor | None = None  # sdpa: [B, Wb] the pages to gather
     visible: torch.Tensor | None = None  # sdpa: [B, 1, 1, Wb * page_size] additive mask of their tokens
@@ -123,10 +206,18 @@ class PageReads:
         # one row per query, the query heads that share a KV head folded into its query axis: each
         # KV page is read once per group, and no K/V is copied to every head
         q = query.transpose(1, 2).reshape(B0 * Q, kv_heads, H // kv_heads, D)
-        if self.kernel == "flex":
+        if self.kernel == "sdpa":
+            out = self._sdpa(q, key, value, scale)
+        elif torch.compiler.is_compiling():  # inlined into the compiled step (its inputs are marked static)
             out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale)
         else:
-            out = self._sdpa(q, key, value, scale)
+            if self.static_batch:
+                # torch's flex decoding kernel (one query block per KV head, work split over the
+                # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
+                # runs its main kernel, a 128-row query block for `groups` rows
+                torch._dynamo.mark_static(q, 0)
+            with compile_limits():
+                out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale)
         return out.reshape(B0, Q, H, D)
 
     def _sdpa(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
@@ -143,11 +234,12 @@ class PageReads:
 
 
 def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, reads: torch.Tensor,
-               fill: torch.Tensor, page_size: int, kernel: str, groups: int) -> PageReads:
+               fill: torch.Tensor, page_size: int, kernel: str, groups: int, static_batch: bool = False) -> PageReads:
     """The pages of each query: ``slot`` [B] its slot, ``reads`` [B, G] which of the slot's
     segments it reads, ``lengths`` [S, G] the tokens in every segment (this step's included),
-    ``table`` [S, G, M] the slots' page ids; ``groups`` query heads share a KV head. Tensor operations only (static shapes) for flex; the
-    sdpa kernel reads how many pages the busiest query reads (eager only)."""
+    ``table`` [S, G, M] the slots' page ids; ``groups`` query heads share a KV head;
+    ``static_batch``: B is the same at every step. Tensor operations only (static shapes) for
+    flex; the sdpa kernel reads how many pages the busiest query reads (eager only)."""
     B = slot.shape[0]
     width = fill.shape[0]  # the BlockMask convention: one column per page of the pool
     n = torch.where(reads, lengths[slot], 0)  # [B, G]
@@ -163,18 +255,29 @@ def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, r
         out = torch.zeros(B, width + 1, dtype=pages.dtype, device=pages.device).scatter_(1, at, pages)
         return out[:, :width], mask.sum(1)
 
-    result = PageReads(*compact(full), *compact(partial), fill, page_size, kernel)
+    result = PageReads(*compact(full), *compact(partial), fill, page_size, kernel, static_batch)
     if kernel == "flex":
-        result.block_mask = _block_mask(result, groups, width * page_size)
+        masked, unmasked = (compact(partial), compact(full)) if flex_full_blocks(fill.device) else \
+            (compact(full | partial), None)
+        result.block_mask = _block_mask(masked, unmasked, fill, page_size, groups, width * page_size)
     else:
         result.gathered, result.visible = _gathered(result)
     return result
 
 
-def _block_mask(reads: PageReads, groups: int, kv_len: int) -> BlockMask:
-    """The pages as FlexAttention kv blocks, one batch row per query (its ``groups`` heads as the
-    query axis); a partial page shows its first ``fill`` tokens."""
-    ps, fill = reads.page_size, reads.fill
+def flex_full_blocks(device: torch.device) -> bool:
+    """Whether flex reads a query's complete pages as full blocks (no fill mask). Not on CUDA:
+    with full blocks torch's flex decoding kernel splits the work over the pool's length
+    (``flex_decode.py.jinja``, ``HAS_FULL_BLOCKS``), so most splits find no page; with partial
+    blocks only, over the pages read. The CPU kernel is faster with them (25-35% on 2 x86 cores)."""
+    return device.type != "cuda"
+
+
+def _block_mask(masked: tuple[torch.Tensor, torch.Tensor], unmasked: tuple[torch.Tensor, torch.Tensor] | None,
+                fill: torch.Tensor, ps: int, groups: int, kv_len: int) -> BlockMask:
+    """Pages as FlexAttention kv blocks, one batch row per query (its ``groups`` heads as the
+    query axis): ``masked`` ones ((pages [B, W], count [B])) show their first ``fill`` tokens,
+    ``unmasked`` ones (None: none) all of theirs."""
 
     def within_fill(b, h, q_idx, kv_idx):
         return kv_idx % ps < fill[kv_idx // ps]
@@ -182,8 +285,9 @@ def _block_mask(reads: PageReads, groups: int, kv_len: int) -> BlockMask:
     def rows(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.int32)[:, None, None]
 
+    full_count, full = (None, None) if unmasked is None else (rows(unmasked[1]), rows(unmasked[0]))
     return BlockMask.from_kv_blocks(
-        rows(reads.partial_count), rows(reads.partial), rows(reads.full_count), rows(reads.full),
+        rows(masked[1]), rows(masked[0]), full_count, full,
         BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(groups, kv_len), compute_q_blocks=False,
     )
 
@@ -203,13 +307,21 @@ def _gathered(reads: PageReads) -> tuple[torch.Tensor, torch.Tensor]:
     return pages, additive_mask(visible, torch.float32)[:, None, None]
 
 
+# Queries x keys per attention call of a segmented fresh forward (reprefill): its masks and the
+# scores SDPA's math kernel materialises (the two-phase mask rules flash attention out) stay
+# this small whatever the forward's length.
+FRESH_CHUNK_ELEMENTS = 2**22
+
+
 @dataclass
 class FreshReads:
     """A multi-token forward of one request: its queries attend to every token of ``context``
-    (pages [C], their first ``fill`` tokens) and to this forward's own keys under ``mask``
-    ([n, n] bool; None: causal)."""
+    (pages [C], their first ``fill`` tokens) and causally to this forward's own keys; with
+    ``segments`` ((protocol block, length) of each run of its tokens, in order: a reprefill's
+    prompt and paths), a query sees only the segments :func:`protocol.may_attend` lets its block
+    see, attended segment by segment, in chunks of queries: no [n, n] mask or scores."""
 
-    mask: torch.Tensor | None = None
+    segments: list[tuple[int, int]] | None = None
     context: torch.Tensor | None = None
     fill: torch.Tensor | None = None
     page_size: int = 1
@@ -223,18 +335,42 @@ class FreshReads:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
         n = query.shape[2]
-        if self.context is None and self.mask is None:
+        if self.segments is not None:
+            out = torch.cat(list(_segment_attention(query, key, value, scale, self.segments)), dim=2)
+        elif self.context is None:
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            own = self.mask if self.mask is not None else torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
-            allowed = own
-            if self.context is not None:
-                offset = torch.arange(self.page_size, device=query.device)
-                seen = (offset < self.fill[self.context][:, None]).flatten()
-                allowed = torch.cat([seen.expand(n, -1), own], dim=1)
+            offset = torch.arange(self.page_size, device=query.device)
+            seen = (offset < self.fill[self.context][:, None]).flatten()
+            own = torch.ones(n, n, dtype=torch.bool, device=query.device).tril()
+            allowed = torch.cat([seen.expand(n, -1), own], dim=1)
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=additive_mask(allowed, query.dtype),
                                                  scale=scale, enable_gqa=True)
         return out.transpose(1, 2)
+
+
+def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                       segments: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+    """The two-phase rule over consecutive segments, chunk by chunk of queries ([1, H, rows, D]
+    each, in order): a segment's queries attend to the earlier segments their block may see, in
+    full, and causally to their own (keys gathered once per segment)."""
+    starts = [sum(n for _, n in segments[:s]) for s in range(len(segments))]
+    for (block, length), start in zip(segments, starts):
+        seen = [slice(other_start, other_start + n) for (other, n), other_start in zip(segments, starts)
+                if other_start < start and may_attend(block, other)]
+        before = sum(part.stop - part.start for part in seen)
+        keys, values = (torch.cat([x[:, :, part] for part in [*seen, slice(start, start + length)]], dim=2)
+                        for x in (key, value))
+        rows = max(1, FRESH_CHUNK_ELEMENTS // (before + length))
+        for first in range(0, length, rows):
+            last = min(first + rows, length)
+            visible = before + last  # the chunk's last query sees every key up to itself
+            # key j is visible to the query at offset i of the segment when j <= before + i
+            allowed = (torch.arange(visible, device=query.device)[None, :]
+                       <= before + torch.arange(first, last, device=query.device)[:, None])
+            yield F.scaled_dot_product_attention(
+                query[:, :, start + first : start + last], keys[:, :, :visible], values[:, :, :visible],
+                attn_mask=additive_mask(allowed, query.dtype), scale=scale, enable_gqa=True)
 
 
 def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, reads=None, **kwargs):

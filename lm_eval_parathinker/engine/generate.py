@@ -17,6 +17,7 @@ checkpoint; ``auto``: official when the tokenizer has ``<vllm_pad>``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ from ..protocol import Compat, ControlTokenIds
 from . import step
 from .attention import paged_attention_for, resolve_kernel
 from .hub_kernels import bypass_kernel_routing
-from .kv_cache import PagedKVCache
+from .kv_cache import PagedKVCache, head_dim
 from .options import EngineOptions
 from .pages import pages_for
 from .rope import rope_scaling
@@ -86,6 +87,10 @@ class ParaThinkerEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
     def _control_ids(self) -> ControlTokenIds:
         return ControlTokenIds.from_tokenizer(self.tokenizer, self.num_control_paths)
 
@@ -104,8 +109,9 @@ class ParaThinkerEngine:
         if self.compile and self._compiled is None:
             cuda = self.device.type == "cuda"
             bypass_kernel_routing(self.model)
-            # dynamic: one compilation serves any number of slots, paths and pages (CUDA graphs are
-            # recorded per shape)
+            # dynamic: one compilation serves any pool and page table; the batch (slots x P) is
+            # static (step.step_forward marks it: flex's decoding kernel needs it), one
+            # compilation each (CUDA graphs are recorded per shape)
             self._compiled = torch.compile(step.decode_forward, mode="reduce-overhead" if cuda else None, dynamic=True)
         return self._compiled
 
@@ -166,8 +172,10 @@ class ParaThinkerEngine:
         plan = self._plan(ids, layout, mode, num_paths, max_new_tokens, opts, summary_tokens, len(template),
                           SamplingParams(temperature, top_p, top_k), min_new_tokens, banned_tokens)
         slots = min(num_slots or len(prompt_ids), len(prompt_ids))
-        kernel = resolve_kernel(opts.attention, self.device)
-        cache = self._pool(opts, plan, prompt_ids, len(template), slots)
+        page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
+        kernel = resolve_kernel(opts.attention, self.device, page_size=page_size, head_dim=head_dim(self.model.config),
+                                dtype=self._dtype)
+        cache = self._pool(opts, plan, prompt_ids, len(template), slots, page_size)
 
         outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
 
@@ -190,7 +198,7 @@ class ParaThinkerEngine:
             on_finished=finished, progress=progress,
         )
         rope = layout.rope_parameters(max_new_tokens, self._rope_theta()) if parathinker else None
-        with paged_attention_for(self.model), rope_scaling(self.model, rope):
+        with paged_attention_for(self.model), rope_scaling(self.model, rope), _current_device(self.device):
             scheduler.run()
         self.last_stats = {"attention": kernel, **scheduler.pool.stats.as_dict(cache.bytes_per_token)}
         return outputs
@@ -198,16 +206,15 @@ class ParaThinkerEngine:
     # -- helpers -------------------------------------------------------------------------
 
     def _pool(self, opts: EngineOptions, plan: step.Plan, prompt_ids: list[list[int]], template_len: int,
-              slots: int) -> PagedKVCache:
+              slots: int, page_size: int) -> PagedKVCache:
         """The KV pool for a call: ``num_blocks`` pages, else as many as ``max_memory_percent`` of
         the free memory holds; never more than every slot's worst case needs. Reused across calls
         when its size is unchanged (a compiled step keeps its shapes and addresses)."""
         cuda = self.device.type == "cuda"
-        page_size = opts.block_size or (128 if cuda else 64)
-        dtype = next(self.model.parameters()).dtype
+        dtype = self._dtype
         config = self.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        page_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize * page_size
+        page_bytes = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * dtype.itemsize \
+            * page_size
         summary = template_len + plan.summary_tokens if plan.summary_rules is not None else 0
         worst = max(pages_for(len(p), page_size) for p in prompt_ids) + plan.num_paths * pages_for(plan.budget, page_size) \
             + (pages_for(summary, page_size) if summary else 0)
@@ -404,6 +411,13 @@ class ParaThinkerEngine:
             path_logits=done.path_logits,
             summary_logits=summary_logits,
         )
+
+
+def _current_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``device`` as the current CUDA device (nothing elsewhere): torch's own calls during a step
+    (flex's kernel configs and split count, CUDA graph capture) read the current device's
+    properties, which must be the model's when it is on another GPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _free_memory(device: torch.device) -> int:

@@ -18,6 +18,8 @@ import inspect
 
 import torch
 
+from .pages import SCRATCH_PAGE
+
 
 def cache_argument(model) -> str:
     """The keyword a model's forward takes its KV cache by: ``cache`` in newer transformers 5
@@ -27,13 +29,17 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def head_dim(config) -> int:
+    """A model's attention head size (from its transformers config)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 class PagedKVCache:
     """Duck-types the part of transformers' ``Cache`` that attention layers call: ``update``."""
 
     def __init__(self, model, num_pages: int, page_size: int, device: torch.device, dtype: torch.dtype):
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        shape = (1, config.num_key_value_heads, num_pages * page_size, head_dim)
+        shape = (1, config.num_key_value_heads, num_pages * page_size, head_dim(config))
         # zeros, not empty: a kernel multiplies the masked tail of a partial page by a zero weight,
         # which must not meet a NaN left in uninitialised memory
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
@@ -41,15 +47,26 @@ class PagedKVCache:
         self.fill = torch.zeros(num_pages, dtype=torch.long, device=device)
         self.num_pages, self.page_size = num_pages, page_size
         self.groups = config.num_attention_heads // config.num_key_value_heads  # query heads per KV head
-        self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype.itemsize
+        self.bytes_per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * shape[-1] * dtype.itemsize
         self.no_mask = torch.zeros(1, 1, 1, 1, device=device)  # a 4-D mask makes transformers skip mask creation
         self._columns: torch.Tensor | None = None
+        self._table: torch.Tensor | None = None  # the slots' page lists (page_table)
         self.reads = None  # how the queries of the forward in flight read (set after begin)
         self.argument = cache_argument(model)  # how the model's forward takes this cache
 
+    def page_table(self, slots: int, segments: int, max_pages: int) -> torch.Tensor:
+        """The device table of the slots' page lists for a call, every entry the scratch page: one
+        tensor for every call of the same shape, kept with the pool, so that a compiled step
+        reads it at the same address (CUDA graphs re-record for a new one)."""
+        shape = (slots, segments, max_pages)
+        if self._table is None or self._table.shape != shape:
+            self._table = torch.empty(shape, dtype=torch.long, device=self.fill.device)
+        return self._table.fill_(SCRATCH_PAGE)
+
     def mark_static(self) -> None:
-        """Fixed addresses for CUDA graphs (as transformers' StaticCache does)."""
-        for t in [*self.keys, *self.values, self.fill]:
+        """Fixed addresses for CUDA graphs (as transformers' StaticCache does): the pages, their
+        fill counts and the page table."""
+        for t in [*self.keys, *self.values, self.fill, self._table]:
             torch._dynamo.mark_static_address(t)
 
     def matches(self, model, page_size: int, device: torch.device, dtype: torch.dtype) -> bool:

@@ -52,18 +52,19 @@ class PoolStats:
 class PagePool:
     """Fixed-size pages with a free list, and each slot's page lists per segment.
 
-    ``num_pages`` counts the scratch page; ``table`` ([slots, segments, max_pages], on the device)
-    mirrors the page lists once :meth:`flush` has copied the latest changes.
+    ``num_pages`` counts the scratch page; ``table`` ([slots, segments, max_pages], on the device,
+    every entry the scratch page: see :meth:`kv_cache.PagedKVCache.page_table`) mirrors the page
+    lists once :meth:`flush` has copied the latest changes.
     """
 
-    def __init__(self, num_pages: int, page_size: int, slots: int, segments: int, max_pages: int,
-                 device: torch.device):
+    def __init__(self, num_pages: int, page_size: int, table: torch.Tensor):
         if num_pages < 2:
             raise ValueError(f"a KV pool needs at least 2 pages (one is scratch), not {num_pages}")
+        slots, segments, _ = table.shape
         self.page_size = page_size
         self.free_pages = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low ids first
         self.held: list[list[list[int]]] = [[[] for _ in range(segments)] for _ in range(slots)]
-        self.table = torch.full((slots, segments, max_pages), SCRATCH_PAGE, dtype=torch.long, device=device)
+        self.table = table
         self.stats = PoolStats(num_pages=num_pages, page_size=page_size)
         self._pending: list[tuple[int, int, int, int]] = []  # (slot, segment, index, page) not yet in `table`
 

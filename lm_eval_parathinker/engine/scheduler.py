@@ -96,6 +96,7 @@ class PhaseView:
     for the device only when it is ``depth`` steps ahead of it; elsewhere they are read at once."""
 
     def __init__(self, device: torch.device, shape: tuple[int, int], depth: int = 2):
+        self.device = device
         self.cuda = device.type == "cuda"
         self.in_flight: deque = deque()  # (step, buffer, event): copies not read yet
         self.landed: list[tuple[int, list[list[int]]]] = []
@@ -114,7 +115,9 @@ class PhaseView:
             self._read_landed()
         buffer, event = self.spare.pop()
         buffer.copy_(snapshot, non_blocking=True)
-        event.record()
+        # the copy runs on the model's device's stream, which is not the current device's when
+        # the model is on another GPU (cuda:1 with cuda:0 current)
+        event.record(torch.cuda.current_stream(self.device))
         self.in_flight.append((step, buffer, event))
 
     def _read_landed(self) -> None:
@@ -165,10 +168,9 @@ class Scheduler:
         summary_len = len(template) + plan.summary_tokens if plan.summary_rules is not None else 0
         max_pages = pages_for(max(max(map(len, prompts)), plan.budget, summary_len), ps)
         self.cache, self.kernel = cache, kernel
-        self.pool = PagePool(cache.num_pages, ps, slots, P + 2, max_pages, self.device)
+        self.pool = PagePool(cache.num_pages, ps, cache.page_table(slots, P + 2, max_pages))
         if compiled is not None:
             cache.mark_static()
-            torch._dynamo.mark_static_address(self.pool.table)
         self.state = SlotState.allocate(slots, plan, self.device)
         self.first_tokens = None if first_tokens is None else torch.tensor(first_tokens, device=self.device)
         self.template = torch.tensor(template, device=self.device)
@@ -225,21 +227,24 @@ class Scheduler:
 
     def _reserve(self, waiting: deque) -> None:
         """Pages for the tokens the next step writes, oldest request first: a segment gets a page
-        when its next token opens one (a path only while it is not known to be done)."""
-        ps = self.pool.page_size
+        when its next token opens one (a path only while it is not known to be done), and never
+        beyond its limit: the host's counters run on while a late phase read (CUDA) has not yet
+        shown that the device has finished the stage."""
+        ps, plan = self.pool.page_size, self.plan
         for slot in sorted((s for s, b in enumerate(self.busy) if b is not None), key=lambda s: self.busy[s].order):
             busy = self.busy[slot]
             if busy is None:  # preempted for an older request in this loop
                 continue
             if busy.summary is None:
-                if busy.t % ps or busy.t >= self.plan.budget:
-                    continue
-                needs = [(k + 1, busy.t + 1) for k, done in enumerate(busy.done) if not done]
+                offset, limit = busy.t, plan.budget
+                segments = [k + 1 for k, done in enumerate(busy.done) if not done]
             else:
-                offset = self.plan.template_len + busy.summary
-                needs = [] if offset % ps else [(summary_segment(self.plan.num_paths), offset + 1)]
-            for segment, tokens in needs:
-                if not self._grow(slot, segment, tokens, waiting):
+                offset, limit = plan.template_len + busy.summary, plan.template_len + plan.summary_tokens
+                segments = [summary_segment(plan.num_paths)]
+            if offset % ps or offset >= limit:
+                continue
+            for segment in segments:
+                if not self._grow(slot, segment, offset + 1, waiting):
                     break
         self.pool.flush()
         self._note_peak()
@@ -378,7 +383,7 @@ class Scheduler:
 
     def _recompute_paths(self, slot: int, prompt_len: int, lengths: list[int]) -> None:
         """``summary_kv="reprefill"``: recompute the prompt's and the paths' KV in one forward of
-        the packed sequence (the two-phase mask, the same positions and segments), overwriting
+        the packed sequence (the two-phase rule, the same positions and segments), overwriting
         their pages in place."""
         device = self.device
         layout = protocol.sequence_layout(prompt_len, lengths, 0, flattened=self.flattened,
@@ -387,9 +392,10 @@ class Scheduler:
         tokens = torch.cat([prompt, *(self.state.path_tokens[slot, k, :n] for k, n in enumerate(lengths))])
         columns = torch.cat([self._columns(slot, k, torch.arange(n, device=device))
                              for k, n in enumerate([prompt_len, *lengths])])
+        segments = [(protocol.PROMPT_BLOCK, prompt_len), *((k + 1, n) for k, n in enumerate(lengths))]
         fresh_forward(self.model, self.cache, tokens[None], columns[None], layout.position_ids.to(device)[None],
-                      layout.block_ids.to(device)[None], FreshReads(mask=layout.attention_mask().to(device)),
-                      self.plan.thought_embedding, last_only=True)
+                      layout.block_ids.to(device)[None], FreshReads(segments=segments), self.plan.thought_embedding,
+                      last_only=True)
 
     def _harvest(self, slot: int) -> None:
         """A request has ended: read it back, hand it to ``on_finished``, free its slot and pages."""

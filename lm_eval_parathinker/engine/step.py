@@ -19,7 +19,7 @@ import torch
 
 from .. import protocol
 from . import sampling
-from .attention import FreshReads, page_reads
+from .attention import FreshReads, compile_limits, page_reads
 from .kv_cache import PagedKVCache
 from .pages import SCRATCH_PAGE
 from .sampling import SamplingParams, TokenRules
@@ -154,13 +154,14 @@ def columns(table: torch.Tensor, slot: torch.Tensor, segment: torch.Tensor, offs
 
 def decode_forward(model, cache: PagedKVCache, table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor,
                    tokens, positions, blocks, offsets, real, num_paths: int, thought_embedding: bool,
-                   kernel: str) -> torch.Tensor:
+                   kernel: str, static_batch: bool) -> torch.Tensor:
     """One decode forward of ``tokens`` ([B0, Q]; query i of row r belongs to slot ``slot[r, i]``)
-    with paged reads: the function ``torch.compile`` compiles."""
+    with paged reads: the function ``torch.compile`` compiles. ``static_batch``: the step is a
+    rectangle, whose number of queries is the same at every step."""
     segment = segment_of(blocks, num_paths)
     cache.begin(columns(table, slot, segment, offsets, real, cache.page_size), real)
     cache.reads = page_reads(table, lengths, slot.flatten(), segment_reads(blocks, real, num_paths).flatten(0, 1),
-                             cache.fill, cache.page_size, kernel, cache.groups)
+                             cache.fill, cache.page_size, kernel, cache.groups, static_batch)
     return model(
         input_ids=tokens, position_ids=positions, attention_mask=cache.no_mask, **{cache.argument: cache}, use_cache=True,
         segment_ids=protocol.segment_id(blocks, thought_embedding), reads=cache.reads,
@@ -199,8 +200,13 @@ def step_forward(model, cache: PagedKVCache, table: torch.Tensor, state: SlotSta
             return None
         slot = slot.flatten()[index][None]
         fields = tuple(x.flatten()[index][None] for x in fields)
+    else:  # a rectangle: a static batch for the compiled step (see attention.PageReads.static_batch)
+        for x in (lengths, slot, *fields):
+            torch._dynamo.mark_static(x)
     run = compiled or decode_forward
-    logits = run(model, cache, table, lengths, slot, *fields, plan.num_paths, plan.thought_embedding, kernel)
+    with compile_limits():  # the compiled step, or the eager step's flex calls (attention.RECOMPILE_LIMIT)
+        logits = run(model, cache, table, lengths, slot, *fields, plan.num_paths, plan.thought_embedding, kernel,
+                     not ragged)
     return logits, index
 
 
