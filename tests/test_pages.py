@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch.torch_version import TorchVersion
 from helpers import CPU_KERNELS
 from tiny import tiny_parathinker
 
@@ -307,14 +308,16 @@ def test_flex_on_cuda_takes_pages_that_fit_torchs_kv_blocks(monkeypatch):
         forward, decoding = attention.cuda_flex_blocks(cuda, head_dim, torch.bfloat16)
         return [size for size in sizes if attention.flex_reads_pages(size, forward, decoding)]
 
-    assert attention.cuda_flex_blocks(cuda, 128, torch.bfloat16)[0] == [(128, 64)]
-    assert fitting(128) == [64, 128, 192, 256]
-    assert fitting(64) == [128, 256]
+    if TorchVersion(torch.__version__) < "2.14":  # the configs read in torch 2.11 (the GPU image) and 2.13
+        assert attention.cuda_flex_blocks(cuda, 128, torch.bfloat16)[0] == [(128, 64)]
+        assert fitting(128) == [64, 128, 192, 256]
+        assert fitting(64) == [128, 256]
+    assert {128, 256} <= set(fitting(128)) & set(fitting(64)) and 16 not in fitting(128)  # multiples of 128 fit
     pages = dict(head_dim=128, dtype=torch.bfloat16)
     assert attention.resolve_kernel("auto", cuda, page_size=128, **pages) == "flex"
-    with pytest.warns(UserWarning, match=r"block_size=16 does not fit .* KV blocks of \[64\] tokens: attention='auto' uses"):
+    with pytest.warns(UserWarning, match=r"block_size=16 does not fit .* KV blocks of \[[0-9, ]+\] tokens: attention='auto' uses"):
         assert attention.resolve_kernel("auto", cuda, page_size=16, **pages) == "sdpa"
-    with pytest.raises(ValueError, match=r"attention='flex': block_size=16 .* use a block_size that is a multiple of 64"):
+    with pytest.raises(ValueError, match=r"attention='flex': block_size=16 .* use a block_size that is a multiple of \d+"):
         attention.resolve_kernel("flex", cuda, page_size=16, **pages)
 
 
