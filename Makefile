@@ -85,7 +85,7 @@ gpu-smoke: wheelhouse
 	rm -rf $(VENV)-image
 	$(UV) venv -q --seed -p $(IMAGE_PYTHON_BIN) $(VENV)-image
 	$(UV) pip install -p $(VENV)-image/bin/python --no-deps -r $(WHEELHOUSE)/image-packages.txt
-	PYTHON=$(VENV)-image/bin/python bash benchmarks/gpu.sh --smoke
+	PYTHON=$(VENV)-image/bin/python bash benchmarks/gpu.sh --smoke --output $(VENV)-image/results
 
 clean:
 	rm -rf $(VENV) $(VENV)-min $(VENV)-latest $(VENV)-image $(WHEELHOUSE) .pytest_cache
