@@ -61,7 +61,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTra
 import lm_eval_parathinker.engine.generate as generate_mod
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.engine import ParaThinkerEngine
-from lm_eval_parathinker.engine.kv_cache import cache_argument
+from lm_eval_parathinker.engine.kv_cache import cache_argument, head_dim
 from lm_eval_parathinker.engine.scheduler import Scheduler
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings
 
@@ -305,10 +305,9 @@ class Bench:
         cache = None
         if filled:
             config = self.model.config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
             cache = DynamicCache(config=config)
             for layer in range(config.num_hidden_layers):
-                zeros = torch.zeros(num_sequences, config.num_key_value_heads, ids.shape[1] - 1, head_dim,
+                zeros = torch.zeros(num_sequences, config.num_key_value_heads, ids.shape[1] - 1, head_dim(config),
                                     device=self.device, dtype=self.dtype)
                 cache.update(zeros, zeros.clone(), layer)
         # filled: one cache row per sequence; else one prompt, num_return_sequences copies (one prefill)
@@ -334,8 +333,7 @@ class Bench:
     @property
     def kv_bytes_per_token(self) -> int:
         config = self.model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * self.dtype.itemsize
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim(config) * self.dtype.itemsize
 
     @property
     def weight_bytes(self) -> int:
