@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .embedded import cache_root
+from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -180,12 +181,6 @@ def check_writable(folder: Path) -> None:
         raise _fail(folder, "write there", e) from None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_lines(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) of a journal file; unreadable lines are skipped with a warning."""
     with open(path, "rb") as f:
@@ -226,7 +221,7 @@ class ResponseJournal:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if not (folder / FINGERPRINT_FILE).exists():
-                _write_atomically(folder / FINGERPRINT_FILE, json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
+                atomic_write(folder / FINGERPRINT_FILE, json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
         except OSError as e:
             raise _fail(folder, "create the journal folder", e) from None
         entries: dict[str, dict] = {}

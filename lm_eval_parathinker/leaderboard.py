@@ -18,9 +18,10 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from .files import atomic_write
 
 COLUMNS = [
     "model",
@@ -177,29 +178,13 @@ def collect(root: str | os.PathLike) -> list[dict[str, Any]]:
     return rows
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def write_csv(rows: Iterable[dict[str, Any]], path: str | os.PathLike, columns: list[str] = COLUMNS) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     w.writeheader()
     for r in rows:
         w.writerow({c: r.get(c, "") for c in columns})
-    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+    atomic_write(path, buf.getvalue().encode("utf-8"))
 
 
 def _run_label(r: dict[str, Any]) -> str:
@@ -298,7 +283,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:

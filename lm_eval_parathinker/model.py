@@ -114,7 +114,7 @@ class ParaThinkerOptions:
 
     def check_layout(self, layout: protocol.Compat) -> None:
         """Refuse what the layout (a resolved ``compat``) cannot run."""
-        if layout.block_size and self.engine.positions == "flattened":
+        if layout.pad_to_multiple_of and self.engine.positions == "flattened":
             raise ValueError("positions=flattened has no equivalent in the released engine (compat=official)")
 
     def layout(self, tokenizer) -> protocol.Compat | None:
@@ -128,7 +128,7 @@ class ParaThinkerOptions:
 
     def check_budget(self, max_gen_toks: int, layout: protocol.Compat | None) -> None:
         """Refuse a per-path budget the layout does not allow."""
-        block = layout.block_size if layout is not None else None
+        block = layout.pad_to_multiple_of if layout is not None else None
         if block and max_gen_toks % block:
             raise ValueError(
                 f"max_gen_toks={max_gen_toks} (the per-path budget) must be a multiple of {block} with "
@@ -654,7 +654,7 @@ class ParaThinkerLM(HFLM):
                 f"max_gen_toks={budget} (per path) leaves no room for the prompt within the model's "
                 f"max_length={self.max_length}"
             )
-        if self.compat is not None and self.compat.block_size:  # the released engine's ids, never truncated
+        if self.compat is not None and self.compat.pad_to_multiple_of:  # the released engine's ids, never truncated
             return [self.compat.prompt_ids(p, self.tokenizer) for p in prompts]
         ids, mask = self.tok_batch_encode(prompts, left_truncate_len=room, truncation=self.truncation)
         return [row[m.bool()].tolist() for row, m in zip(ids, mask)]

@@ -115,7 +115,7 @@ class Compat:
     """
 
     name: str
-    block_size: int | None  # prompt and every path padded with PAD to a multiple of it (vLLM's KV block)
+    pad_to_multiple_of: int | None  # prompt and every path padded with PAD to a multiple of it (vLLM's KV block)
     extra_bos: bool  # vLLM re-tokenizes the example's decoded prompt, which adds a second BOS
     question_alone: bool  # the template gets the problem text alone, not the task's doc_to_text
     eos_ends_path: bool  # official: ignore_eos, EOS is an ordinary token
@@ -129,8 +129,8 @@ class Compat:
         return problem if self.question_alone else TASK_QUESTION.format(problem=problem)
 
     def padded(self, length: int) -> int:
-        """``length`` rounded up to the block size (unchanged without one)."""
-        return length if self.block_size is None else -(-length // self.block_size) * self.block_size
+        """``length`` rounded up to ``pad_to_multiple_of`` (unchanged without one)."""
+        return length if self.pad_to_multiple_of is None else -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
 
     def prompt_ids(self, text: str, tokenizer) -> list[int]:
         """Token ids of a prompt string, as this layout feeds them to the model.
@@ -142,7 +142,7 @@ class Compat:
         """
         bos = tokenizer.bos_token
         ids = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-        if self.block_size is None:
+        if self.pad_to_multiple_of is None:
             return ids
         lead = ids[:1] if self.extra_bos and ids[:1] == [tokenizer.bos_token_id] else []
         ids = lead + ids
@@ -176,10 +176,10 @@ class Compat:
 
 OFFICIAL_YARN_ORIGINAL_MAX_POSITIONS = 9280  # the example's "max_prompt_len + max_reasoning_path_len + max_summary_len"
 
-PAPER = Compat("paper", block_size=None, extra_bos=False, question_alone=False, eos_ends_path=True,
+PAPER = Compat("paper", pad_to_multiple_of=None, extra_bos=False, question_alone=False, eos_ends_path=True,
                summary_after_prompt_twice=False, summary_cap_counts_template=False, max_paths=None,
                yarn_above=None)
-OFFICIAL = Compat("official", block_size=16, extra_bos=True, question_alone=True, eos_ends_path=False,
+OFFICIAL = Compat("official", pad_to_multiple_of=16, extra_bos=True, question_alone=True, eos_ends_path=False,
                   summary_after_prompt_twice=True, summary_cap_counts_template=True, max_paths=8,
                   yarn_above=8192)
 #: the layouts by name (``auto`` is not one: it is resolved from a tokenizer)

@@ -16,10 +16,10 @@ import os
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from lm_eval_parathinker.data import iter_json_lines as read_json_lines
+from lm_eval_parathinker.files import atomic_write
 from lm_eval_parathinker.protocol import control_tokens
 
 MIN_PATHS = 2
@@ -159,11 +159,5 @@ def convert(path: str | os.PathLike) -> tuple[list[dict], int]:
 
 
 def write_jsonl_atomic(records: Iterable[dict], path: str | os.PathLike) -> None:
-    """Write all records to a temporary file beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """Write all records as JSON lines, all or nothing (:func:`~lm_eval_parathinker.files.atomic_write`)."""
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -118,13 +118,13 @@ class SequenceBuilder:
         if max_path_tokens is not None and max_path_tokens < 3:
             raise ValueError(f"max_path_tokens={max_path_tokens} must leave room for <think k>, a token and </think k>")
         if max_path_tokens is not None and compat.padded(max_path_tokens) != max_path_tokens:
-            raise ValueError(f"max_path_tokens={max_path_tokens} must be a multiple of {compat.block_size} "
+            raise ValueError(f"max_path_tokens={max_path_tokens} must be a multiple of {compat.pad_to_multiple_of} "
                              f"with compat={compat.name}, as the engine's budget")
         if max_paths is not None and max_paths < 1:
             raise ValueError(f"max_paths={max_paths} must be at least 1")
         self.tokenizer = tokenizer
         self.compat = compat
-        self.pad_id = tokenizer.convert_tokens_to_ids(protocol.PAD) if compat.block_size else None
+        self.pad_id = tokenizer.convert_tokens_to_ids(protocol.PAD) if compat.pad_to_multiple_of else None
         self.ids = ControlTokenIds.from_tokenizer(tokenizer)
         self.template = self._tokens(protocol.SUMMARY_TEMPLATE)  # tokenized alone, as the engine does
         self.max_path_tokens = max_path_tokens

@@ -254,11 +254,11 @@ class ParaThinkerEngine:
         if parathinker:
             enders = torch.tensor(ids.path_enders(self.eos_ids if layout.eos_ends_path else ()), device=device)
             stray = torch.tensor(ids.stray_in_path(), device=device)
-            pad = self.tokenizer.convert_tokens_to_ids(protocol.PAD) if layout.block_size else None
+            pad = self.tokenizer.convert_tokens_to_ids(protocol.PAD) if layout.pad_to_multiple_of else None
             path_rules = TokenRules(enders, torch.tensor(ids.think_close[:P], device=device), stray, ids.think,
-                                    min_new_tokens, pad, layout.block_size)
+                                    min_new_tokens, pad, layout.pad_to_multiple_of)
             # The released engine appends what the summary samples as it is (no stray rewriting).
-            summary_rules = TokenRules(enders, ids.summary_close, None if layout.block_size else stray, ids.think)
+            summary_rules = TokenRules(enders, ids.summary_close, None if layout.pad_to_multiple_of else stray, ids.think)
             needed = {"first": 1, "half": math.ceil(P / 2), "last": P}[opts.termination]
         else:
             path_rules = TokenRules(torch.tensor(self.eos_ids, device=device), min_tokens=min_new_tokens)
@@ -305,19 +305,19 @@ class ParaThinkerEngine:
         layout = protocol.resolve_compat(compat, self.tokenizer)
         if layout.max_paths is not None and num_paths > layout.max_paths:
             raise ValueError(f"num_paths={num_paths}: the released engine (compat=official) runs at most {layout.max_paths} paths")
-        if layout.block_size is not None:
-            if max_new_tokens % layout.block_size:
+        if layout.pad_to_multiple_of is not None:
+            if max_new_tokens % layout.pad_to_multiple_of:
                 raise ValueError(
-                    f"max_new_tokens={max_new_tokens} must be a multiple of {layout.block_size} with compat=official "
+                    f"max_new_tokens={max_new_tokens} must be a multiple of {layout.pad_to_multiple_of} with compat=official "
                     "(the released engine asserts it)"
                 )
             if positions == "flattened":
                 raise ValueError("positions='flattened' has no equivalent in the released engine: use compat='paper'")
             for i, p in enumerate(prompts):
-                if not isinstance(p, str) and len(p) % layout.block_size:
+                if not isinstance(p, str) and len(p) % layout.pad_to_multiple_of:
                     raise ValueError(
                         f"prompts[{i}] has {len(p)} token ids; with compat=official a prompt is a multiple of "
-                        f"{layout.block_size} long: pass the text, or ids from protocol.OFFICIAL.prompt_ids"
+                        f"{layout.pad_to_multiple_of} long: pass the text, or ids from protocol.OFFICIAL.prompt_ids"
                     )
         ids = self._control_ids()
         if num_paths > ids.num_control_paths:

@@ -103,8 +103,8 @@ class TokenRules:
     ``</think k>``, or ``</summary>``) when one is given; ``stray`` tokens (another path's or the
     summary's opener) are rewritten to ``stray_replacement`` (the base model's ``<think>``), or
     banned when the model has none; enders are banned until a path has ``min_tokens`` tokens.
-    With ``block_size`` (the official engine's KV blocks), a path that has ended is fed ``pad``
-    until its length is a multiple of ``block_size``, and is done only then.
+    With ``pad_to_multiple_of`` (the official engine's KV blocks), a path that has ended is fed ``pad``
+    until its length is a multiple of ``pad_to_multiple_of``, and is done only then.
     """
 
     enders: torch.Tensor
@@ -113,7 +113,7 @@ class TokenRules:
     stray_replacement: int | None = None
     min_tokens: int = 0
     pad: int | None = None
-    block_size: int | None = None
+    pad_to_multiple_of: int | None = None
 
     def banned(self, vocab_size: int) -> torch.Tensor:
         """[V] tokens that may never be sampled: strays with no replacement."""
@@ -138,6 +138,6 @@ class TokenRules:
 
     def done_at(self, lengths: torch.Tensor) -> torch.Tensor:
         """Whether a path that has ended is done once it is ``lengths`` tokens long."""
-        if self.block_size is None:
+        if self.pad_to_multiple_of is None:
             return torch.ones_like(lengths, dtype=torch.bool)
-        return lengths % self.block_size == 0
+        return lengths % self.pad_to_multiple_of == 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import leaderboard
+from ..files import atomic_write
 from ..leaderboard import as_number
 from .config import SHORT, Experiment, Point
 
@@ -92,7 +93,7 @@ def _save(fig, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    leaderboard.atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def _draw_lines(ax, lines: dict, task: str, x_metric: str | None, y_metric: str, along: Callable[[Point], str],
@@ -252,7 +253,7 @@ def write(experiment: Experiment) -> list[Path]:
             plot_ablations(done, out / f"{sweep}.png")
         else:
             plot_curves(CURVES[kind], done, rows, out / f"{sweep}.png")
-        leaderboard.atomic_write_bytes(out / f"{sweep}.md", markdown(sweep, kind, done, rows).encode("utf-8"))
+        atomic_write(out / f"{sweep}.md", markdown(sweep, kind, done, rows).encode("utf-8"))
         written += [out / f"{sweep}.{ext}" for ext in ("csv", "png", "md")]
     return written
 

@@ -117,7 +117,7 @@ def warm_up(lm: ParaThinkerLM) -> None:
                     max_new_tokens=2)
     if options.method == "parathinker":  # built with a parathinker point's args (see load_model)
         engine.generate([protocol.build_prompt("warm up", lm.tokenizer)], options.engine.replace(compat=lm.compat.name),
-                        mode="parathinker", max_new_tokens=lm.compat.block_size or 2)
+                        mode="parathinker", max_new_tokens=lm.compat.pad_to_multiple_of or 2)
     judge("1", "2")
 
 
