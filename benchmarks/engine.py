@@ -58,11 +58,10 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
-import lm_eval_parathinker.engine.generate as generate_mod
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.engine.kv_cache import cache_argument, head_dim
-from lm_eval_parathinker.engine.scheduler import Scheduler
+from lm_eval_parathinker.engine.scheduler import Scheduler, StaticScheduler
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings
 
 BENCHMARKS = ("width", "vs_hf", "path_length", "attention", "summary", "length", "memory", "eval_workload",
@@ -216,14 +215,14 @@ class FilledScheduler(Scheduler):
 
 
 @contextlib.contextmanager
-def paths_filled(tokens: int):
-    """While active, every engine call's paths start ``tokens`` long (see :class:`FilledScheduler`)."""
-    scheduler = generate_mod.Scheduler
-    generate_mod.Scheduler = type("Filled", (FilledScheduler,), {"filled": tokens})
+def paths_filled(engine: ParaThinkerEngine, tokens: int):
+    """While active, the engine's calls start every path ``tokens`` long (see :class:`FilledScheduler`)."""
+    scheduler = engine.scheduler_class
+    engine.scheduler_class = type("Filled", (FilledScheduler,), {"filled": tokens})
     try:
         yield
     finally:
-        generate_mod.Scheduler = scheduler
+        engine.scheduler_class = scheduler
 
 
 def window(length: int, size: int) -> tuple[int, int]:
@@ -292,8 +291,9 @@ class Bench:
         """The think stage's window for paths of ``length`` tokens: (outputs, seconds of the window's
         steps, the slowest request's)."""
         start, tokens = window(length, size)
-        with paths_filled(start):
-            outs = (engine or self.engine).generate(prompts, num_paths=paths, max_new_tokens=start + tokens,
+        engine = engine or self.engine
+        with paths_filled(engine, start):
+            outs = engine.generate(prompts, num_paths=paths, max_new_tokens=start + tokens,
                                                     temperature=1.0, seed=0, summary_max_tokens=1, **kwargs)
         return outs, max(o.stats["think_s"] for o in outs)
 
@@ -492,7 +492,7 @@ def _vs_hf_row(b: Bench, prompt: list[int], mode: str, paths: int, length: int, 
     seen = {}
 
     def engine_run() -> float:
-        with paths_filled(start):
+        with paths_filled(b.engine, start):
             outs, took = b.timed(lambda: b.engine.generate(
                 [prompt], mode=mode, num_paths=paths, max_new_tokens=start + tokens,
                 summary_max_tokens=max(summary, 1), temperature=1.0, seed=0))
@@ -581,7 +581,7 @@ def bench_summary(b: Bench) -> Path:
     prompt = b.prompt(p.prompt_len)
 
     def summary_s(paths: int, length: int, summary_kv: str) -> float:
-        with paths_filled(length - 1):  # one think step, then the summary
+        with paths_filled(b.engine, length - 1):  # one think step, then the summary
             out = b.engine.generate([prompt], num_paths=paths, max_new_tokens=length, summary_kv=summary_kv,
                                     summary_max_tokens=p.summary_tokens, termination="first")[0]
         return out.stats["summary_s"]
@@ -739,14 +739,14 @@ def _workload_rows(b: Bench, shape: str) -> list[dict]:
     closer = protocol.ControlTokenIds.from_tokenizer(b.tokenizer, NUM_CONTROL_PATHS).think_close[0]
     kwargs = dict(num_paths=p.workload_paths, max_new_tokens=p.workload_budget, summary_max_tokens=p.summary_tokens,
                   temperature=1.0, seed=0, num_slots=p.workload_slots)
-    variants = [("static", "static", b.engine), ("continuous", "continuous", b.engine)]
+    variants = [("static", ParaThinkerEngine(b.model, b.tokenizer, NUM_CONTROL_PATHS, scheduler_class=StaticScheduler)),
+                ("continuous", b.engine)]
     if b.compile:
-        variants.append(("continuous+compile", "continuous",
-                         ParaThinkerEngine(b.model, b.tokenizer, NUM_CONTROL_PATHS, compile=True)))
+        variants.append(("continuous+compile", ParaThinkerEngine(b.model, b.tokenizer, NUM_CONTROL_PATHS, compile=True)))
     results = {}
 
-    def run(scheduling: str, engine: ParaThinkerEngine) -> float:
-        outs, took = b.timed(lambda: engine.generate(prompts, scheduling=scheduling, **kwargs))
+    def run(engine: ParaThinkerEngine) -> float:
+        outs, took = b.timed(lambda: engine.generate(prompts, **kwargs))
         assert [len(o.path_ids[0]) for o in outs] == lengths, "the forced think lengths did not hold"
         results["tokens"] = sum(o.stats["gen_tokens"] for o in outs)  # the same in every run
         return took
@@ -755,9 +755,9 @@ def _workload_rows(b: Bench, shape: str) -> list[dict]:
     # the KV pool follow the longest request)
     longest = sorted(prompts, key=len)[-p.workload_slots :]
     with force_token_at(b.model, p.workload_prompt_len + p.workload_budget - 2, closer):
-        for _, scheduling, engine in variants:
-            b.warm_up(lambda: engine.generate(longest, scheduling=scheduling, **kwargs))
-        best = alternate({name: lambda s=scheduling, e=engine: run(s, e) for name, scheduling, e in variants},
+        for _, engine in variants:
+            b.warm_up(lambda: engine.generate(longest, **kwargs))
+        best = alternate({name: lambda e=engine: run(e) for name, engine in variants},
                          p.workload_repeats)
     rows = [{"shape": shape, "scheduling": name, "prompts": len(prompts), "paths": p.workload_paths,
              "slots": p.workload_slots, "mean_think_len": sum(lengths) / len(lengths), "max_think_len": max(lengths),

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     _autoload.install()  # also when the .pth hook is disabled: task override and --metadata repeats
     from lm_eval.__main__ import cli_evaluate
 
-    import lm_eval_parathinker.model  # noqa: F401  (runs @register_model("parathinker"))
+    import lm_eval_parathinker.harness.model  # noqa: F401  (runs @register_model("parathinker"))
 
     args = sys.argv[1:] if argv is None else argv
     sys.argv = [sys.argv[0], *lm_eval_argv(args, _autoload.tasks_dir())]

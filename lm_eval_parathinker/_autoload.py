@@ -5,7 +5,7 @@ package imports this module at every Python start-up. It must stay cheap: it imp
 library (no torch, no lm_eval) and installs a post-import hook that acts when lm-eval itself is imported:
 
 * after ``lm_eval.models`` has run: register the model name ``parathinker`` as the lazy target string
-  ``"lm_eval_parathinker.model:ParaThinkerLM"`` (nothing is imported until the model is requested;
+  ``"lm_eval_parathinker.harness.model:ParaThinkerLM"`` (nothing is imported until the model is requested;
   registering *after* ``lm_eval.models`` keeps the built-in ``hf``/``dummy``/... models registered);
 * after ``lm_eval.tasks.manager`` has run: patch ``TaskManager.__init__`` so that our task directory is
   scanned right after lm-eval's built-in tasks and before any user ``include_path``. TaskManager lets a
@@ -22,7 +22,7 @@ import os
 import sys
 
 MODEL_NAME = "parathinker"
-MODEL_TARGET = "lm_eval_parathinker.model:ParaThinkerLM"
+MODEL_TARGET = "lm_eval_parathinker.harness.model:ParaThinkerLM"
 #: filter name used by all our tasks; metric keys look like ``pass_at_1,all``
 FILTER_NAME = "all"
 

@@ -121,7 +121,6 @@ class Compat:
     eos_ends_path: bool  # official: ignore_eos, EOS is an ordinary token
     summary_after_prompt_twice: bool  # <summary> at 2 Lp + max len_k (vLLM's position offset)
     summary_cap_counts_template: bool  # summary_max_tokens counts from <summary>, template included
-    max_paths: int | None  # the fork's parthink_size limit
     yarn_above: int | None  # per-path budget above which the example enables YaRN
 
     def question(self, problem: str) -> str:
@@ -147,6 +146,12 @@ class Compat:
         lead = ids[:1] if self.extra_bos and ids[:1] == [tokenizer.bos_token_id] else []
         ids = lead + ids
         return ids + [tokenizer.convert_tokens_to_ids(PAD)] * (self.padded(len(ids)) - len(ids))
+
+    def check_budget(self, budget: int, name: str) -> None:
+        """Refuse a per-path budget (the argument ``name``) that is not a multiple of the padding."""
+        if self.pad_to_multiple_of and budget % self.pad_to_multiple_of:
+            raise ValueError(f"{name}={budget} (the per-path budget) must be a multiple of {self.pad_to_multiple_of} "
+                             f"with compat={self.name} (the released engine asserts it)")
 
     def summary_position(self, prompt_len: int, path_lens: Sequence[int], flattened: bool = False,
                          stride: int | None = None) -> int:
@@ -177,10 +182,10 @@ class Compat:
 OFFICIAL_YARN_ORIGINAL_MAX_POSITIONS = 9280  # the example's "max_prompt_len + max_reasoning_path_len + max_summary_len"
 
 PAPER = Compat("paper", pad_to_multiple_of=None, extra_bos=False, question_alone=False, eos_ends_path=True,
-               summary_after_prompt_twice=False, summary_cap_counts_template=False, max_paths=None,
+               summary_after_prompt_twice=False, summary_cap_counts_template=False,
                yarn_above=None)
 OFFICIAL = Compat("official", pad_to_multiple_of=16, extra_bos=True, question_alone=True, eos_ends_path=False,
-                  summary_after_prompt_twice=True, summary_cap_counts_template=True, max_paths=8,
+                  summary_after_prompt_twice=True, summary_cap_counts_template=True,
                   yarn_above=8192)
 #: the layouts by name (``auto`` is not one: it is resolved from a tokenizer)
 LAYOUTS = {layout.name: layout for layout in (PAPER, OFFICIAL)}

@@ -9,7 +9,7 @@ import torch
 
 from helpers import offline_env
 
-from lm_eval_parathinker.journal import JOURNAL_ENV
+from lm_eval_parathinker.harness.journal import JOURNAL_ENV
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -354,7 +354,7 @@ def test_control_tokens_get_the_official_ids():
     "kwargs, message",
     [
         (dict(num_paths=0), "num_paths=0"),
-        (dict(num_paths=9), "num_paths=9 exceeds the 8"),
+        (dict(num_paths=9), "num_paths=9 is out of range for parathinker decoding: must be between 1 and 8"),
         (dict(termination="sometimes"), "termination='sometimes'"),
         (dict(mode="beam"), "mode='beam'"),
         (dict(summary_kv="copy"), "summary_kv='copy'"),

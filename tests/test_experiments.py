@@ -10,6 +10,7 @@ import glob
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +23,7 @@ from tiny import save_tiny_checkpoint
 from lm_eval_parathinker import leaderboard, protocol
 from lm_eval_parathinker.experiments import config, figures, runner
 from lm_eval_parathinker.experiments.__main__ import main
-from lm_eval_parathinker.model import ParaThinkerLM
+from lm_eval_parathinker.harness.model import ParaThinkerLM
 
 TIMED = ("latency_s", "think_s")  # wall-clock statistics: excluded when runs are compared
 RESPONSES = 2 * 2  # per point: --limit 2, 2 repeats
@@ -175,10 +176,10 @@ def test_the_baselines_need_the_ban(sweep, ckpt, tmp_path):
     point = _point(experiment, "scaling", "sequential B=8")
     lm = runner.load_model(experiment.points)  # as the sweep built it: control tokens added
     own = len(AutoTokenizer.from_pretrained(ckpt))  # the checkpoint's tokenizer: one row per token
-    assert lm.baseline_banned == lm.tokenizer.convert_tokens_to_ids(protocol.control_tokens())
-    assert min(lm.baseline_banned) == own and len(lm.baseline_banned) == 18
-    for name, banned in (("banned", lm.baseline_banned), ("not_banned", [])):
-        lm.baseline_banned = banned
+    assert lm.parts.baseline_banned == lm.tokenizer.convert_tokens_to_ids(protocol.control_tokens())
+    assert min(lm.parts.baseline_banned) == own and len(lm.parts.baseline_banned) == 18
+    for name, banned in (("banned", lm.parts.baseline_banned), ("not_banned", [])):
+        lm.parts = dataclasses.replace(lm.parts, baseline_banned=banned)
         again = dataclasses.replace(point, output_dir=tmp_path / name / "out",
                                     model_args={**point.model_args, "journal_dir": str(tmp_path / name / "journal")})
         runner.run_point(lm, again)
@@ -263,7 +264,7 @@ def test_configure_switches_options_without_reloading(ckpt):
     assert lm.engine is not engine and lm.engine.compile
 
     baseline = ParaThinkerLM(pretrained=str(ckpt), device="cpu", dtype="float32", method="sequential", resume=False)
-    assert baseline.baseline_banned == [] and baseline.control_tokens_added == []
+    assert baseline.parts.baseline_banned == [] and baseline.parts.control_tokens_added == []
     with pytest.raises(ValueError, match="construct it with method=parathinker"):
         baseline.configure(method="parathinker", resume=False)
 
@@ -303,7 +304,7 @@ def _line_of(text: str, needle: str) -> int:
 @pytest.mark.parametrize("change, needle, message", [
     ("termination: last}}", "temination: last}}", "sweeps.ablations.runs[1].temination: unknown key 'temination'"),
     ("num_paths: [1, 2], max_gen_toks: 8}}", "num_paths: [1, 9], max_gen_toks: 8}}",
-     "sweeps.width.runs[0] (parathinker P=9): num_paths=9 is out of range for method=parathinker"),
+     "sweeps.width.runs[0] (parathinker P=9): num_paths=9 is out of range for parathinker decoding"),
     ("label: first-finish, method: parathinker, num_paths: 2, max_gen_toks: 8",
      "label: first-finish, method: parathinker, num_paths: 2, max_gen_toks: 24, compat: official",
      "sweeps.ablations.runs[0] (first-finish): max_gen_toks=24 (the per-path budget) must be a multiple of 16"),
@@ -333,3 +334,22 @@ def test_layout_checked_with_the_tokenizer_before_any_weights_load(ckpt, tmp_pat
     assert f"{path}:{_line_of(path.read_text(), 'compat: official')}: sweeps.ablations.runs[1]" in err
     assert "compat=official needs the released checkpoint's tokenizer" in err
     assert loads == [] and not out.exists()
+
+
+def test_the_runner_passes_what_lm_evals_cli_passes():
+    """The runner mirrors lm-eval's CLI call of simple_evaluate (there is no public equivalent): the
+    same keywords (``model`` a model object here). Fails when lm-eval's CLI changes its call,
+    naming the keywords."""
+    import ast
+    import inspect
+
+    from lm_eval._cli.run import Run  # private: read here only, to follow it
+
+    def keywords(source: str) -> set[str]:
+        calls = [node for node in ast.walk(ast.parse(textwrap.dedent(source))) if isinstance(node, ast.Call)
+                 and getattr(node.func, "id", None) == "simple_evaluate"]
+        assert len(calls) == 1
+        return {k.arg for k in calls[0].keywords}
+
+    theirs, ours = keywords(inspect.getsource(Run._execute)), keywords(inspect.getsource(runner.evaluate_like_the_cli))
+    assert theirs == ours, f"lm-eval's CLI passes {sorted(theirs - ours)} and not {sorted(ours - theirs)}"

@@ -18,8 +18,10 @@ from lm_eval.api.model import LM
 from helpers import journal_entries, kill_when, lm_eval_cmd, run_lm_eval
 from tiny import save_tiny_checkpoint
 
-from lm_eval_parathinker import journal, progress, samples, scoring
-from lm_eval_parathinker.model import ParaThinkerLM, ParaThinkerResponse
+from lm_eval_parathinker import scoring
+from lm_eval_parathinker.harness import journal, progress, samples
+from lm_eval_parathinker.harness.generator import ParaThinkerResponse
+from lm_eval_parathinker.harness.model import ParaThinkerLM
 
 # Near-uniform sampling over the tiny vocabulary: every repeat of a doc differs.
 SAMPLED = "max_gen_toks=16,do_sample=true,temperature=5.0"

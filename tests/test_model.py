@@ -20,7 +20,8 @@ from tiny import save_tiny_checkpoint
 
 from lm_eval_parathinker import _autoload, embedded, protocol
 from lm_eval_parathinker.__main__ import lm_eval_argv
-from lm_eval_parathinker.model import META_METRICS, ParaThinkerLM, ParaThinkerResponse
+from lm_eval_parathinker.harness.generator import META_METRICS, ParaThinkerResponse
+from lm_eval_parathinker.harness.model import ParaThinkerLM
 
 P = 3  # paths of the CLI runs
 # Near-uniform sampling over the tiny vocabulary: ~3% of tokens end a path, so paths end at different steps.
@@ -285,7 +286,7 @@ def test_plain_model_runs_training_free_with_one_warning(plain_ckpt, caplog):
         lm = _lm(plain_ckpt, num_paths=2, summary_max_tokens=3)
     warnings = [r for r in caplog.records if "training-free" in r.getMessage()]
     assert len(warnings) == 1 and "NOT those of a trained ParaThinker model" in warnings[0].getMessage()
-    assert lm.training_free and len(lm.control_tokens_added) == len(protocol.control_tokens())
+    assert lm.parts.training_free and len(lm.parts.control_tokens_added) == len(protocol.control_tokens())
     greedy = {"until": [], "max_gen_toks": 5, "do_sample": False}
     (text,) = lm.generate_until(_requests(["Find x."], greedy), disable_tqdm=True)
     _split_transcript(text, 2)
@@ -352,8 +353,22 @@ def test_adapter_dir_provides_tokenizer_and_thought_embeddings(plain_ckpt, tmp_p
     save_file(tables, str(adapter / "thought_embeddings.safetensors"))
 
     lm = _lm(plain_ckpt, peft=str(adapter), num_paths=2)
-    assert lm.control_tokens_added == [] and not lm.training_free
-    assert lm.tables_source == str(adapter)
+    assert lm.parts.control_tokens_added == [] and not lm.parts.training_free
+    assert lm.parts.tables_source == str(adapter)
     loaded = thought_embedding_tables(lm.model)
     assert all(torch.equal(t.weight, tables[f"model.layers.{i}.self_attn.seg_embeddings.weight"]) for i, t in enumerate(loaded))
     assert type(lm.model).__name__.startswith("Peft")
+
+
+def test_loglikelihood_tasks_warn_once_that_they_score_the_base_model(plain_ckpt, caplog):
+    """Multiple-choice tasks score the base model whatever the method: parathinker says so once."""
+    from lm_eval.api.instance import Instance
+
+    requests = [Instance("loglikelihood", {}, ("Find x.", " 3"), i) for i in range(2)]
+    for method, expected in (("parathinker", 1), ("sequential", 0)):
+        lm = _lm(plain_ckpt, method=method, resume=False)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            scores = lm.loglikelihood(requests, disable_tqdm=True) + lm.loglikelihood(requests, disable_tqdm=True)
+        warned = [r for r in caplog.records if "generation tasks only" in r.getMessage()]
+        assert len(warned) == expected and len(scores) == 4 and all(s[0] < 0 for s in scores)

@@ -45,9 +45,9 @@ class Recorder:
         self.schedulers = []
         run, forward = scheduler_mod.Scheduler.run, step.decode_forward
 
-        def recording_run(scheduler):
+        def recording_run(scheduler, *args):
             self.schedulers.append(scheduler)
-            return run(scheduler)
+            return run(scheduler, *args)
 
         def recording_forward(model, cache, table, lengths, slot, tokens, positions, blocks, offsets, real, *args):
             logits = forward(model, cache, table, lengths, slot, tokens, positions, blocks, offsets, real, *args)
@@ -210,7 +210,9 @@ def test_engine_options_parse_model_arg_strings():
 @pytest.mark.parametrize("kernel", CPU_KERNELS)
 def test_kernels_attend_to_exactly_the_tokens_of_the_listed_segments(kernel):
     """Both kernels against attention written out over the keys each query may see."""
-    from lm_eval_parathinker.engine.attention import page_reads
+    from lm_eval_parathinker.engine.attention import FLEX, SDPA, page_reads
+
+    KERNELS = {"flex": FLEX, "sdpa": SDPA}
 
     g = torch.Generator().manual_seed(0)
     slots, segments, max_pages, kv_heads, groups, dim = 2, 4, 5, 2, 3, 16
@@ -228,7 +230,7 @@ def test_kernels_attend_to_exactly_the_tokens_of_the_listed_segments(kernel):
     keys = torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g)
     values = torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g)
     query = torch.randn(1, kv_heads * groups, len(slot), dim, generator=g)
-    plan = page_reads(table, lengths, slot, reads, fill, PAGE, kernel, groups)
+    plan = page_reads(table, lengths, slot, reads, fill, PAGE, KERNELS[kernel], groups)
     out = plan.attend(query, keys, values, scale=None)[0]  # [B, H, D]
     for b in range(len(slot)):
         s = int(slot[b])
@@ -257,9 +259,9 @@ def test_flex_on_cuda_reads_every_page_as_a_partial_block(monkeypatch):
     slot, reads = torch.tensor([0, 1, 1]), torch.tensor([[1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=torch.bool)
     keys, values = (torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g) for _ in range(2))
     query = torch.randn(1, kv_heads * groups, len(slot), dim, generator=g)
-    cpu = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", groups)
+    cpu = attention.page_reads(table, lengths, slot, reads, fill, PAGE, attention.FLEX, groups)
     monkeypatch.setattr(attention, "flex_full_blocks", lambda device: False)
-    cuda = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", groups)
+    cuda = attention.page_reads(table, lengths, slot, reads, fill, PAGE, attention.FLEX, groups)
     assert cpu.block_mask.full_kv_num_blocks is not None and cuda.block_mask.full_kv_num_blocks is None
     assert cuda.block_mask.kv_num_blocks.flatten().tolist() == (cpu.full_count + cpu.partial_count).tolist()
     torch.testing.assert_close(cuda.attend(query, keys, values, scale=None), cpu.attend(query, keys, values, scale=None),
@@ -283,7 +285,7 @@ def test_flex_past_its_recompile_limit_fails_rather_than_running_uncompiled(monk
 
     def attend(queries: int) -> torch.Tensor:
         slot, reads = torch.arange(queries) % 2, torch.ones(queries, 2, dtype=torch.bool)
-        plan = attention.page_reads(table, lengths, slot, reads, fill, PAGE, "flex", 2, static_batch=True)
+        plan = attention.page_reads(table, lengths, slot, reads, fill, PAGE, attention.FLEX, 2, static_batch=True)
         return plan.attend(torch.randn(1, 4, queries, 16), keys, keys, scale=None)
 
     with torch._dynamo.config.patch(recompile_limit=limit):
@@ -314,9 +316,9 @@ def test_flex_on_cuda_takes_pages_that_fit_torchs_kv_blocks(monkeypatch):
         assert fitting(64) == [128, 256]
     assert {128, 256} <= set(fitting(128)) & set(fitting(64)) and 16 not in fitting(128)  # multiples of 128 fit
     pages = dict(head_dim=128, dtype=torch.bfloat16)
-    assert attention.resolve_kernel("auto", cuda, page_size=128, **pages) == "flex"
+    assert attention.resolve_kernel("auto", cuda, page_size=128, **pages) is attention.FLEX
     with pytest.warns(UserWarning, match=r"block_size=16 does not fit .* KV blocks of \[[0-9, ]+\] tokens: attention='auto' uses"):
-        assert attention.resolve_kernel("auto", cuda, page_size=16, **pages) == "sdpa"
+        assert attention.resolve_kernel("auto", cuda, page_size=16, **pages) is attention.SDPA
     with pytest.raises(ValueError, match=r"attention='flex': block_size=16 .* use a block_size that is a multiple of \d+"):
         attention.resolve_kernel("flex", cuda, page_size=16, **pages)
 
@@ -330,11 +332,11 @@ def test_flex_keeps_one_cpu_thread_count_per_process(monkeypatch):
     monkeypatch.setattr(attention, "flex_available", lambda device: True)  # the rule where flex runs
     monkeypatch.setattr(attention, "_flex_cpu_threads", torch.get_num_threads() + 1)
     with pytest.warns(UserWarning, match="built for one thread count: attention='auto' uses 'sdpa'"):
-        assert attention.resolve_kernel("auto", cpu) == "sdpa"
+        assert attention.resolve_kernel("auto", cpu) is attention.SDPA
     with pytest.raises(ValueError, match="attention='flex': compiled FlexAttention ran with"):
         attention.resolve_kernel("flex", cpu)
     monkeypatch.setattr(attention, "_flex_cpu_threads", None)
-    assert attention.resolve_kernel("auto", cpu) == "flex" and attention._flex_cpu_threads == torch.get_num_threads()
+    assert attention.resolve_kernel("auto", cpu) is attention.FLEX and attention._flex_cpu_threads == torch.get_num_threads()
 
 
 def test_compiled_cpu_flex_needs_torch_2_13(monkeypatch):
@@ -346,7 +348,7 @@ def test_compiled_cpu_flex_needs_torch_2_13(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
     assert not attention.flex_available(cpu) and attention.flex_available(torch.device("cuda"))
     with pytest.warns(UserWarning, match=r"compiled CPU FlexAttention needs torch >= 2.13 \(this is 2.11.0\+cu130\)"):
-        assert attention.resolve_kernel("auto", cpu) == "sdpa"
+        assert attention.resolve_kernel("auto", cpu) is attention.SDPA
     with pytest.raises(ValueError, match=r"attention='flex' does not run on cpu with torch 2.11.0\+cu130 "
                                          r"\(CUDA, or an x86 CPU with AVX2 and torch >= 2.13\)"):
         attention.resolve_kernel("flex", cpu)

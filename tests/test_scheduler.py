@@ -13,7 +13,7 @@ from tiny import tiny_parathinker
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 import lm_eval_parathinker.engine.scheduler as scheduler_mod
-from lm_eval_parathinker.engine import ParaThinkerEngine, step
+from lm_eval_parathinker.engine import ParaThinkerEngine, Scheduler, StaticScheduler, step
 from lm_eval_parathinker.engine import attention
 from lm_eval_parathinker.engine.sampling import Draw, SamplingParams, request_seeds, sample
 from lm_eval_parathinker import protocol
@@ -70,7 +70,8 @@ def test_sampled_tokens_depend_on_the_request_only(tiny, mode):
 
 
 def _check_sampling_is_per_request(engine: ParaThinkerEngine, mode: str) -> None:
-    kwargs = dict(mode=mode, num_paths=3, max_new_tokens=16, summary_max_tokens=5, temperature=1.5, top_p=0.9, seed=7)
+    paths = {} if mode == "sequential" else {"num_paths": 3}  # sequential: one path
+    kwargs = dict(mode=mode, **paths, max_new_tokens=16, summary_max_tokens=5, temperature=1.5, top_p=0.9, seed=7)
     runs = [_tokens(engine.generate(PROMPTS, num_slots=n, **kwargs)) for n in (1, 2, 5)]
     assert runs[0] == runs[1] == runs[2]  # any number of slots, any neighbours
     assert len({len(p) for paths, _ in runs[1] for p in paths}) > 2  # paths of varied lengths
@@ -108,9 +109,9 @@ def test_no_slot_idles_while_requests_wait(tiny, monkeypatch, mode):
     Script(by_request=by_request).install(monkeypatch)
     kwargs = dict(mode=mode, num_paths=3, max_new_tokens=16, summary_max_tokens=5, num_slots=2)
     counts = {}
-    for scheduling in ("continuous", "static"):
+    for scheduling, scheduler_class in (("continuous", Scheduler), ("static", StaticScheduler)):
         phases, admitted = _record_steps(monkeypatch)
-        outs = ParaThinkerEngine(model, tok).generate(PROMPTS, scheduling=scheduling, **kwargs)
+        outs = ParaThinkerEngine(model, tok, scheduler_class=scheduler_class).generate(PROMPTS, **kwargs)
         counts[scheduling] = (len(phases), _tokens(outs))
         if scheduling == "continuous":
             # until the last request is admitted every slot computes a token it keeps
@@ -128,7 +129,7 @@ def test_a_step_never_waits_for_the_host(tiny, monkeypatch):
     model, tok = tiny
     captured = {}
     run = scheduler_mod.Scheduler.run
-    monkeypatch.setattr(scheduler_mod.Scheduler, "run", lambda self: captured.setdefault("s", self) and run(self))
+    monkeypatch.setattr(scheduler_mod.Scheduler, "run", lambda self, *args: captured.setdefault("s", self) and run(self, *args))
     ParaThinkerEngine(model, tok).generate(PROMPTS[:2], num_paths=3, max_new_tokens=6, temperature=1.0, seed=0)
     scheduler = captured["s"]
     state, plan, cache = scheduler.state, scheduler.plan, scheduler.cache
@@ -139,7 +140,8 @@ def test_a_step_never_waits_for_the_host(tiny, monkeypatch):
     monkeypatch.setattr(attention, "flex_kernel", attention.flex_attention)
     with torch.inference_mode(), attention.paged_attention_for(model), FakeTensorMode(allow_non_fake_inputs=True):
         inputs = step.step_inputs(state, plan)
-        logits, _ = step.step_forward(model, cache, scheduler.pool.table, state, plan, inputs, "flex", ragged=False)
+        logits, _ = step.step_forward(model, cache, scheduler.pool.table, state, plan, inputs, attention.FLEX,
+                                      ragged=False)
         step.advance(state, plan, logits, inputs)
         with pytest.raises(DataDependentOutputException):
             state.phase.tolist()  # the check itself: a host read fails here

@@ -12,7 +12,7 @@ import pytest
 from helpers import DATA_DIR, REPO_ROOT, run_lm_eval, tiny_hf_aime24_run
 
 from lm_eval_parathinker import _autoload, data
-from lm_eval_parathinker.model import META_METRICS
+from lm_eval_parathinker.harness.generator import META_METRICS
 from lm_eval_parathinker.scoring import METRICS
 
 OUR_TASKS = ["aime24", "aime25", "amc23", "math500"]
@@ -54,7 +54,7 @@ def test_model_is_registered_lazily():
     # in a fresh process: importing lm_eval's models registers the name without importing our model
     code = (
         "import sys, lm_eval.models; from lm_eval.api.registry import model_registry; "
-        "print('parathinker' in model_registry, 'lm_eval_parathinker.model' in sys.modules)"
+        "print('parathinker' in model_registry, 'lm_eval_parathinker.harness.model' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split()[-2:] == ["True", "False"]

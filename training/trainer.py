@@ -24,9 +24,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lm_eval_parathinker import protocol
+from lm_eval_parathinker.checkpoint import ADAPTER_TABLES_FILE
 from lm_eval_parathinker.thought_embedding import load_thought_embeddings, thought_embedding_tables
 
-TABLES_FILE = "thought_embeddings.safetensors"
 STAGING_DIR = ".checkpoint.tmp"
 LOSS_CSV = "loss.csv"
 LOSS_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "eval_loss"]
@@ -94,11 +94,12 @@ class ParaThinkerTrainer(Trainer):
         if self.args.should_save and self._has_lora_tables():
             from safetensors.torch import save_file
 
-            save_file(thought_table_state(self.model), os.path.join(output_dir or self.args.output_dir, TABLES_FILE))
+            save_file(thought_table_state(self.model),
+                      os.path.join(output_dir or self.args.output_dir, ADAPTER_TABLES_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self._has_lora_tables() and (Path(resume_from_checkpoint) / TABLES_FILE).is_file():
+        if self._has_lora_tables() and (Path(resume_from_checkpoint) / ADAPTER_TABLES_FILE).is_file():
             load_thought_embeddings(self.model, resume_from_checkpoint)
             for table in thought_embedding_tables(self.model):  # loading the adapter may have frozen them
                 table.weight.requires_grad_(True)

@@ -1,8 +1,9 @@
 """The ParaThinker decoding engine (see :mod:`.generate` for the layers)."""
 
-from .generate import MODES, SCHEDULING, GenerationOutput, ParaThinkerEngine
-from .options import POSITIONS, SUMMARY_KV, TERMINATIONS, EngineOptions
+from .generate import GenerationOutput, ParaThinkerEngine
+from .options import MODES, POSITIONS, SUMMARY_KV, TERMINATIONS, EngineOptions
 from .sampling import SamplingParams
+from .scheduler import Scheduler, StaticScheduler
 
-__all__ = ["MODES", "POSITIONS", "SCHEDULING", "SUMMARY_KV", "TERMINATIONS", "EngineOptions", "GenerationOutput",
-           "ParaThinkerEngine", "SamplingParams"]
+__all__ = ["MODES", "POSITIONS", "SUMMARY_KV", "TERMINATIONS", "EngineOptions", "GenerationOutput",
+           "ParaThinkerEngine", "SamplingParams", "Scheduler", "StaticScheduler"]

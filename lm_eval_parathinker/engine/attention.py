@@ -14,7 +14,9 @@ tokens are visible (``fill`` counts the tokens written into each page). Two kern
 * ``sdpa``: the pages a query reads gathered into one tensor, then SDPA (GQA folded into the
   query axis, no ``repeat_kv`` copy): eager everywhere, the fallback and the reference.
 
-``auto`` picks ``flex`` where it runs (:func:`resolve_kernel`). Multi-token forwards (a
+Each is a :class:`Kernel` object (:data:`FLEX`, :data:`SDPA`) with one interface: it prepares a
+step's page reads and attends over them. ``auto`` picks ``flex`` where it runs
+(:func:`resolve_kernel`). Multi-token forwards (a
 prompt's prefill, a summary template, ``reprefill``) attend with :class:`FreshReads`: causally to
 this forward's own keys, after context pages they see in full, or (``reprefill``) under the
 two-phase rule, segment by segment in chunks of queries, never through an [n, n] mask.
@@ -65,7 +67,7 @@ _flex_cpu_threads: int | None = None
 
 
 def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None = None, head_dim: int = 0,
-                   dtype: torch.dtype = torch.float32) -> str:
+                   dtype: torch.dtype = torch.float32) -> Kernel:
     """``auto``: flex where it runs, else sdpa; an explicit choice is checked. On the CPU, flex
     runs at one thread count per process (see ``_flex_cpu_threads``); on CUDA, with pages of
     ``page_size`` tokens that fit torch's KV blocks for ``head_dim`` and ``dtype``
@@ -74,7 +76,7 @@ def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None =
     if kernel not in KERNELS:
         raise ValueError(f"attention={kernel!r} is not one of {', '.join(KERNELS)}")
     if kernel == "sdpa":
-        return kernel
+        return SDPA
     if not flex_available(device):
         if kernel == "flex":
             raise ValueError(f"attention='flex' does not run on {device} with torch {torch.__version__} "
@@ -82,14 +84,14 @@ def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None =
         if device.type == "cpu" and TorchVersion(torch.__version__) < CPU_FLEX_MIN_TORCH:
             warnings.warn(f"compiled CPU FlexAttention needs torch >= {CPU_FLEX_MIN_TORCH} (this is "
                           f"{torch.__version__}): attention='auto' uses 'sdpa'", stacklevel=3)
-        return "sdpa"
+        return SDPA
     problem, fix = _flex_problem(device, page_size, head_dim, dtype)
     if problem is None:
-        return "flex"
+        return FLEX
     if kernel == "flex":
         raise ValueError(f"attention='flex': {problem}; {fix}")
     warnings.warn(f"{problem}: attention='auto' uses 'sdpa'", stacklevel=3)
-    return "sdpa"
+    return SDPA
 
 
 def _flex_problem(device: torch.device, page_size: int | None, head_dim: int,
@@ -189,7 +191,7 @@ class PageReads:
     partial_count: torch.Tensor  # [B]
     fill: torch.Tensor  # [num_pages] tokens written in each page
     page_size: int
-    kernel: str  # "flex" or "sdpa"
+    kernel: Kernel
     static_batch: bool  # B is the same at every step (see attend)
     block_mask: BlockMask | None = None  # flex: the pages as kv blocks
     gathered: torch.Tensor | None = None  # sdpa: [B, Wb] the pages to gather
@@ -206,63 +208,109 @@ class PageReads:
         # one row per query, the query heads that share a KV head folded into its query axis: each
         # KV page is read once per group, and no K/V is copied to every head
         q = query.transpose(1, 2).reshape(B0 * Q, kv_heads, H // kv_heads, D)
-        if self.kernel == "sdpa":
-            out = self._sdpa(q, key, value, scale)
-        elif torch.compiler.is_compiling():  # inlined into the compiled step (its inputs are marked static)
-            out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale)
-        else:
-            if self.static_batch:
-                # torch's flex decoding kernel (one query block per KV head, work split over the
-                # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
-                # runs its main kernel, a 128-row query block for `groups` rows
-                torch._dynamo.mark_static(q, 0)
-            with compile_limits():
-                out = flex_kernel(q, key, value, block_mask=self.block_mask, scale=scale)
-        return out.reshape(B0, Q, H, D)
+        return self.kernel.attend(self, q, key, value, scale).reshape(B0, Q, H, D)
 
-    def _sdpa(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+
+class Kernel:
+    """A decode step's attention over pages: ``prepare`` adds to a step's :class:`PageReads`
+    what this kernel reads them with (once per step), ``attend`` runs it (every layer)."""
+
+    name: str  # as the ``attention`` option names it
+
+    def prepare(self, reads: PageReads, full: torch.Tensor, partial: torch.Tensor, pages: torch.Tensor,
+                groups: int) -> None:
+        """``full``/``partial`` [B, G * M]: which of ``pages`` (each query's slot's page ids) it reads
+        in full / partly; ``groups`` query heads share a KV head."""
+        raise NotImplementedError
+
+    def attend(self, reads: PageReads, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        """``q`` [B, Hkv, groups, D] (one row per query), ``key``/``value`` the pool [1, Hkv, N, D]."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class FlexKernel(Kernel):
+    """FlexAttention over the pages as kv blocks, read in place (see the module docstring)."""
+
+    name = "flex"
+
+    def prepare(self, reads: PageReads, full: torch.Tensor, partial: torch.Tensor, pages: torch.Tensor,
+                groups: int) -> None:
+        fill, ps = reads.fill, reads.page_size
+        width = fill.shape[0]
+        masked, unmasked = ((_compact(partial, pages, width), _compact(full, pages, width))
+                            if flex_full_blocks(fill.device) else (_compact(full | partial, pages, width), None))
+        reads.block_mask = _block_mask(masked, unmasked, fill, ps, groups, width * ps)
+
+    def attend(self, reads: PageReads, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # inlined into the compiled step (its inputs are marked static)
+            return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
+        if reads.static_batch:
+            # torch's flex decoding kernel (one query block per KV head, work split over the
+            # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
+            # runs its main kernel, a 128-row query block for `groups` rows
+            torch._dynamo.mark_static(q, 0)
+        with compile_limits():
+            return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
+
+
+class SdpaKernel(Kernel):
+    """The pages each query reads gathered into one tensor, then SDPA (eager; the reference)."""
+
+    name = "sdpa"
+
+    def prepare(self, reads: PageReads, full: torch.Tensor, partial: torch.Tensor, pages: torch.Tensor,
+                groups: int) -> None:
+        reads.gathered, reads.visible = _gathered(reads)
+
+    def attend(self, reads: PageReads, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
         B, kv_heads, groups, D = q.shape
         N = key.shape[2]
-        ps = self.page_size
+        ps = reads.page_size
 
         def gather(pool: torch.Tensor) -> torch.Tensor:  # [B, Hkv, Wb * ps, D]
-            by_page = pool[0].view(kv_heads, N // ps, ps, D).index_select(1, self.gathered.flatten())
+            by_page = pool[0].view(kv_heads, N // ps, ps, D).index_select(1, reads.gathered.flatten())
             return by_page.view(kv_heads, B, -1, D).transpose(0, 1)
 
-        return F.scaled_dot_product_attention(q, gather(key), gather(value), attn_mask=self.visible.to(q.dtype),
+        return F.scaled_dot_product_attention(q, gather(key), gather(value), attn_mask=reads.visible.to(q.dtype),
                                               scale=scale)
 
 
+FLEX, SDPA = FlexKernel(), SdpaKernel()
+
+
 def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, reads: torch.Tensor,
-               fill: torch.Tensor, page_size: int, kernel: str, groups: int, static_batch: bool = False) -> PageReads:
+               fill: torch.Tensor, page_size: int, kernel: Kernel, groups: int, static_batch: bool = False) -> PageReads:
     """The pages of each query: ``slot`` [B] its slot, ``reads`` [B, G] which of the slot's
     segments it reads, ``lengths`` [S, G] the tokens in every segment (this step's included),
     ``table`` [S, G, M] the slots' page ids; ``groups`` query heads share a KV head;
     ``static_batch``: B is the same at every step. Tensor operations only (static shapes) for
     flex; the sdpa kernel reads how many pages the busiest query reads (eager only)."""
-    B = slot.shape[0]
-    width = fill.shape[0]  # the BlockMask convention: one column per page of the pool
     n = torch.where(reads, lengths[slot], 0)  # [B, G]
     index = torch.arange(table.shape[-1], device=table.device)
     complete = (n // page_size)[..., None]
     full = index < complete  # [B, G, M]
     partial = (index == complete) & (n % page_size > 0)[..., None]
     pages = table[slot].flatten(1)  # [B, G * M]
-
-    def compact(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = mask.flatten(1)
-        at = torch.where(mask, mask.cumsum(1) - 1, width)  # unselected entries go to a dropped column
-        out = torch.zeros(B, width + 1, dtype=pages.dtype, device=pages.device).scatter_(1, at, pages)
-        return out[:, :width], mask.sum(1)
-
-    result = PageReads(*compact(full), *compact(partial), fill, page_size, kernel, static_batch)
-    if kernel == "flex":
-        masked, unmasked = (compact(partial), compact(full)) if flex_full_blocks(fill.device) else \
-            (compact(full | partial), None)
-        result.block_mask = _block_mask(masked, unmasked, fill, page_size, groups, width * page_size)
-    else:
-        result.gathered, result.visible = _gathered(result)
+    full, partial = full.flatten(1), partial.flatten(1)
+    width = fill.shape[0]
+    result = PageReads(*_compact(full, pages, width), *_compact(partial, pages, width), fill, page_size, kernel,
+                       static_batch)
+    kernel.prepare(result, full, partial, pages, groups)
     return result
+
+
+def _compact(mask: torch.Tensor, pages: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``pages`` [B, G * M] that ``mask`` selects, first in each row, in ``width`` columns (the
+    BlockMask convention: one per page of the pool), and how many each row has."""
+    at = torch.where(mask, mask.cumsum(1) - 1, width)  # unselected entries go to a dropped column
+    out = torch.zeros(pages.shape[0], width + 1, dtype=pages.dtype, device=pages.device).scatter_(1, at, pages)
+    return out[:, :width], mask.sum(1)
 
 
 def flex_full_blocks(device: torch.device) -> bool:

@@ -33,12 +33,10 @@ from .hub_kernels import bypass_kernel_routing
 from .kv_cache import PagedKVCache, head_dim
 from .options import EngineOptions
 from .pages import pages_for
+from .recording import LogitsRecorder
 from .rope import rope_scaling
 from .sampling import SamplingParams, TokenRules, request_seeds
-from .scheduler import Finished, Scheduler
-
-MODES = ("parathinker", "independent", "sequential")
-SCHEDULING = ("continuous", "static")
+from .scheduler import Finished, Scheduler, SchedulerConfig, StopChecks
 
 
 @dataclass
@@ -61,7 +59,8 @@ class ParaThinkerEngine:
     """Parallel decoding for a model and tokenizer (see the module docstring).
 
     ``compile=True`` compiles the decode step with ``torch.compile`` (CUDA graphs on GPU,
-    ``mode="reduce-overhead"``; inductor's default mode elsewhere).
+    ``mode="reduce-overhead"``; inductor's default mode elsewhere). ``scheduler_class`` runs the
+    calls (:class:`scheduler.StaticScheduler`: fixed batches, the benchmarks' baseline).
 
     >>> engine = ParaThinkerEngine(model, tokenizer)
     >>> out = engine.generate(["What is 2+3?"], num_paths=4, max_new_tokens=512)[0]
@@ -69,11 +68,12 @@ class ParaThinkerEngine:
     """
 
     def __init__(self, model, tokenizer, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS,
-                 compile: bool = False):
+                 compile: bool = False, scheduler_class: type[Scheduler] = Scheduler):
         self.model = model
         self.tokenizer = tokenizer
         self.num_control_paths = num_control_paths
         self.compile = compile
+        self.scheduler_class = scheduler_class
         self._compiled: Callable | None = None
         self._cache: PagedKVCache | None = None  # the KV pool, kept across calls
         self.last_stats: dict = {}
@@ -121,7 +121,6 @@ class ParaThinkerEngine:
         prompts: Sequence[str | Sequence[int]],
         options: EngineOptions | None = None,
         *,
-        mode: str = "parathinker",
         max_new_tokens: int = 1024,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -131,18 +130,16 @@ class ParaThinkerEngine:
         stop_strings: Sequence[str] = (),
         banned_tokens: Sequence[int] = (),
         num_slots: int | None = None,
-        scheduling: str = "continuous",
         output_logits: bool = False,
-        progress: bool = False,
         on_output: Callable[[int, GenerationOutput], None] | None = None,
         **option_values,
     ) -> list[GenerationOutput]:
         """Generate for a list of prompts (strings, or token ids used as they are).
 
         ``options`` (an :class:`EngineOptions`; its fields can also be given as keywords, which
-        override it: ``num_paths``, ``termination``, ``summary_max_tokens``, ``summary_kv``,
-        ``thought_embedding``, ``positions``, ``compat``, ``attention``, ``block_size``,
-        ``num_blocks``, ``max_memory_percent``) say how requests decode.
+        override it: ``mode``, ``num_paths``, ``termination``, ``summary_max_tokens``,
+        ``summary_kv``, ``thought_embedding``, ``positions``, ``compat``, ``attention``,
+        ``block_size``, ``num_blocks``, ``max_memory_percent``) say how requests decode.
 
         ``max_new_tokens`` is the per-path budget (the opening ``<think k>`` included);
         ``min_new_tokens``: no path ends before it has that many tokens (like transformers'
@@ -151,25 +148,21 @@ class ParaThinkerEngine:
         the host read tokens at every step. ``banned_tokens`` are never sampled.
 
         ``num_slots`` prompts run at a time (default: all); a finished one's slot is refilled at
-        once (``scheduling="static"``: only when every slot is free). ``seed`` (one int, or one
+        once (with :class:`scheduler.StaticScheduler`: only when every slot is free). ``seed`` (one int, or one
         per prompt) makes sampling repeatable: each prompt's tokens depend on its own seed only,
         not on its slot or its neighbours. ``on_output(i, output)`` is called as prompt i finishes.
         After the call, :attr:`last_stats` holds the KV pool's use and the preemptions.
         """
-        opts = options or EngineOptions()
-        if option_values:
-            opts = opts.replace(**option_values)
-        num_paths = opts.num_paths
-        ids, layout = self._validate(prompts, mode, opts, max_new_tokens, num_slots, scheduling)
-        if mode == "sequential":
-            num_paths = 1
-        parathinker = mode == "parathinker"
+        opts = EngineOptions.parse(**option_values) if options is None else options.replace(**option_values) \
+            if option_values else options
+        opts = opts.resolve(self.tokenizer)
+        layout, num_paths, parathinker = opts.layout, opts.num_paths, opts.mode == "parathinker"
+        ids = self._validate(prompts, opts, max_new_tokens, num_slots)
         template = self.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"] if parathinker else []
         prompt_ids = self.encode(prompts, layout)
         summary_tokens = layout.summary_tokens(opts.summary_max_tokens, len(template)) if parathinker else 0
-        self._check_lengths(prompt_ids, num_paths, max_new_tokens, len(template), summary_tokens, opts.positions,
-                            layout)
-        plan = self._plan(ids, layout, mode, num_paths, max_new_tokens, opts, summary_tokens, len(template),
+        self._check_lengths(prompt_ids, opts, max_new_tokens, len(template), summary_tokens)
+        plan = self._plan(ids, opts, max_new_tokens, summary_tokens, len(template),
                           SamplingParams(temperature, top_p, top_k), min_new_tokens, banned_tokens)
         slots = min(num_slots or len(prompt_ids), len(prompt_ids))
         page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
@@ -180,27 +173,25 @@ class ParaThinkerEngine:
         outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
 
         def finished(done: Finished) -> None:
-            outputs[done.index] = self._output(prompt_ids[done.index], done, template, mode, opts.termination,
-                                               num_paths)
+            outputs[done.index] = self._output(prompt_ids[done.index], done, template, opts)
             if on_output is not None:
                 on_output(done.index, outputs[done.index])
 
-        scheduler = Scheduler(
-            self.model, plan, prompt_ids, request_seeds(seed, len(prompt_ids)),
-            cache=cache, num_slots=slots, kernel=kernel,
-            first_tokens=list(ids.think_open[:num_paths]) if parathinker else None,
-            template=template, layout=layout, flattened=opts.positions == "flattened",
-            reprefill=opts.summary_kv == "reprefill",
-            compiled=self.compiled_step(), static=scheduling == "static", ragged=self._ragged_steps(),
-            keep_logits=output_logits,
-            stopped=self._stop_check(stop_strings) if stop_strings and not parathinker else None,
-            summary_stopped=self._summary_stop_check(stop_strings) if stop_strings and parathinker else None,
-            on_finished=finished, progress=progress,
+        stops = None
+        if stop_strings:
+            stops = StopChecks(summary=self._summary_stop_check(stop_strings)) if parathinker \
+                else StopChecks(paths=self._stop_check(stop_strings))
+        config = SchedulerConfig(
+            options=opts, kernel=kernel, num_slots=slots,
+            first_tokens=list(ids.think_open[:num_paths]) if parathinker else None, template=template,
+            compiled=self.compiled_step(), ragged=self._ragged_steps(), stops=stops,
+            recorder=LogitsRecorder() if output_logits else None,
         )
+        scheduler = self.scheduler_class(self.model, plan, cache, config)
         rope = layout.rope_parameters(max_new_tokens, self._rope_theta()) if parathinker else None
         with paged_attention_for(self.model), rope_scaling(self.model, rope), _current_device(self.device):
-            scheduler.run()
-        self.last_stats = {"attention": kernel, **scheduler.pool.stats.as_dict(cache.bytes_per_token)}
+            scheduler.run(prompt_ids, request_seeds(seed, len(prompt_ids)), finished)
+        self.last_stats = {"attention": kernel.name, **scheduler.pool.stats.as_dict(cache.bytes_per_token)}
         return outputs
 
     # -- helpers -------------------------------------------------------------------------
@@ -246,11 +237,11 @@ class ParaThinkerEngine:
         token there)."""
         return not self.compile and self.device.type == "cpu"
 
-    def _plan(self, ids, layout, mode, P, budget, opts: EngineOptions, summary_tokens, template_len, sampling,
-              min_new_tokens, banned_tokens) -> step.Plan:
+    def _plan(self, ids, opts: EngineOptions, budget, summary_tokens, template_len, sampling, min_new_tokens,
+              banned_tokens) -> step.Plan:
         device = self.device
         vocab = self.model.get_output_embeddings().weight.shape[0]
-        parathinker = mode == "parathinker"
+        layout, P, parathinker = opts.layout, opts.num_paths, opts.mode == "parathinker"
         if parathinker:
             enders = torch.tensor(ids.path_enders(self.eos_ids if layout.eos_ends_path else ()), device=device)
             stray = torch.tensor(ids.stray_in_path(), device=device)
@@ -283,12 +274,9 @@ class ParaThinkerEngine:
             path_enders=path_rules.ender_mask(vocab),
         )
 
-    def _validate(self, prompts, mode, opts: EngineOptions, max_new_tokens, num_slots, scheduling):
-        """Check the arguments; returns the control token ids and the layout (parathinker mode)."""
-        for name, value, choices in (("mode", mode, MODES), ("scheduling", scheduling, SCHEDULING)):
-            if value not in choices:
-                raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
-        num_paths, compat, positions = opts.num_paths, opts.compat, opts.positions
+    def _validate(self, prompts, opts: EngineOptions, max_new_tokens, num_slots) -> ControlTokenIds | None:
+        """Check the call's arguments against the model (the options checked themselves); returns
+        the control token ids (parathinker mode)."""
         if not prompts:
             raise ValueError("prompts is empty")
         for i, p in enumerate(prompts):
@@ -298,21 +286,11 @@ class ParaThinkerEngine:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
         if num_slots is not None and num_slots < 1:
             raise ValueError(f"num_slots={num_slots} must be at least 1")
-        if mode != "parathinker":
-            if compat == "official":
-                raise ValueError(f"compat='official' applies to mode='parathinker' only, not mode={mode!r}")
-            return None, protocol.PAPER
-        layout = protocol.resolve_compat(compat, self.tokenizer)
-        if layout.max_paths is not None and num_paths > layout.max_paths:
-            raise ValueError(f"num_paths={num_paths}: the released engine (compat=official) runs at most {layout.max_paths} paths")
+        if opts.mode != "parathinker":
+            return None
+        layout, num_paths = opts.layout, opts.num_paths
+        layout.check_budget(max_new_tokens, "max_new_tokens")
         if layout.pad_to_multiple_of is not None:
-            if max_new_tokens % layout.pad_to_multiple_of:
-                raise ValueError(
-                    f"max_new_tokens={max_new_tokens} must be a multiple of {layout.pad_to_multiple_of} with compat=official "
-                    "(the released engine asserts it)"
-                )
-            if positions == "flattened":
-                raise ValueError("positions='flattened' has no equivalent in the released engine: use compat='paper'")
             for i, p in enumerate(prompts):
                 if not isinstance(p, str) and len(p) % layout.pad_to_multiple_of:
                     raise ValueError(
@@ -327,10 +305,11 @@ class ParaThinkerEngine:
         max_segments = getattr(self.model.config, "max_segments", protocol.DEFAULT_MAX_SEGMENTS)
         if num_paths >= max_segments:
             raise ValueError(f"num_paths={num_paths} needs segment ids up to {num_paths}, but max_segments={max_segments}")
-        return ids, layout
+        return ids
 
-    def _check_lengths(self, prompt_ids, num_paths, budget, template_len, summary_tokens, positions, layout):
+    def _check_lengths(self, prompt_ids, opts: EngineOptions, budget, template_len, summary_tokens):
         """The summary must have room to generate, and every position must exist."""
+        layout, flattened = opts.layout, opts.positions == "flattened"
         if template_len and summary_tokens < 1:
             raise ValueError(
                 f"summary_max_tokens leaves no room after the {template_len}-token summary template "
@@ -339,8 +318,8 @@ class ParaThinkerEngine:
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if limit is None:
             return
-        path_lens = [budget] * (num_paths if positions == "flattened" else 1)
-        last_path = layout.summary_position(max(map(len, prompt_ids)), path_lens, positions == "flattened")
+        path_lens = [budget] * (opts.num_paths if flattened else 1)
+        last_path = layout.summary_position(max(map(len, prompt_ids)), path_lens, flattened)
         needed = last_path + (template_len + summary_tokens if template_len else 0)
         if needed > limit:
             raise ValueError(
@@ -375,9 +354,9 @@ class ParaThinkerEngine:
 
         return check
 
-    def _output(self, prompt: list[int], done: Finished, template: list[int], mode: str, termination: str,
-                num_paths: int) -> GenerationOutput:
+    def _output(self, prompt: list[int], done: Finished, template: list[int], opts: EngineOptions) -> GenerationOutput:
         decode = self.tokenizer.decode
+        mode, termination = opts.mode, opts.termination
         paths, finished = done.path_ids, done.path_finished
         if mode != "parathinker":  # plain samples: the EOS that ended a sample is not text
             texts = [decode(p[:-1] if f and p and p[-1] in self.eos_ids else p) for p, f in zip(paths, finished)]
@@ -399,7 +378,7 @@ class ParaThinkerEngine:
             summary_text=summary_text,
             transcript="".join(texts) + summary_text,
             stats={
-                "num_paths": num_paths,
+                "num_paths": opts.num_paths,
                 "think_tokens": think_tokens,
                 "summary_tokens": len(summary_ids),
                 "gen_tokens": think_tokens + len(summary_ids),

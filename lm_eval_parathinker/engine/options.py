@@ -1,11 +1,14 @@
 """The engine's options: one definition for ``ParaThinkerEngine.generate`` keywords and for the
-model args of ``lm_eval --model parathinker``.
+model args of ``lm_eval --model parathinker``, and their only validator.
 
 :class:`EngineOptions` lists every option that shapes how a request is decoded and is fixed for a
-model (the lm-eval model takes each as a model arg of the same name; the generation budget, the
-sampling settings and the stop strings come per request, from lm-eval's gen_kwargs). Its fields
-are validated on construction, and :meth:`EngineOptions.parse` builds one from model-arg strings
-(``num_paths=8``, ``thought_embedding=false``), converting by each field's type.
+model (the lm-eval model takes each as a model arg of the same name, except ``mode``, which its
+``method`` sets; the generation budget, the sampling settings and the stop strings come per
+request, from lm-eval's gen_kwargs). Its fields are validated on construction, and
+:meth:`EngineOptions.parse` builds one from model-arg strings (``num_paths=8``,
+``thought_embedding=false``), converting by each field's type. :meth:`EngineOptions.resolve`
+turns ``compat`` into its layout (a :class:`protocol.Compat`, ``auto`` read from a tokenizer) once,
+checking what the layout cannot run; the resolved options then travel down to the kernels.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from typing import Any
 from .. import protocol
 from .attention import KERNELS
 
+MODES = ("parathinker", "independent", "sequential")
 TERMINATIONS = ("first", "half", "last")
+DEFAULT_NUM_PATHS = 8
 SUMMARY_KV = ("reuse", "reprefill")
 POSITIONS = ("aligned", "flattened")
 
@@ -28,15 +33,16 @@ def _choices(*values: str) -> dict:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How the engine decodes (see the README, "Model args", for each option's meaning)."""
+    """How the engine decodes (see docs/model-args.md for each option's meaning)."""
 
-    num_paths: int = 8  # paths per request (plain samples in the baselines)
+    mode: str = field(default="parathinker", metadata={"choices": MODES, "model_arg": False})
+    num_paths: int | None = None  # paths per request (plain samples for independent); None: 8 (1 for sequential)
     termination: str = field(default="first", metadata=_choices(*TERMINATIONS))
     summary_max_tokens: int = 128
     summary_kv: str = field(default="reuse", metadata=_choices(*SUMMARY_KV))
     thought_embedding: bool = True
     positions: str = field(default="aligned", metadata=_choices(*POSITIONS))
-    compat: str = field(default="auto", metadata=_choices(*protocol.COMPAT_CHOICES))
+    compat: str | protocol.Compat = field(default="auto", metadata=_choices(*protocol.COMPAT_CHOICES))
     attention: str = field(default="auto", metadata=_choices(*KERNELS))  # decode-step kernel over the KV pages
     block_size: int | None = None  # tokens per KV page (None: 128 on CUDA, 64 elsewhere)
     num_blocks: int | None = None  # KV pool size in pages (None: from max_memory_percent)
@@ -50,31 +56,80 @@ class EngineOptions:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value not in choices and not isinstance(value, protocol.Compat):
                 raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
+        self._resolve_num_paths()
         for name, low in (("num_paths", 1), ("summary_max_tokens", 1), ("block_size", 1), ("num_blocks", 2)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"{name}={value} must be at least {low}")
         if self.max_memory_percent is not None and not 0 < self.max_memory_percent <= 1:
             raise ValueError(f"max_memory_percent={self.max_memory_percent} must be in (0, 1]")
+        if self.mode == "parathinker" and self.num_paths > protocol.DEFAULT_NUM_CONTROL_PATHS:
+            raise ValueError(f"num_paths={self.num_paths} is out of range for parathinker decoding: must be between 1 "
+                             f"and {protocol.DEFAULT_NUM_CONTROL_PATHS} (the <think k> control tokens)")
+        if self.compat in ("official", protocol.OFFICIAL) and self.mode != "parathinker":
+            raise ValueError(f"compat='official' applies to parathinker decoding only (method=parathinker), not "
+                             f"mode={self.mode!r}")
+
+    def _resolve_num_paths(self) -> None:
+        """The one place the default number of paths is set: one for sequential, else 8."""
+        if self.mode == "sequential":
+            if self.num_paths not in (None, 1):
+                raise ValueError(f"num_paths={self.num_paths!r} has no meaning for sequential decoding (one path); "
+                                 "omit it")
+            object.__setattr__(self, "num_paths", 1)
+        elif self.num_paths is None:
+            object.__setattr__(self, "num_paths", DEFAULT_NUM_PATHS)
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """The options' names as model args (``mode`` is not one: the lm-eval model's ``method`` sets it)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("model_arg", True))
+
+    def resolve(self, tokenizer) -> EngineOptions:
+        """These options with ``compat`` resolved to its layout (``auto``: read from ``tokenizer``;
+        the baselines decode in ``paper``), checked (:meth:`with_layout`). Resolved options are
+        returned as they are."""
+        if isinstance(self.compat, protocol.Compat):
+            return self
+        return self.with_layout(protocol.resolve_compat(self.compat, tokenizer) if self.mode == "parathinker"
+                                else protocol.PAPER)
+
+    def with_layout(self, layout: protocol.Compat) -> EngineOptions:
+        """These options decoding with ``layout``, refusing what it cannot run."""
+        if layout.pad_to_multiple_of is not None and self.positions == "flattened":
+            raise ValueError("positions=flattened has no equivalent in the released engine (compat=official): use "
+                             "compat=paper")
+        return dataclasses.replace(self, compat=layout)
+
+    @property
+    def layout(self) -> protocol.Compat:
+        """The resolved layout (see :meth:`resolve`)."""
+        if not isinstance(self.compat, protocol.Compat):
+            raise RuntimeError(f"compat={self.compat!r} is not resolved yet: call resolve(tokenizer) first")
+        return self.compat
+
+    def args(self) -> dict[str, Any]:
+        """The options as model-arg values (``compat`` by its name), as the results JSON records them."""
+        values = {name: getattr(self, name) for name in self.names()}
+        return {**values, "compat": getattr(self.compat, "name", self.compat)}
 
     @classmethod
     def parse(cls, **values: Any) -> EngineOptions:
         """From model-arg values (strings or typed), converted by field type; unknown names are
         an error."""
-        unknown = sorted(set(values) - set(cls.names()))
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {', '.join(cls.names())}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         return cls(**{name: _convert(name, value, types[name]) for name, value in values.items()})
 
     def replace(self, **changes: Any) -> EngineOptions:
-        return self.parse(**{**dataclasses.asdict(self), **changes})
+        """A copy with ``changes`` (model-arg values, converted as :meth:`parse` does); ``compat`` goes
+        back to its name, to be resolved again for the changed options."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return self.parse(**{**values, "compat": getattr(self.compat, "name", self.compat), **changes})
 
 
 def _convert(name: str, value: Any, annotation: str) -> Any:

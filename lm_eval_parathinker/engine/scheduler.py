@@ -19,9 +19,9 @@ Each slot holds one request at a time; its keys and values live in pages of a sh
 
 A step is a rectangle ``[slots, P]`` of queries (static shapes, for a compiled step and the GPU,
 where a padding query costs next to nothing) or, with ``ragged=True`` (eager CPU steps, where it
-costs as much as a real one), the flat list of the real queries only. ``static=True`` admits
-requests only when every slot is free: the fixed batches of a lockstep engine, the benchmarks'
-baseline, on the same kernels.
+costs as much as a real one), the flat list of the real queries only. :class:`StaticScheduler`
+admits requests only when every slot is free: the fixed batches of a lockstep engine, the
+benchmarks' baseline, on the same kernels. The engine takes the scheduler class as an argument.
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import protocol
 from . import sampling
-from .attention import FreshReads
+from .attention import FreshReads, Kernel
 from .kv_cache import PagedKVCache
+from .options import EngineOptions
 from .pages import PagePool, pages_for
+from .recording import LogitsRecorder
 from .step import (
     BUDGET,
     DONE,
@@ -55,6 +56,30 @@ from .step import (
     step_inputs,
     summary_segment,
 )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """What one engine call runs with, besides the step's constants (:class:`step.Plan`)."""
+
+    options: EngineOptions  # resolved (``options.layout``): positions and summary_kv are read here
+    kernel: Kernel
+    num_slots: int
+    first_tokens: list[int] | None  # parathinker: the forced <think k>; None: sampled
+    template: list[int]  # the summary template ([] without a summary)
+    compiled: Callable | None = None  # the compiled decode step (None: eager)
+    ragged: bool = False  # steps on the real tokens only (see the module docstring)
+    stops: StopChecks | None = None
+    recorder: LogitsRecorder | None = None  # ``output_logits``: files every step's logits
+
+
+@dataclass(frozen=True)
+class StopChecks:
+    """Host-side checks of the stop strings, run after each step: which paths' text ends in one
+    (plain samples), which summaries' text contains one."""
+
+    paths: Callable[[SlotState], torch.Tensor] | None = None
+    summary: Callable[[SlotState], torch.Tensor] | None = None
 
 
 @dataclass
@@ -86,8 +111,6 @@ class _Busy:
     lengths: list[int] = field(default_factory=list)  # their lengths, as last seen
     handled: int = -1  # the step count when the host last acted on the slot
     times: dict = field(default_factory=dict)
-    think_logits: list = field(default_factory=list)
-    summary_logits: list = field(default_factory=list)
 
 
 class PhaseView:
@@ -135,59 +158,45 @@ class PhaseView:
 
 
 class Scheduler:
-    """Runs a list of prompts (token ids) through ``num_slots`` slots; see the module docstring."""
+    """Runs a list of prompts (token ids) through the call's slots; see the module docstring."""
 
-    def __init__(
-        self,
-        model,
-        plan: Plan,
-        prompts: Sequence[list[int]],
-        seeds: Sequence[int],
-        *,
-        cache: PagedKVCache,
-        num_slots: int,
-        kernel: str,
-        first_tokens: list[int] | None,  # parathinker: the forced <think k>; None: sampled
-        template: list[int],
-        layout: protocol.Compat,
-        flattened: bool,
-        reprefill: bool,
-        compiled: Callable | None = None,
-        static: bool = False,
-        ragged: bool = False,
-        keep_logits: bool = False,
-        stopped: Callable | None = None,
-        summary_stopped: Callable | None = None,
-        on_finished: Callable[[Finished], None],
-        progress: bool = False,
-    ):
-        self.model, self.plan, self.prompts, self.seeds = model, plan, prompts, seeds
+    def __init__(self, model, plan: Plan, cache: PagedKVCache, config: SchedulerConfig):
+        self.model, self.plan, self.cache, self.config = model, plan, cache, config
         self.device = next(model.parameters()).device
-        slots = min(num_slots, len(prompts))
+        self.layout = config.options.layout
+        self.flattened = config.options.positions == "flattened"
+        self.reprefill = config.options.summary_kv == "reprefill"
+        self.first_tokens = None if config.first_tokens is None else torch.tensor(config.first_tokens, device=self.device)
+        self.template = torch.tensor(config.template, device=self.device)
+        self.stops = config.stops or StopChecks()
+        self.recorder = config.recorder
+
+    def _start(self, prompts: Sequence[list[int]], seeds: Sequence[int],
+               on_finished: Callable[[Finished], None]) -> None:
+        """The per-run state: slots, page lists, device state."""
+        self.prompts, self.seeds, self.on_finished = prompts, seeds, on_finished
+        plan, cache = self.plan, self.cache
+        slots = min(self.config.num_slots, len(prompts))
         P, ps = plan.num_paths, cache.page_size
-        summary_len = len(template) + plan.summary_tokens if plan.summary_rules is not None else 0
+        summary_len = self.template.numel() + plan.summary_tokens if plan.summary_rules is not None else 0
         max_pages = pages_for(max(max(map(len, prompts)), plan.budget, summary_len), ps)
-        self.cache, self.kernel = cache, kernel
         self.pool = PagePool(cache.num_pages, ps, cache.page_table(slots, P + 2, max_pages))
-        if compiled is not None:
+        if self.config.compiled is not None:
             cache.mark_static()
         self.state = SlotState.allocate(slots, plan, self.device)
-        self.first_tokens = None if first_tokens is None else torch.tensor(first_tokens, device=self.device)
-        self.template = torch.tensor(template, device=self.device)
-        self.layout, self.flattened, self.reprefill, self.compiled = layout, flattened, reprefill, compiled
-        self.static, self.ragged, self.keep_logits = static, ragged, keep_logits
-        self.stopped, self.summary_stopped, self.on_finished = stopped, summary_stopped, on_finished
         self.busy: list[_Busy | None] = [None] * slots
         self.view = PhaseView(self.device, (slots, 1 + 2 * P))
         self.steps = self.admissions = 0
         self.pressure = False  # a request was preempted: admit nothing new until one ends
         self.preempted: dict[int, int] = {}  # request -> times preempted
-        self.bar = tqdm(total=len(prompts), desc="requests", unit="req", disable=not progress, leave=False)
 
     # -- the loop ---------------------------------------------------------------------------
 
-    def run(self) -> None:
-        """Until every prompt has finished (each is handed to ``on_finished`` as it does)."""
+    def run(self, prompts: Sequence[list[int]], seeds: Sequence[int],
+            on_finished: Callable[[Finished], None]) -> None:
+        """Until every prompt has finished (each is handed to ``on_finished`` as it does); prompt i
+        samples from ``seeds[i]``."""
+        self._start(prompts, seeds, on_finished)
         waiting = deque(range(len(self.prompts)))
         P = self.plan.num_paths
         try:
@@ -210,12 +219,11 @@ class Scheduler:
         finally:  # a failed run (an error, an interrupt) leaves no page held
             for slot in range(len(self.busy)):
                 self.pool.release(slot)
-            self.bar.close()
 
     def _admit(self, waiting: deque) -> None:
         if not any(self.busy):
             self.pressure = False
-        if (self.static and any(self.busy)) or self.pressure:
+        if self.pressure:
             return
         for slot in range(len(self.busy)):
             if self.busy[slot] is not None or not waiting:
@@ -267,13 +275,15 @@ class Scheduler:
         self.busy[slot] = None
         waiting.appendleft(request)
         self.preempted[request] = self.preempted.get(request, 0) + 1
+        if self.recorder is not None:
+            self.recorder.forget(request)
         self.pool.stats.preemptions += 1
         self.pressure = True
 
     def _note_peak(self) -> None:
         """Tokens held when the most pages are held (the memory report compares the two)."""
         if self.pool.num_used < self.pool.stats.peak_pages:
-            return
+            return  # counting the tokens is host work: only at a peak
         tokens = 0
         for busy in self.busy:
             if busy is None:
@@ -283,17 +293,17 @@ class Scheduler:
                 tokens += sum(n if done else busy.t + 1 for done, n in zip(busy.done, busy.lengths))
             else:
                 tokens += sum(busy.lengths) + self.plan.template_len + busy.summary + 1
-        self.pool.stats.peak_tokens = max(self.pool.stats.peak_tokens, tokens)
+        self.pool.note_tokens(tokens)
 
     def _step(self) -> None:
         inputs = step_inputs(self.state, self.plan)
-        out = step_forward(self.model, self.cache, self.pool.table, self.state, self.plan, inputs, self.kernel,
-                           self.ragged, self.compiled)
+        out = step_forward(self.model, self.cache, self.pool.table, self.state, self.plan, inputs, self.config.kernel,
+                           self.config.ragged, self.config.compiled)
         if out is not None:  # None: every slot waits for the host
             logits, index = out
-            if self.keep_logits:
-                self._keep(logits, index)
-            advance(self.state, self.plan, logits, inputs, self.stopped, self.summary_stopped, index)
+            if self.recorder is not None:
+                self.recorder.step(logits, index, self.state, [b.request if b else None for b in self.busy])
+            advance(self.state, self.plan, logits, inputs, self.stops.paths, self.stops.summary, index)
         for busy in self.busy:
             if busy is None:
                 continue
@@ -363,9 +373,9 @@ class Scheduler:
                            page_size=self.pool.page_size)
         logits = fresh_forward(self.model, self.cache, self.template[None], self._columns(slot, segment, offsets)[None],
                                (start + offsets)[None], torch.full((1, n), protocol.SUMMARY_BLOCK, device=self.device),
-                               reads, self.plan.thought_embedding, last_only=not self.keep_logits)
-        if self.keep_logits:
-            busy.summary_logits.append(logits[0].clone())
+                               reads, self.plan.thought_embedding, last_only=self.recorder is None)
+        if self.recorder is not None:
+            self.recorder.template(busy.request, logits[0])
         rules = self.plan.summary_rules
         draw = sampling.Draw(self.state.seed[slot : slot + 1], self.state.request[slot : slot + 1],
                              torch.full((1, 1), sampling.SUMMARY_STREAM, device=self.device),
@@ -376,8 +386,8 @@ class Scheduler:
         self.state.cur[slot, 0] = token
         busy.summary, busy.lengths, busy.handled = 0, lengths, self.steps
         ended = bool(torch.isin(token, rules.enders)) or self.plan.summary_tokens <= 1
-        if not ended and self.summary_stopped is not None:
-            ended = bool(self.summary_stopped(self.state)[slot])
+        if not ended and self.stops.summary is not None:
+            ended = bool(self.stops.summary(self.state)[slot])
         if ended:
             self._harvest(slot)
 
@@ -413,28 +423,19 @@ class Scheduler:
                   "summary_s": end - thought, "latency_s": end - busy.admitted}
         done = Finished(busy.request, [row[:n] for row, n in zip(tokens, lengths)], finished, reason, summary, timing,
                         self.preempted.get(busy.request, 0))
-        if self.keep_logits:
-            per_step = torch.stack(busy.think_logits)  # [steps, P, V]
-            done.path_logits = [per_step[:n, k] for k, n in enumerate(lengths)]
-            if busy.summary_logits:
-                done.summary_logits = torch.cat(busy.summary_logits)
+        if self.recorder is not None:
+            done.path_logits, done.summary_logits = self.recorder.collect(busy.request, lengths)
         state.start(slot, request=-1, phase=IDLE)
         self.pool.release(slot)
         self.busy[slot] = None
         self.pressure = False
-        self.bar.update(1)
         self.on_finished(done)
 
-    def _keep(self, logits: torch.Tensor, index: torch.Tensor | None) -> None:
-        """``output_logits``: file each busy slot's logits under its request (reads the phases: tests only)."""
-        if index is not None:  # a ragged step: back to [S, P, V] (zeros for padding)
-            S, P = self.state.cur.shape
-            logits = logits.new_zeros(S * P, logits.shape[-1]).index_copy(0, index, logits[0]).view(S, P, -1)
-        phases = self.state.phase.tolist()
-        for slot, busy in enumerate(self.busy):
-            if busy is None:
-                continue
-            if phases[slot] == THINK:
-                busy.think_logits.append(logits[slot].clone())
-            elif phases[slot] == SUMMARY:
-                busy.summary_logits.append(logits[slot, :1].clone())
+
+class StaticScheduler(Scheduler):
+    """Admits requests only when every slot is free: the fixed batches of a lockstep engine (the
+    benchmarks' baseline for continuous batching), on the same kernels."""
+
+    def _admit(self, waiting: deque) -> None:
+        if not any(self.busy):
+            super()._admit(waiting)

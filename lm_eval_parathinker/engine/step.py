@@ -19,7 +19,7 @@ import torch
 
 from .. import protocol
 from . import sampling
-from .attention import FreshReads, compile_limits, page_reads
+from .attention import FreshReads, Kernel, compile_limits, page_reads
 from .kv_cache import PagedKVCache
 from .pages import SCRATCH_PAGE
 from .sampling import SamplingParams, TokenRules
@@ -154,7 +154,7 @@ def columns(table: torch.Tensor, slot: torch.Tensor, segment: torch.Tensor, offs
 
 def decode_forward(model, cache: PagedKVCache, table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor,
                    tokens, positions, blocks, offsets, real, num_paths: int, thought_embedding: bool,
-                   kernel: str, static_batch: bool) -> torch.Tensor:
+                   kernel: Kernel, static_batch: bool) -> torch.Tensor:
     """One decode forward of ``tokens`` ([B0, Q]; query i of row r belongs to slot ``slot[r, i]``)
     with paged reads: the function ``torch.compile`` compiles. ``static_batch``: the step is a
     rectangle, whose number of queries is the same at every step."""
@@ -182,7 +182,7 @@ def fresh_forward(model, cache: PagedKVCache, tokens: torch.Tensor, columns: tor
 
 
 def step_forward(model, cache: PagedKVCache, table: torch.Tensor, state: SlotState, plan: Plan, inputs: StepInputs,
-                 kernel: str, ragged: bool, compiled: Callable | None = None
+                 kernel: Kernel, ragged: bool, compiled: Callable | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """A step's forward: the rectangle of every slot's P queries (static shapes: compiled steps,
     GPUs), or with ``ragged`` its real tokens only (``[1, N]``: eager CPU steps, where a padding

@@ -38,8 +38,7 @@ import yaml
 
 from .. import protocol
 from ..engine import EngineOptions
-from ..engine.options import as_bool
-from ..model import ParaThinkerOptions
+from ..harness.options import ENGINE_MODE, RunOptions
 
 KINDS = ("scaling", "width", "ablations")
 #: run settings that the top level sets for every point and a sweep may override
@@ -53,7 +52,7 @@ RUN_KEYS = frozenset({"label", "checkpoint", "max_gen_toks", *RUN_ARGS})
 #: model args the experiment sets itself
 MANAGED_ARGS = ("journal_dir",)
 #: the model args that ParaThinkerLM.configure switches; the others need the checkpoint loaded again
-SWITCHABLE = frozenset({"method", "compile", "resume", *MANAGED_ARGS, *EngineOptions.names()})
+SWITCHABLE = frozenset(RunOptions.names())
 DEFAULTS = {"tasks": None, "limit": None, "metadata": None, "batch_size": 1, "device": None, "seed": None,
             "apply_chat_template": False}
 #: the short names of the axes in point names and labels
@@ -92,7 +91,7 @@ class Point:
 
     @property
     def num_paths(self) -> int:
-        return 1 if self.method == "sequential" else int(self.model_args.get("num_paths", EngineOptions.num_paths))
+        return EngineOptions.parse(mode=ENGINE_MODE[self.method], num_paths=self.model_args.get("num_paths")).num_paths
 
     @property
     def max_gen_toks(self) -> int:
@@ -114,22 +113,28 @@ class Point:
         values = [f"{SHORT.get(k, k)}={v}" for k, v in self.axes.items() if (k, v) != ("method", self.label)]
         return " ".join([self.label, *values])
 
+    def lm_eval_settings(self, output_path: Path | None = None) -> dict[str, Any]:
+        """The run of this point alone as lm-eval's settings (the keys of ``lm_eval run --config``),
+        valued as lm-eval's command line gives them; ``output_path``: its folder."""
+        settings = {"model": "parathinker", "model_args": _args_string(self.model_args), "tasks": ",".join(self.tasks),
+                    "gen_kwargs": _args_string(self.gen_kwargs), "batch_size": str(self.batch_size),
+                    "device": self.device, "limit": None if self.limit is None else float(self.limit),
+                    "metadata": self.metadata or None, "seed": self.seed,
+                    "apply_chat_template": self.apply_chat_template or None, "log_samples": True,
+                    "output_path": str(output_path or self.output_dir)}
+        return {key: value for key, value in settings.items() if value is not None}
+
     def lm_eval_args(self, output_path: Path | None = None) -> list[str]:
-        """The arguments of ``lm_eval`` that run this point alone (``--output_path``: its folder)."""
-        args = ["--model", "parathinker", "--model_args", _args_string(self.model_args),
-                "--tasks", ",".join(self.tasks), "--gen_kwargs", _args_string(self.gen_kwargs),
-                "--batch_size", str(self.batch_size)]
-        if self.device is not None:
-            args += ["--device", self.device]
-        if self.limit is not None:
-            args += ["--limit", str(self.limit)]
-        if self.metadata:
-            args += ["--metadata", json.dumps(self.metadata, sort_keys=True)]
-        if self.seed is not None:
-            args += ["--seed", ",".join(map(str, self.seed)) if isinstance(self.seed, list) else str(self.seed)]
-        if self.apply_chat_template:
-            args += ["--apply_chat_template"]
-        return args + ["--log_samples", "--output_path", str(output_path or self.output_dir)]
+        """The same run as the arguments of ``lm_eval``."""
+        args: list[str] = []
+        for key, value in self.lm_eval_settings(output_path).items():
+            if value is True:
+                args.append(f"--{key}")
+            elif isinstance(value, dict):
+                args += [f"--{key}", json.dumps(value, sort_keys=True)]
+            else:
+                args += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+        return args
 
 
 @dataclass(frozen=True)
@@ -256,25 +261,20 @@ def _check_value(key: str, value: Any, entry: tuple, where: _Where) -> None:
                                  "list, a mapping or a comma")
 
 
-def _check_point(point: Point, where_run: str, layout_of) -> None:
-    """The point's ParaThinker args and budget, as the model checks them (``layout_of(options)``:
-    the resolved layout, or None when it needs the tokenizer)."""
-    args = switchable(point.model_args)
-    engine_args = {k: v for k, v in args.items() if k in EngineOptions.names()}
+def _check_point(point: Point, where_run: str, tokenizer=None) -> None:
+    """The point's ParaThinker args and budget, as the model checks them: with its checkpoint's
+    ``tokenizer``, in the resolved layout; without, in the layout it names (``auto``: not yet)."""
     try:
-        options = ParaThinkerOptions.parse(args.get("method", "parathinker"), args.get("compile", False), **engine_args)
-        as_bool("resume", args.get("resume", True))
-        layout = layout_of(options)
-        if layout is not None:
-            options.check_layout(layout)
-        options.check_budget(point.max_gen_toks, layout)
+        options = RunOptions.parse(**switchable(point.model_args))
+        engine = options.engine
+        if tokenizer is not None:
+            engine = engine.resolve(tokenizer)
+        elif options.method == "parathinker" and engine.compat in protocol.LAYOUTS:
+            engine = engine.with_layout(protocol.LAYOUTS[engine.compat])
+        if isinstance(engine.compat, protocol.Compat):
+            engine.layout.check_budget(point.max_gen_toks, "max_gen_toks")
     except ValueError as e:
         raise ConfigError(f"{where_run} ({point.title}): {e}") from None
-
-
-def _explicit_layout(options: ParaThinkerOptions) -> protocol.Compat | None:
-    """The layout a point names (``compat=paper|official``); None for ``auto`` and the baselines."""
-    return protocol.LAYOUTS.get(options.engine.compat) if options.method == "parathinker" else None
 
 
 @functools.lru_cache(maxsize=2)
@@ -407,13 +407,13 @@ def _point(sweep: str, kind: str, index: int, values: dict, axes: dict, default_
         apply_chat_template=settings["apply_chat_template"],
         entry=where(run_entry), output_dir=out,
     )
-    _check_point(point, point.entry, _explicit_layout)
+    _check_point(point, point.entry)
     return dataclasses.replace(point, output_dir=out / "points" / sweep / point.name)
 
 
 def check_point_layout(point: Point, tokenizer) -> None:
     """Check a point again with its checkpoint's tokenizer at hand (``compat=auto`` resolved)."""
-    _check_point(point, point.entry, lambda options: options.layout(tokenizer))
+    _check_point(point, point.entry, tokenizer)
 
 
 __all__ = ["ConfigError", "Experiment", "KINDS", "Point", "check_point_layout", "load", "switchable"]

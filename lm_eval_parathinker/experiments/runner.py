@@ -1,8 +1,9 @@
 """Run an experiment's points through lm-eval's Python API, one ``ParaThinkerLM`` per checkpoint.
 
-Each point is the ``lm_eval`` command of :meth:`config.Point.lm_eval_args`, run in this process:
-lm-eval's own CLI parser and :class:`EvaluatorConfig` turn those arguments into the run's settings,
-``simple_evaluate`` runs it on the checkpoint's shared model (switched to the point's args with
+Each point is the ``lm_eval`` run of :meth:`config.Point.lm_eval_settings`, run in this process:
+lm-eval's :meth:`EvaluatorConfig.from_config` (what ``lm_eval run --config`` reads) turns them into the
+run's settings, ``simple_evaluate`` runs it (as lm-eval's CLI calls it: :func:`evaluate_like_the_cli`)
+on the checkpoint's shared model (switched to the point's args with
 :meth:`ParaThinkerLM.configure`, so the weights load once per checkpoint and the engine, with its
 compiled step and KV pool, is kept), and lm-eval's ``EvaluationTracker`` writes its results JSON and
 samples as the CLI does.
@@ -19,36 +20,38 @@ import os
 import random
 import shlex
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from .. import protocol
+from ..checkpoint import adapter_tokenizer
 from ..embedded import resolve_pretrained
-from ..model import ParaThinkerLM, adapter_tokenizer
+from ..engine import EngineOptions
+from ..harness.model import ParaThinkerLM
 from ..scoring import judge
 from .config import ConfigError, Experiment, Point, check_point_layout, switchable
 
 PARTIAL = ".partial"
 
 
-def cli_config(point: Point, output_path: Path | None = None):
-    """The point's settings as ``lm_eval`` builds them from its command line (lm-eval's
+def evaluator_config(point: Point, output_path: Path | None = None):
+    """The point's settings as lm-eval builds them from a ``--config`` file (lm-eval's
     ``EvaluatorConfig``: typed model args, gen_kwargs, seeds, metadata merged with the model args)."""
-    from lm_eval._cli.harness import HarnessCLI
     from lm_eval.config.evaluate_config import EvaluatorConfig
 
-    try:
-        # the parser of `lm_eval run` (HarnessCLI.parse_args reads sys.argv)
-        namespace = HarnessCLI()._parser.parse_args(["run", *point.lm_eval_args(output_path)])
-        return EvaluatorConfig.from_cli(namespace)
-    except SystemExit:  # argparse has printed why
-        raise ConfigError(f"{point.entry}: lm_eval refuses these arguments (see above)") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{point.entry}: {e}") from None
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "point.yaml"
+        path.write_text(yaml.safe_dump(point.lm_eval_settings(output_path)), encoding="utf-8")
+        try:
+            return EvaluatorConfig.from_config(path)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{point.entry}: lm_eval refuses these settings: {e}") from None
 
 
 def is_done(point: Point) -> bool:
@@ -71,7 +74,7 @@ def check(experiment: Experiment, tokenizers: bool = True) -> None:
     and (``tokenizers``) each ``parathinker`` point's layout with its checkpoint's tokenizer
     (``compat=auto`` resolved, ``compat=official`` needs the released tokenizer's tokens)."""
     for point in experiment.points:
-        cli_config(point)
+        evaluator_config(point)
     if not tokenizers:
         return
     for name, args in experiment.checkpoints.items():
@@ -101,7 +104,7 @@ def load_model(points: list[Point]) -> ParaThinkerLM:
     from lm_eval.api.registry import get_model
 
     first = next((p for p in points if p.method == "parathinker"), points[0])
-    cfg = cli_config(first)
+    cfg = evaluator_config(first)
     _seed_like_simple_evaluate(cfg.seed)
     extra = {"batch_size": cfg.batch_size, "device": cfg.device}  # as simple_evaluate builds a model
     return get_model(cfg.model).create_from_arg_obj(cfg.model_args, extra)
@@ -113,11 +116,10 @@ def warm_up(lm: ParaThinkerLM) -> None:
     ``compile=true``, the math-verify worker process) is timed in no point's ``think_s`` or
     ``latency_s``. The tokens of a request depend on its own seed only: no point changes."""
     engine, options = lm.engine, lm.options
-    engine.generate([lm.tok_encode("warm up")], options.engine.replace(compat="paper"), mode="sequential",
-                    max_new_tokens=2)
+    engine.generate([lm.tok_encode("warm up")], EngineOptions(mode="sequential"), max_new_tokens=2)
     if options.method == "parathinker":  # built with a parathinker point's args (see load_model)
-        engine.generate([protocol.build_prompt("warm up", lm.tokenizer)], options.engine.replace(compat=lm.compat.name),
-                        mode="parathinker", max_new_tokens=lm.compat.pad_to_multiple_of or 2)
+        engine.generate([protocol.build_prompt("warm up", lm.tokenizer)], options.engine,
+                        max_new_tokens=lm.compat.pad_to_multiple_of or 2)
     judge("1", "2")
 
 
@@ -140,29 +142,42 @@ def _task_manager(cfg):
 
 def run_point(lm: ParaThinkerLM, point: Point) -> dict:
     """Run one point on the shared model; returns its results (as saved)."""
+    partial = point.output_dir.with_name(point.output_dir.name + PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
+    cfg = evaluator_config(point, partial)
+    lm.configure(**switchable(cfg.model_args), batch_size=cfg.batch_size)
+
+    results = evaluate_like_the_cli(lm, cfg)
+    os.replace(partial, point.output_dir)
+    return results
+
+
+def evaluate_like_the_cli(lm: ParaThinkerLM, cfg) -> dict:
+    """Run ``cfg`` on the shared model and save its results and samples, as lm-eval's CLI does.
+
+    lm-eval has no public function that runs a config on a given model object, so this mirrors
+    its CLI (``lm_eval/_cli/run.py``, ``Run._execute``): the one place that follows lm-eval's private
+    code, and tests/test_experiments.py fails when that call's keywords change."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 
-    partial = point.output_dir.with_name(point.output_dir.name + PARTIAL)
-    shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
-    cfg = cli_config(point, partial)
-    lm.configure(**switchable(cfg.model_args), batch_size=cfg.batch_size)
-
-    # from here on as lm-eval's CLI (lm_eval/_cli/run.py, Run._execute), with the shared model
     cfg.hf_hub_log_args["output_path"] = cfg.output_path
     if os.environ.get("HF_TOKEN"):
         cfg.hf_hub_log_args["token"] = os.environ["HF_TOKEN"]
     tracker = EvaluationTracker(**cfg.hf_hub_log_args)
-    task_manager = _task_manager(cfg)
     results = simple_evaluate(
         model=lm, model_args=cfg.model_args, tasks=_tasks(cfg), num_fewshot=cfg.num_fewshot,
         batch_size=cfg.batch_size, max_batch_size=cfg.max_batch_size, device=cfg.device, use_cache=cfg.use_cache,
+        cache_requests=cfg.cache_requests.get("cache_requests", False),
+        rewrite_requests_cache=cfg.cache_requests.get("rewrite_requests_cache", False),
+        delete_requests_cache=cfg.cache_requests.get("delete_requests_cache", False),
         limit=cfg.limit, samples=cfg.samples, check_integrity=cfg.check_integrity, write_out=cfg.write_out,
         log_samples=cfg.log_samples, evaluation_tracker=tracker, system_instruction=cfg.system_instruction,
         apply_chat_template=cfg.apply_chat_template, fewshot_as_multiturn=cfg.fewshot_as_multiturn,
-        gen_kwargs=cfg.gen_kwargs, task_manager=task_manager, predict_only=cfg.predict_only,
-        random_seed=cfg.seed[0], numpy_random_seed=cfg.seed[1], torch_random_seed=cfg.seed[2],
-        fewshot_random_seed=cfg.seed[3], confirm_run_unsafe_code=cfg.confirm_run_unsafe_code, metadata=cfg.metadata,
+        gen_kwargs=cfg.gen_kwargs, task_manager=_task_manager(cfg), verbosity=cfg.verbosity,
+        predict_only=cfg.predict_only, random_seed=cfg.seed[0], numpy_random_seed=cfg.seed[1],
+        torch_random_seed=cfg.seed[2], fewshot_random_seed=cfg.seed[3],
+        confirm_run_unsafe_code=cfg.confirm_run_unsafe_code, metadata=cfg.metadata,
     )  # fmt: skip
     # What the CLI records: the model by its registry name (simple_evaluate names a model object by
     # its checkpoint), and that name as the tracker's model source.
@@ -172,7 +187,6 @@ def run_point(lm: ParaThinkerLM, point: Point) -> dict:
     tracker.save_results_aggregated(results=results, samples=samples)
     for task_name in results["configs"]:
         tracker.save_results_samples(task_name=task_name, samples=samples[task_name])
-    os.replace(partial, point.output_dir)
     return results
 
 
@@ -239,4 +253,5 @@ def describe(experiment: Experiment) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["check", "cli_config", "describe", "is_done", "load_model", "run", "run_point", "warm_up"]
+__all__ = ["check", "evaluator_config", "describe", "evaluate_like_the_cli", "is_done", "load_model", "run", "run_point",
+           "warm_up"]

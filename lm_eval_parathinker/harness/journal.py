@@ -28,8 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .embedded import cache_root
-from .files import atomic_write
+from ..embedded import cache_root
+from ..files import atomic_write
 
 logger = logging.getLogger(__name__)
 

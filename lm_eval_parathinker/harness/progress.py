@@ -15,7 +15,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from .scoring import extract_answer, judge
+from ..scoring import extract_answer, judge
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,86 @@
+"""The model args of ``lm_eval --model parathinker``, defined and checked here, once.
+
+A run's model args are the fields of :class:`RunOptions` (``method``, ``compile``, ``journal_dir``,
+``resume``) and those of :class:`~lm_eval_parathinker.engine.EngineOptions` (``num_paths``,
+``termination``, ..., each checked there), plus ``batch_size`` (:func:`slots`). Every other model
+arg is HFLM's. :meth:`RunOptions.pop` takes ours out of what lm-eval hands over and validates all
+of them before anything loads. See docs/model-args.md for each one's meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..engine import EngineOptions
+from ..engine.options import as_bool
+from . import journal
+
+METHODS = ("parathinker", "sequential", "majority")
+#: how the engine decodes each method (majority: independent samples, voted on by the harness)
+ENGINE_MODE = {"parathinker": "parathinker", "sequential": "sequential", "majority": "independent"}
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """A run's options: the method and the engine's options, checked (see the module docstring)."""
+
+    method: str = "parathinker"
+    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
+    journal_dir: Path = field(default_factory=lambda: journal.default_dir().absolute())  # the response journal
+    resume: bool = True  # reuse the journal's responses (and journal new ones)
+    engine: EngineOptions = field(default_factory=EngineOptions)
+
+    #: the model args of this class (the engine's are EngineOptions.names())
+    OWN_ARGS = ("method", "compile", "journal_dir", "resume")
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every model arg these options take."""
+        return (*cls.OWN_ARGS, *EngineOptions.names())
+
+    @classmethod
+    def parse(cls, method: str = "parathinker", compile: Any = False, journal_dir: str | Path | None = None,
+              resume: Any = True, **engine_args: Any) -> RunOptions:
+        """From model-arg values (strings or typed)."""
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
+        return cls(
+            method=method,
+            compile=as_bool("compile", compile),
+            journal_dir=(Path(journal_dir).expanduser() if journal_dir else journal.default_dir()).absolute(),
+            resume=as_bool("resume", resume),
+            engine=EngineOptions.parse(mode=ENGINE_MODE[method], **engine_args),
+        )
+
+    def check_journal(self) -> None:
+        """Prove the journal folder writable (with ``resume``): before any weights load."""
+        if self.resume:
+            journal.check_writable(self.journal_dir)
+
+    @classmethod
+    def pop(cls, model_args: dict[str, Any]) -> RunOptions:
+        """Take these options' model args out of ``model_args`` (what remains is HFLM's)."""
+        return cls.parse(**{name: model_args.pop(name) for name in cls.names() if name in model_args})
+
+    def resolve(self, tokenizer) -> RunOptions:
+        """With the engine's layout resolved (``compat=auto`` read from ``tokenizer``), checked."""
+        return RunOptions(self.method, self.compile, self.journal_dir, self.resume, self.engine.resolve(tokenizer))
+
+    def info(self) -> dict:
+        """Flat, as the results JSON records them."""
+        return {"method": self.method, "compile": self.compile, **self.engine.args()}
+
+
+def slots(batch_size: Any) -> int:
+    """``batch_size`` as the engine's number of slots (a number of prompts)."""
+    if str(batch_size).startswith("auto"):
+        raise ValueError("batch_size=auto is not supported by --model parathinker: pass a number of prompts")
+    try:
+        count = int(batch_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"batch_size={batch_size!r} is not a number of prompts") from None
+    if count < 1:
+        raise ValueError(f"batch_size={count} must be at least 1")
+    return count
