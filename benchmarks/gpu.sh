@@ -33,7 +33,7 @@ import importlib
 import sys
 
 missing = []
-for name in ("torch", "transformers", "lm_eval", "lm_eval_parathinker.engine", "lm_eval_parathinker.model",
+for name in ("torch", "transformers", "lm_eval", "lm_eval_parathinker.engine", "lm_eval_parathinker.harness.model",
              "benchmarks.engine"):
     try:
         importlib.import_module(name)

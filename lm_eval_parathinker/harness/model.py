@@ -33,13 +33,12 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .. import embedded, protocol
-from ..checkpoint import ParaThinkerParts, adapter_tokenizer, add_parathinker_parts, check_checkpoint_arg, \
-    has_control_tokens
+from ..checkpoint import ParaThinkerParts, adapter_tokenizer, add_parathinker_parts, has_control_tokens
 from ..engine import ParaThinkerEngine
 from ..thought_embedding import local_dir, quiet_unexpected_tables, thought_embedding_tables
 from . import journal
 from .generator import Generator, ParaThinkerResponse
-from .options import RunOptions, slots
+from .options import RunOptions, check_hflm_args, slots
 from .progress import LiveProgress
 from .requests import RequestRunner
 
@@ -61,13 +60,7 @@ class ParaThinkerLM(HFLM):
         # Every model arg is validated before any loading; HFLM forwards unknown kwargs to from_pretrained.
         self.options = RunOptions.pop(kwargs)
         self.options.check_journal()
-        slots(kwargs.get("batch_size", 1))
-        if isinstance(kwargs.get("think_end_token"), int) or str(kwargs.get("think_end_token", "")).isdigit():
-            raise ValueError("think_end_token must be given as a string (not a token id) for --model parathinker")
-        if not isinstance(pretrained, str) and pretrained is not None:
-            raise ValueError("pretrained must be a checkpoint path, a hub id or 'embedded'")
-        check_checkpoint_arg("pretrained", pretrained if not embedded.is_embedded(pretrained) else None)
-        check_checkpoint_arg("peft", kwargs.get("peft"))
+        check_hflm_args(pretrained, kwargs)
         self._peft_arg = kwargs.get("peft")
         self._output_args = {k: v for k, v in kwargs.items() if k not in _NOT_OUTPUT_ARGS}
         self.parts = ParaThinkerParts([], [], None)

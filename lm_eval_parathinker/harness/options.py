@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import embedded
+from ..checkpoint import check_checkpoint_arg
 from ..engine import EngineOptions
 from ..engine.options import as_bool
 from . import journal
@@ -84,3 +86,16 @@ def slots(batch_size: Any) -> int:
     if count < 1:
         raise ValueError(f"batch_size={count} must be at least 1")
     return count
+
+
+def check_hflm_args(pretrained: Any, hflm_args: dict[str, Any]) -> None:
+    """The HFLM args this model reads or restricts, checked before anything loads: ``pretrained`` and
+    ``peft`` (a local path must exist), ``batch_size`` (:func:`slots`), ``think_end_token`` (text)."""
+    slots(hflm_args.get("batch_size", 1))
+    think_end = hflm_args.get("think_end_token")
+    if isinstance(think_end, int) or str(think_end or "").isdigit():
+        raise ValueError("think_end_token must be given as a string (not a token id) for --model parathinker")
+    if not isinstance(pretrained, str) and pretrained is not None:
+        raise ValueError("pretrained must be a checkpoint path, a hub id or 'embedded'")
+    check_checkpoint_arg("pretrained", pretrained if not embedded.is_embedded(pretrained) else None)
+    check_checkpoint_arg("peft", hflm_args.get("peft"))
