@@ -128,3 +128,23 @@ def test_repeats_for_halfwidth_reaches_the_halfwidth():
     assert stats.repeats_for_halfwidth(a30, b30, 16, 16, 0.02) == math.inf
     with pytest.raises(ValueError, match="at least 2 repeats"):
         stats.repeats_for_halfwidth(a30, b30, 1, 16, 0.02)
+
+
+def test_process_results_curves_use_the_judge():
+    """The tasks' per-problem curves: pass@k from the count correct, maj@k as the majority of every
+    k-subset of the answers, each subset voted on afresh by ``majority_answer`` (the judge's groups)."""
+    from lm_eval_parathinker.scoring import extract_answer, majority_answer, process_results
+    from lm_eval_parathinker.scoring.worker import judge
+
+    resps = [r"\boxed{25}", r"\boxed{7}", r"\boxed{7.0}", "I give up", r"\boxed{025}"]
+    m = process_results({"answer": "025"}, [resps])
+    assert (m["pass_at_1"], m["pass_at_2"], m["pass_at_4"]) == pytest.approx((2 / 5, 1 - 3 / 10, 1.0))
+    assert "pass_at_8" not in m and "maj_at_8" not in m  # k only up to n = 5
+    answers = [extract_answer(r) for r in resps]
+    for k in (1, 2, 4):
+        votes = []
+        for subset in itertools.combinations(answers, k):
+            winner = majority_answer(list(subset))
+            votes.append(winner is not None and judge(subset[winner], "025")[0])
+        assert m[f"maj_at_{k}"] == pytest.approx(np.mean(votes)), k
+    assert m["maj_at_1"] == m["pass_at_1"]
