@@ -25,6 +25,8 @@ import numpy as np
 RESAMPLES = 10_000
 SEED = 0
 LEVEL = 0.95
+#: how every interval of the package is made, in words (printed beside the intervals)
+METHOD = f"95% percentile bootstrap over problems, {RESAMPLES} resamples, seed {SEED}"
 #: maj@k enumerates the k-subsets up to this many; beyond, it averages this many random k-subsets
 MAX_SUBSETS = 20_000
 #: z of a two-sided 95% normal interval (the repeats estimate is a normal approximation)
@@ -166,6 +168,6 @@ def repeats_for_halfwidth(accuracies_a: Sequence[float], accuracies_b: Sequence[
     return max(1.0, float(math.ceil((within_a + within_b) / room)))
 
 
-__all__ = ["Interval", "LEVEL", "MAX_SUBSETS", "PairedComparison", "RESAMPLES", "SEED", "bootstrap_interval",
+__all__ = ["Interval", "LEVEL", "MAX_SUBSETS", "METHOD", "PairedComparison", "RESAMPLES", "SEED", "bootstrap_interval",
            "compare_paired", "maj_at_k", "pass_at_k", "repeats_for_halfwidth", "sign_flip_pvalue",
            "within_variance"]
