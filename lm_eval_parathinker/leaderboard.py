@@ -429,9 +429,20 @@ def _ids(ids: list[int], shown: int = 8) -> str:
     return ", ".join(map(str, ids[:shown])) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
+class Refused(ValueError):
+    """Two runs that must not be compared, and why."""
+
+
 def compare_pair(a: RunScores, b: RunScores, halfwidth: float = DEFAULT_HALFWIDTH) -> dict[str, Any]:
-    """The comparison row of run ``a`` minus run ``b`` on their task (same problems; see
-    ``problem_set_difference``)."""
+    """The comparison row of run ``a`` minus run ``b`` on their task; ``Refused`` unless both logged
+    their samples of the same problems."""
+    pair = f"{a.task}: {a.label} vs {b.label}"
+    if missing := [r.label for r in (a, b) if r.scores is None]:
+        raise Refused(f"{pair}: no samples file for {' and '.join(missing)}; its comparisons need --log_samples")
+    if missing := [r.label for r in (a, b) if not r.scores]:
+        raise Refused(f"{pair}: no per-problem {COMPARED_METRIC} in the samples of {' and '.join(missing)}")
+    if (why := problem_set_difference(a, b)) is not None:
+        raise Refused(f"{pair}: refused, the problem sets differ: {why}")
     problems = sorted(a.scores)
     xs, ys = [a.scores[p] for p in problems], [b.scores[p] for p in problems]
     result = stats.compare_paired(xs, ys)
@@ -461,14 +472,10 @@ def compare_runs(root: str | os.PathLike, halfwidth: float = DEFAULT_HALFWIDTH) 
     rows, refusals = [], []
     for task in task_sort(by_task):
         for a, b in combinations(sorted(by_task[task], key=lambda r: r.label), 2):
-            missing = [r.label for r in (a, b) if r.scores is None]
-            if missing:
-                refusals.append(f"{task}: {a.label} vs {b.label}: no samples file for {' and '.join(missing)}; "
-                                "its comparisons need --log_samples")
-            elif (why := problem_set_difference(a, b)) is not None:
-                refusals.append(f"{task}: {a.label} vs {b.label}: refused, the problem sets differ: {why}")
-            else:
+            try:
                 rows.append(compare_pair(a, b, halfwidth))
+            except Refused as e:
+                refusals.append(str(e))
     return rows, refusals
 
 
