@@ -321,6 +321,16 @@ def _bar_text(value: float | None, cost: bool) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.1f}"
 
 
+def save_png(fig, path: str | os.PathLike) -> None:
+    """Write a matplotlib figure as a PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
 def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN_METRIC,
          label: Callable[[dict[str, Any]], str] = _run_label, sort: bool = True, title: str | None = None) -> None:
     """Accuracy and its cost side by side, one horizontal bar per run and task in each panel
@@ -364,10 +374,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN
         axes[0].legend(fontsize=7)
     fig.suptitle(title or f"accuracy and cost per run ({', '.join(tasks)})", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
 
 
 # ----------------------------------------------------------------------------------- comparisons
@@ -506,21 +513,19 @@ def plot_comparisons(rows: list[dict], path: str | os.PathLike, title: str | Non
     ax.errorbar(diffs, ys, xerr=errors, fmt="o", capsize=4)
     for y, r in zip(ys, rows):
         ax.annotate(f"{r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}], p = {r['p_value']:.2f}, "
-                    f"{r['problems']} problems", (r["ci_high"], y), textcoords="offset points", xytext=(6, -3),
-                    fontsize=7)
+                    f"{r['problems']} problems", (r["difference"], y), textcoords="offset points", xytext=(0, 7),
+                    ha="center", fontsize=7)
     ax.axvline(0, color="grey", lw=1)
     ax.set_yticks(list(ys))
     ax.set_yticklabels([f"{r['task']}: {r['run_a']}\n  minus {r['run_b']}" for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.margins(x=0.6)
+    ax.set_ylim(len(rows) - 0.5, -0.8)  # top to bottom, room for the text above the first row
+    span = 1.3 * max([0.05] + [abs(r[end]) for r in rows for end in ("ci_low", "ci_high")])
+    ax.set_xlim(-span, span)  # 0 in the middle
     ax.set_xlabel(f"difference in {COMPARED_METRIC} (A - B; per problem the mean of its samples)")
     ax.grid(alpha=0.3, axis="x")
     ax.set_title(title or f"paired differences with 95% intervals ({stats.METHOD})", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def write_comparisons(root: str | os.PathLike, csv_path: Path, png_path: Path,

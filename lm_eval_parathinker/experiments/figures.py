@@ -22,7 +22,6 @@ When every point scores 0 (a small model), the pictures say so: their curves the
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import sys
@@ -95,15 +94,6 @@ def _lines(points: list[Point], rows: dict[int, list[dict]], along: Callable[[Po
 def _all_zero(rows: list[dict]) -> bool:
     values = [as_number(r.get("pass_at_1")) for r in rows]
     return bool(values) and all(v == 0 for v in values)
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
 
 
 def _draw_lines(ax, lines: dict, task: str, x_metric: str | None, y_metric: str, along: Callable[[Point], str],
@@ -199,7 +189,7 @@ def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]]
     note = f"\n({ZERO_NOTE})" if _all_zero(flat) else ""
     fig.suptitle(curves.title + note, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    leaderboard.save_png(fig, path)
 
 
 def _cell(row: dict | None, kind: str) -> str:
