@@ -399,17 +399,18 @@ class RunScores:
 
 
 def run_scores(path: Path, root: Path, metric: str = COMPARED_METRIC) -> list[RunScores]:
-    """The per-problem ``metric`` of each task of one results file (its groups have no samples)."""
+    """The per-problem ``metric`` of each task of one results file (the tasks of ``configs``: a
+    group has no samples of its own)."""
     data = json.loads(path.read_text(encoding="utf-8"))
     rows = rows_from_results(data, str(path))
     if not rows:
         return []
     label = f"{_run_label(rows[0])} ({path.parent.relative_to(root) if path.is_relative_to(root) else path.parent})"
     out = []
-    for task in data["results"]:
+    for task, config in (data.get("configs") or {}).items():
         samples = samples_path(path, task)
         per_metric = read_samples(samples) if samples.is_file() else None
-        repeats = as_number((data.get("configs") or {}).get(task, {}).get("repeats"))
+        repeats = as_number(config.get("repeats"))
         scores = None if per_metric is None else next(
             (v for key, v in per_metric.items() if key.split(",")[0] == metric), {})
         out.append(RunScores(label, task, path, None if repeats is None else int(repeats),
