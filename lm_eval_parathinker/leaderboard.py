@@ -392,7 +392,7 @@ class RunScores:
 
     label: str
     task: str
-    results: Path
+    results: Path  # the results file, relative to the folder compared
     repeats: int | None
     limit: Any
     scores: dict[ProblemKey, float] | None
@@ -405,7 +405,8 @@ def run_scores(path: Path, root: Path, metric: str = COMPARED_METRIC) -> list[Ru
     rows = rows_from_results(data, str(path))
     if not rows:
         return []
-    label = f"{_run_label(rows[0])} ({path.parent.relative_to(root) if path.is_relative_to(root) else path.parent})"
+    where = path.relative_to(root) if path.is_relative_to(root) else path  # as the CSV names it
+    label = f"{_run_label(rows[0])} ({where.parent})"
     out = []
     for task, config in (data.get("configs") or {}).items():
         samples = samples_path(path, task)
@@ -413,7 +414,7 @@ def run_scores(path: Path, root: Path, metric: str = COMPARED_METRIC) -> list[Ru
         repeats = as_number(config.get("repeats"))
         scores = None if per_metric is None else next(
             (v for key, v in per_metric.items() if key.split(",")[0] == metric), {})
-        out.append(RunScores(label, task, path, None if repeats is None else int(repeats),
+        out.append(RunScores(label, task, where, None if repeats is None else int(repeats),
                              (data.get("config") or {}).get("limit"), scores))
     return out
 
