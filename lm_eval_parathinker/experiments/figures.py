@@ -269,6 +269,7 @@ def compare_with_first(points: list[Point], root: Path) -> tuple[list[dict], lis
         for a in scores(point):
             b = first.get(a.task)
             if b is None:
+                refusals.append(f"{a.task}: {a.label}: not compared, the first point {points[0].title} did not run it")
                 continue
             try:
                 rows.append(leaderboard.compare_pair(a, b))
