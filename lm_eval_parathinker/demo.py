@@ -6,7 +6,9 @@ Runs ``python -m lm_eval --model parathinker`` three times (``method=sequential`
 ``parathinker``, the last two with ``--num-paths`` paths) on the first ``--limit`` AIME 2024
 problems of the offline data in DIR (one sample per problem, ``--max-gen-toks`` tokens per path,
 ``--min-new-tokens`` for every method, ``--apply_chat_template``, ``--log_samples``), then writes ``OUTPUT/leaderboard.csv`` and ``OUTPUT/leaderboard.png`` and prints
-the pass@1 table. Run outputs (results JSON, sample logs) go to ``OUTPUT/runs/demo/<method>/``.
+the pass@1 table with its 95% intervals; then compares the three runs pairwise on their problems
+(``leaderboard --compare``) into ``OUTPUT/comparisons.csv`` and ``OUTPUT/comparisons.png``.
+Run outputs (results JSON, sample logs) go to ``OUTPUT/runs/demo/<method>/``.
 The embedded SmolLM2-135M-Instruct is a tiny general chat model run training-free: the demo shows
 the pipeline, not ParaThinker's accuracy.
 """
@@ -98,7 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     leaderboard.write_csv(rows, csv_path)
     leaderboard.plot(rows, png_path)
     print("\n" + leaderboard.format_table(rows))
-    print(f"\ndemo took {time.perf_counter() - start:.0f} s; wrote {csv_path} and {png_path} (samples under {runs})")
+    compared_csv, compared_png = args.output / "comparisons.csv", args.output / "comparisons.png"
+    comparisons, refusals = leaderboard.write_comparisons(runs, compared_csv, compared_png)
+    print("\n" + leaderboard.format_comparisons(comparisons))
+    if refusals:  # the three runs share their problems: a refusal is a bug worth failing on
+        print("\n".join(f"demo: {r}" for r in refusals), file=sys.stderr)
+        return 1
+    print(f"\ndemo took {time.perf_counter() - start:.0f} s; wrote {csv_path}, {png_path}, {compared_csv} and "
+          f"{compared_png} (samples under {runs})")
     return 0
 
 

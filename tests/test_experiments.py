@@ -188,8 +188,9 @@ def test_the_baselines_need_the_ban(sweep, ckpt, tmp_path):
 
 def test_three_outputs(sweep):
     out = sweep.experiment.output_path
-    assert sorted(p.name for p in sweep.written) == sorted(f"{s}.{e}" for s in ("ablations", "scaling", "width")
-                                                           for e in ("csv", "md", "png"))
+    assert sorted(p.name for p in sweep.written) == sorted(f"{s}{e}" for s in ("ablations", "scaling", "width")
+                                                           for e in (".csv", ".md", ".png", "_comparisons.csv",
+                                                                     "_comparisons.png"))
     for name, points in sweep.experiment.sweeps().items():
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         rows = list(csv.DictReader((out / f"{name}.csv").open()))
@@ -202,6 +203,19 @@ def test_three_outputs(sweep):
                 assert float(row[metric]) == pytest.approx(metrics[f"{metric},all"])
             assert float(row["think_s"]) > 0
             assert row["batch_size"] == res["config"]["batch_size"] == ("1" if name == "width" else "2")
+            for metric in figures.METRICS:  # intervals from the point's samples
+                assert float(row[f"{metric}_ci_low"]) <= float(row[metric]) <= float(row[f"{metric}_ci_high"])
+        # every later point against the sweep's first, on the same two problems
+        compared = list(csv.DictReader((out / f"{name}_comparisons.csv").open()))
+        assert [r["run_a"] for r in compared] == [p.title for p in points[1:]]
+        first = _results(points[0].output_dir)["results"]["aime24"]["pass_at_1,all"]
+        for point, row in zip(points[1:], compared):
+            mine = _results(point.output_dir)["results"]["aime24"]["pass_at_1,all"]
+            assert (row["run_b"], row["problems"]) == (points[0].title, "2")
+            assert (float(row["mean_a"]), float(row["mean_b"])) == pytest.approx((mine, first))
+            assert float(row["difference"]) == pytest.approx(mine - first)
+        assert (out / f"{name}_comparisons.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"Against **{points[0].title}** on the same problems" in (out / f"{name}.md").read_text()
     table = (out / "ablations.md").read_text()
     assert "| variant | method | P | tokens per path | aime24 |" in table and "every point scores pass@1 = 0" in table
     last = _results(_point(sweep.experiment, "ablations", "last-finish").output_dir)["results"]["aime24"]

@@ -64,6 +64,9 @@ def test_leaderboard_end_to_end(tmp_path_factory, tmp_path):
     r = next(r for r in hf if r["metric"] == "pass_at_1")
     assert (r["method"], r["num_paths"], r["task"], r["n"], r["repeats"], r["limit"]) == ("sequential", "1", "aime24", "2", "2", "2.0")
     assert r["pretrained"].endswith("tiny_llama")
+    assert float(r["ci_low"]) <= float(r["value"]) <= float(r["ci_high"])  # its samples were logged: an interval
+    # the synthetic runs have no samples files: no interval, the stderr column only
+    assert all(x["ci_low"] == x["ci_high"] == "" for x in rows if x["model"] == "parathinker")
     p4 = next(r for r in rows if r["num_paths"] == "4" and r["metric"] == "pass_at_1")
     assert (p4["method"], p4["termination"], p4["value"], p4["stderr"]) == ("parathinker", "first", "0.5", "0.1")
     assert p4["compat"] == "" and r["compat"] == ""  # absent from the results JSON

@@ -11,28 +11,36 @@ points' results JSON files, read as the leaderboard reads any run.
   generated tokens and seconds per problem (the k responses of a problem, as the leaderboard counts
   them) beside it; the PNG is the leaderboard's picture of the same rows.
 
+Every point's value has its 95% interval over problems (``stats.METHOD``, from the point's samples
+file) in the CSV, the table and as an error bar in the pictures. Each sweep's points are also compared
+with its first point on the same problems (the leaderboard's ``--compare``): ``<sweep>_comparisons.csv``
+and ``.png``, and a list under the table.
+
 When every point scores 0 (a small model), the pictures say so: their curves then show cost only.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
 import json
+import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import leaderboard
+from .. import leaderboard, stats
 from ..files import atomic_write
 from ..leaderboard import as_number
 from .config import SHORT, Experiment, Point
 
-COLUMNS = ["sweep", "kind", "point", "checkpoint", "pretrained", "method", "num_paths", "max_gen_toks",
-           "termination", "thought_embedding", "positions", "summary_kv", "compat", "batch_size", "task",
-           "pass_at_1", "pass_at_1_stderr", "gen_tokens", "think_s", "latency_s", "repeats", "n", "results"]
 OPTIONS = ("termination", "thought_embedding", "positions", "summary_kv")
 METRICS = ("pass_at_1", "gen_tokens", "think_s", "latency_s")
+COLUMNS = ["sweep", "kind", "point", "checkpoint", "pretrained", "method", "num_paths", "max_gen_toks",
+           "termination", "thought_embedding", "positions", "summary_kv", "compat", "batch_size", "task",
+           "pass_at_1", "pass_at_1_stderr", "gen_tokens", "think_s", "latency_s",
+           *(f"{m}_{end}" for m in METRICS for end in ("ci_low", "ci_high")), "repeats", "n", "results"]
 ZERO_NOTE = "every point scores pass@1 = 0 here: the picture shows cost only"
 
 
@@ -43,7 +51,7 @@ def point_rows(point: Point, root: Path) -> list[dict[str, Any]]:
     data = json.loads(path.read_text(encoding="utf-8"))
     settings = data["config"].get("parathinker") or {}
     by_task: dict[str, dict[str, Any]] = {}
-    for r in leaderboard.rows_from_results(data, str(path)):
+    for r in leaderboard.rows_from_file(path):
         row = by_task.setdefault(r["task"], {
             "sweep": point.sweep, "kind": point.kind, "point": point.title, "checkpoint": point.checkpoint,
             "pretrained": r["pretrained"], "method": r["method"], "num_paths": r["num_paths"],
@@ -55,6 +63,7 @@ def point_rows(point: Point, root: Path) -> list[dict[str, Any]]:
         })
         if r["metric"] in METRICS:
             row[r["metric"]] = r["value"]
+            row[f"{r['metric']}_ci_low"], row[f"{r['metric']}_ci_high"] = r["ci_low"], r["ci_high"]
             if r["metric"] == "pass_at_1":
                 row["pass_at_1_stderr"] = r["stderr"]
     return list(by_task.values())
@@ -87,21 +96,12 @@ def _all_zero(rows: list[dict]) -> bool:
     return bool(values) and all(v == 0 for v in values)
 
 
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
 def _draw_lines(ax, lines: dict, task: str, x_metric: str | None, y_metric: str, along: Callable[[Point], str],
                 ratio: bool = False) -> None:
     """One line per entry of ``lines`` on ``ax``: ``y_metric`` against ``x_metric`` (None: the line's axis),
     each marker labelled with its axis value (``ratio``: and its y over the line's first y)."""
     for (_, name), members in lines.items():
-        xs, ys, marks = [], [], []
+        xs, ys, marks, errors = [], [], [], []
         for point, task_rows in sorted(members, key=lambda m: getattr(m[0], along(m[0]))):
             row = next((r for r in task_rows if r["task"] == task), None)
             if row is None:
@@ -114,12 +114,21 @@ def _draw_lines(ax, lines: dict, task: str, x_metric: str | None, y_metric: str,
             xs.append(x)
             ys.append(y)
             marks.append(f"{SHORT[axis]}={getattr(point, axis)}")
+            errors.append(_error_bar(row, y_metric, y))
         if not xs:
             continue
-        ax.plot(xs, ys, marker="o", label=name)
+        ax.errorbar(xs, ys, yerr=list(zip(*errors)), marker="o", capsize=3, label=name)
         for x, y, mark in zip(xs, ys, marks):
             text = f"{mark} ({y / ys[0]:.2f}x)" if ratio and ys[0] else mark
             ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+
+
+def _error_bar(row: dict, metric: str, value: float) -> tuple[float, float]:
+    """(below, above) ``value``: its 95% interval over problems, nan when the point has none."""
+    low, high = as_number(row.get(f"{metric}_ci_low")), as_number(row.get(f"{metric}_ci_high"))
+    if low is None or high is None:
+        return math.nan, math.nan
+    return max(0.0, value - low), max(0.0, high - value)
 
 
 def _tasks(rows: list[dict]) -> list[str]:
@@ -180,14 +189,17 @@ def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]]
     note = f"\n({ZERO_NOTE})" if _all_zero(flat) else ""
     fig.suptitle(curves.title + note, fontsize=10)
     fig.tight_layout()
-    _save(fig, path)
+    leaderboard.save_png(fig, path)
 
 
 def _cell(row: dict | None, kind: str) -> str:
-    """pass@1 ± stderr, then the kind's costs (see CELL_UNITS)."""
+    """pass@1 [95% interval] ± stderr, then the kind's costs (see CELL_UNITS)."""
     if row is None or as_number(row.get("pass_at_1")) is None:
         return "-"
     text = f"{float(row['pass_at_1']):.3f}"
+    low, high = as_number(row.get("pass_at_1_ci_low")), as_number(row.get("pass_at_1_ci_high"))
+    if low is not None and high is not None:
+        text += f" [{low:.3f}, {high:.3f}]"
     if (stderr := as_number(row.get("pass_at_1_stderr"))) is not None:
         text += f" ± {stderr:.3f}"
     tokens, think, latency = (as_number(row.get(m)) for m in ("gen_tokens", "think_s", "latency_s"))
@@ -205,24 +217,31 @@ def _cell(row: dict | None, kind: str) -> str:
 
 
 CELL_UNITS = {
-    "scaling": "pass@1 ± stderr (generated tokens and seconds per response)",
-    "width": "pass@1 ± stderr (think-stage seconds per response, one request at a time)",
-    "ablations": "pass@1 ± stderr (generated tokens and seconds per problem: its k responses together)",
+    "scaling": "pass@1 [95% interval] ± stderr (generated tokens and seconds per response)",
+    "width": "pass@1 [95% interval] ± stderr (think-stage seconds per response, one request at a time)",
+    "ablations": "pass@1 [95% interval] ± stderr (generated tokens and seconds per problem: its k responses together)",
 }
 
 
-def markdown(sweep: str, kind: str, points: list[Point], rows: dict[int, list[dict]]) -> str:
-    """The sweep's table: a row per point (variant), a column per task."""
+def markdown(sweep: str, kind: str, points: list[Point], rows: dict[int, list[dict]],
+             comparisons: list[dict] = ()) -> str:
+    """The sweep's table: a row per point (variant), a column per task; then each point against the
+    sweep's first point (``comparisons``)."""
     tasks = _tasks([r for p in points for r in rows[id(p)]])
     head = ["variant" if kind == "ablations" else "point", "method", "P", "tokens per path", *tasks]
-    lines = [f"**{sweep}** ({kind}): {CELL_UNITS[kind]}", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
+    lines = [f"**{sweep}** ({kind}): {CELL_UNITS[kind]}; intervals: {stats.METHOD}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for point in points:
         by_task = {r["task"]: r for r in rows[id(point)]}
         lines.append("| " + " | ".join([point.title, point.method, str(point.num_paths), str(point.max_gen_toks),
                                           *(_cell(by_task.get(t), kind) for t in tasks)]) + " |")
     if _all_zero([r for p in points for r in rows[id(p)]]):
         lines += ["", f"Note: {ZERO_NOTE}."]
+    if comparisons:
+        lines += ["", f"Against **{points[0].title}** on the same problems: the mean difference in pass@1, its "
+                      "paired 95% interval and the sign-flip p-value:", ""]
+        lines += [f"- {r['task']}: {r['run_a']}: {r['difference']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}], "
+                  f"p = {r['p_value']:.3f} ({r['problems']} problems)" for r in comparisons]
     return "\n".join(lines) + "\n"
 
 
@@ -231,15 +250,37 @@ def plot_ablations(points: list[Point], path: Path) -> None:
     rows = []
     for point in points:
         (results,) = leaderboard.find_result_files(point.output_dir)
-        for r in leaderboard.rows_from_results(json.loads(results.read_text(encoding="utf-8")), str(results)):
-            rows.append({**r, "variant": point.title})
+        rows += [{**r, "variant": point.title} for r in leaderboard.rows_from_file(results)]
     zero = _all_zero([{"pass_at_1": r["value"]} for r in rows if r["metric"] == "pass_at_1"])
     leaderboard.plot(rows, path, label=lambda r: r["variant"], sort=False,
                      title="ablations: accuracy and cost per variant" + (f"\n({ZERO_NOTE})" if zero else ""))
 
 
+def compare_with_first(points: list[Point], root: Path) -> tuple[list[dict], list[str]]:
+    """Each point after the first against the sweep's first point, per task, as the leaderboard's
+    ``--compare`` rows (``run_a``: the point, ``run_b``: the first point), and the refused pairs."""
+    def scores(point: Point) -> list[leaderboard.RunScores]:
+        (path,) = leaderboard.find_result_files(point.output_dir)
+        return [dataclasses.replace(s, label=point.title) for s in leaderboard.run_scores(path, root)]
+
+    first = {s.task: s for s in scores(points[0])}
+    rows, refusals = [], []
+    for point in points[1:]:
+        for a in scores(point):
+            b = first.get(a.task)
+            if b is None:
+                refusals.append(f"{a.task}: {a.label}: not compared, the first point {points[0].title} did not run it")
+                continue
+            try:
+                rows.append(leaderboard.compare_pair(a, b))
+            except leaderboard.Refused as e:
+                refusals.append(str(e))
+    return rows, refusals
+
+
 def write(experiment: Experiment) -> list[Path]:
-    """Every sweep's CSV, PNG and markdown table (of its done points) in the output folder."""
+    """Every sweep's CSV, PNG and markdown table (of its done points) in the output folder, and its
+    comparisons with its first point (``<sweep>_comparisons.csv`` and ``.png``; refused pairs on stderr)."""
     written = []
     for sweep, points in experiment.sweeps().items():
         done = [p for p in points if p.output_dir.is_dir()]
@@ -253,9 +294,17 @@ def write(experiment: Experiment) -> list[Path]:
             plot_ablations(done, out / f"{sweep}.png")
         else:
             plot_curves(CURVES[kind], done, rows, out / f"{sweep}.png")
-        atomic_write(out / f"{sweep}.md", markdown(sweep, kind, done, rows).encode("utf-8"))
+        comparisons, refusals = compare_with_first(done, out)
+        for refusal in refusals:
+            print(f"experiments: {sweep}: {refusal}", file=sys.stderr)
+        atomic_write(out / f"{sweep}.md", markdown(sweep, kind, done, rows, comparisons).encode("utf-8"))
         written += [out / f"{sweep}.{ext}" for ext in ("csv", "png", "md")]
+        if comparisons:
+            leaderboard.write_csv(comparisons, out / f"{sweep}_comparisons.csv", leaderboard.COMPARISON_COLUMNS)
+            leaderboard.plot_comparisons(comparisons, out / f"{sweep}_comparisons.png",
+                                         title=f"{sweep}: each point minus {done[0].title}, 95% paired intervals")
+            written += [out / f"{sweep}_comparisons.{ext}" for ext in ("csv", "png")]
     return written
 
 
-__all__ = ["COLUMNS", "markdown", "point_rows", "write"]
+__all__ = ["COLUMNS", "compare_with_first", "markdown", "point_rows", "write"]

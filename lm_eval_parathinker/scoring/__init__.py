@@ -8,18 +8,20 @@
   thin-space thousands, unicode), in a killable worker process with a hard per-answer timeout
   (``PARATHINKER_VERIFY_TIMEOUT`` seconds, default 10).
 * ``majority_answer(answers)`` and ``maj_at_k`` group answers with that same judge.
-* ``process_results(doc, results)`` (``metrics``): the per-problem metrics of the tasks (``METRICS``).
+* ``process_results(doc, results)`` (``metrics``): the per-problem metrics of the tasks (``METRICS``),
+  with the pass@k and maj@k curves over k (``CURVE_KS``; estimators in ``lm_eval_parathinker.stats``).
 
-Only the standard library is imported here; math-verify lives in the worker.
+Only the standard library and numpy are imported here; math-verify lives in the worker.
 """
 
 from __future__ import annotations
 
 from .answer import FinalAnswer, extract_answer
-from .metrics import METRICS, majority_answer, process_results, score_responses
+from .metrics import CURVE_KS, METRICS, majority_answer, process_results, score_responses
 from .worker import DEFAULT_TIMEOUT, Verifier, get_verifier, is_equiv, judge
 
 __all__ = [
+    "CURVE_KS",
     "DEFAULT_TIMEOUT",
     "METRICS",
     "FinalAnswer",

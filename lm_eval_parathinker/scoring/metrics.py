@@ -1,16 +1,21 @@
-"""Per-problem metrics for lm-eval: pass@1, pass@k, majority vote, no-answer rate, timeouts, and the
-means of the responses' numeric statistics."""
+"""Per-problem metrics for lm-eval: pass@1, pass@k, majority vote, their curves over k, no-answer rate,
+timeouts, and the means of the responses' numeric statistics."""
 
 from __future__ import annotations
 
 import math
 from typing import Any, Sequence
 
+from .. import stats
 from .answer import extract_answer
 from .worker import judge
 
-#: metric keys returned by process_results (plus one key per numeric ``.meta`` entry of the responses)
-METRICS = ("pass_at_1", "pass_at_k", "maj_at_k", "no_answer", "verify_timeouts")
+#: the k of the curves: ``pass_at_<k>`` and ``maj_at_<k>`` for each of these up to the task's repeats n
+CURVE_KS = (1, 2, 4, 8, 16, 32, 64)
+#: metric keys process_results can return (plus one key per numeric ``.meta`` entry of the responses);
+#: ``pass_at_k`` and ``maj_at_k`` are at k = n, ``pass_at_1`` is also the first point of the pass@k curve
+METRICS = ("pass_at_1", "pass_at_k", "maj_at_k", "no_answer", "verify_timeouts",
+           *(f"pass_at_{k}" for k in CURVE_KS[1:]), *(f"maj_at_{k}" for k in CURVE_KS))
 
 
 def _groups(answers: Sequence[str | None], timeout: float | None = None) -> tuple[list[list[int]], int]:
@@ -54,8 +59,24 @@ def _numeric_meta(response: Any) -> dict[str, float]:
     }
 
 
+def curves(correct: Sequence[bool], groups: list[list[int]]) -> dict[str, float]:
+    """pass@k (unbiased) and maj@k (over the k-subsets of the n samples) for every k of ``CURVE_KS`` up
+    to n, from the samples' correctness and their answers' groups (``_groups``; first member first)."""
+    n = len(correct)
+    labels = [-1] * n
+    for g, members in enumerate(groups):
+        for i in members:
+            labels[i] = g
+    group_correct = [correct[members[0]] for members in groups]
+    out = {}
+    for k in (k for k in CURVE_KS if k <= n):
+        out[f"pass_at_{k}"] = stats.pass_at_k(n, sum(correct), k)
+        out[f"maj_at_{k}"] = stats.maj_at_k(labels, group_correct, k)
+    return out
+
+
 def score_responses(responses: Sequence[Any], gold: str, timeout: float | None = None) -> dict[str, float]:
-    """Metrics of the k responses to one problem (see ``METRICS``), plus the means of numeric ``.meta``."""
+    """Metrics of the n responses to one problem (see ``METRICS``), plus the means of numeric ``.meta``."""
     responses = list(responses)
     k = len(responses)
     answers = [extract_answer(r) for r in responses]
@@ -68,6 +89,7 @@ def score_responses(responses: Sequence[Any], gold: str, timeout: float | None =
         "maj_at_k": float(correct[_largest(groups)[0]]) if groups else 0.0,
         "no_answer": sum(a is None for a in answers) / k if k else 1.0,
         "verify_timeouts": float(sum(t for _, t in verdicts) + group_timeouts),
+        **curves(correct, groups),
     }
     values: dict[str, list[float]] = {}
     for r in responses:
