@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import stats
+from .data import iter_json_lines
 from .files import atomic_write
 
 COLUMNS = [
@@ -187,19 +188,15 @@ def read_samples(path: Path) -> dict[str, dict[ProblemKey, float]]:
     """Per-problem values of each ``metric,filter`` in a samples file: {key: {(doc_id, doc_hash): value}}.
     A malformed line is a ValueError naming the file and line."""
     values: dict[str, dict[ProblemKey, float]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                sample = json.loads(line)
-                problem = (int(sample["doc_id"]), str(sample["doc_hash"]))
-                for metric in sample["metrics"]:
-                    value = as_number(sample[metric])
-                    if value is not None:
-                        values.setdefault(f"{metric},{sample['filter']}", {})[problem] = value
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{number}: not an lm-eval sample ({type(e).__name__}: {e})") from None
+    for number, sample in iter_json_lines(path):
+        try:
+            problem = (int(sample["doc_id"]), str(sample["doc_hash"]))
+            for metric in sample["metrics"]:
+                value = as_number(sample[metric])
+                if value is not None:
+                    values.setdefault(f"{metric},{sample['filter']}", {})[problem] = value
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{number}: not an lm-eval sample ({type(e).__name__}: {e})") from None
     return values
 
 

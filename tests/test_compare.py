@@ -166,5 +166,5 @@ def test_leaderboard_rows_carry_intervals(runs, tmp_path):
     leaderboard.plot(rows, tmp_path / "lb.png")
     assert (tmp_path / "lb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     path.write_text(path.read_text() + "{not json\n")
-    with pytest.raises(ValueError, match=rf"{path.name}:{LIMIT + 1}: not an lm-eval sample"):
+    with pytest.raises(ValueError, match=rf"{path.name}:{LIMIT + 1}: malformed JSON"):
         leaderboard.rows_from_file(results)
