@@ -140,7 +140,7 @@ def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
             if "," not in key:
                 continue
             metric, filt = key.split(",", 1)
-            if metric.endswith("_stderr"):
+            if metric.endswith(("_stderr", "_ci_low", "_ci_high")):  # read with their metric's row
                 continue
             metrics[(metric, filt)] = as_number(value)
         by_name = {m: v for (m, _f), v in metrics.items()}
@@ -154,21 +154,22 @@ def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
                     "model": model,
                     "pretrained": pretrained,
                     "method": method,
-                    "num_paths": "" if num_paths is None else num_paths,
+                    "num_paths": _or_blank(num_paths),
                     "termination": termination,
                     "compat": compat,
                     "task": task,
                     "metric": metric if filt in ("all", "none") else f"{metric},{filt}",
-                    "value": "" if value is None else value,
-                    "stderr": "" if stderr is None else stderr,
-                    "ci_low": "",
-                    "ci_high": "",
+                    "value": _or_blank(value),
+                    "stderr": _or_blank(stderr),
+                    # the results JSON's interval (the tasks' headline accuracies); samples files fill the rest
+                    "ci_low": _or_blank(as_number(res.get(f"{metric}_ci_low,{filt}"))),
+                    "ci_high": _or_blank(as_number(res.get(f"{metric}_ci_high,{filt}"))),
                     "filter": filt,
                     "n": n,
                     "repeats": tcfg.get("repeats", ""),
-                    "limit": "" if limit is None else limit,
-                    "gen_tokens": "" if by_name.get("gen_tokens") is None else by_name["gen_tokens"],
-                    "latency_s": "" if by_name.get("latency_s") is None else by_name["latency_s"],
+                    "limit": _or_blank(limit),
+                    "gen_tokens": _or_blank(by_name.get("gen_tokens")),
+                    "latency_s": _or_blank(by_name.get("latency_s")),
                     "date": date,
                 }
             )
@@ -177,6 +178,11 @@ def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
 
 #: a problem of a task, as lm-eval's samples files identify it
 ProblemKey = tuple[int, str]  # (doc_id, doc_hash)
+
+
+def _or_blank(value: Any) -> Any:
+    """A CSV cell: None as an empty one."""
+    return "" if value is None else value
 
 
 def samples_path(results: Path, task: str) -> Path:
@@ -202,7 +208,7 @@ def read_samples(path: Path) -> dict[str, dict[ProblemKey, float]]:
 
 def _with_intervals(rows: list[dict[str, Any]], results: Path) -> list[dict[str, Any]]:
     """``rows`` of one results file with the 95% interval over problems of each metric its tasks'
-    samples files hold (rows without samples, such as a group's, keep empty intervals)."""
+    samples files hold (rows without samples, such as a group's, keep the results JSON's, or none)."""
     by_task: dict[str, dict[str, dict[ProblemKey, float]]] = {}
     for r in rows:
         if r["task"] not in by_task:

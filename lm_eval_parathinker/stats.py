@@ -102,6 +102,17 @@ def bootstrap_interval(scores: Sequence[float], resamples: int = RESAMPLES, seed
     return Interval(float(values.mean()), float(low), float(high))
 
 
+def ci_low(scores: Sequence[float]) -> float:
+    """The low end of :func:`bootstrap_interval`: an lm-eval aggregation (the tasks declare it for
+    ``<metric>_ci_low``, whose per-problem values are the metric's), so the results JSON holds it."""
+    return bootstrap_interval(scores).low
+
+
+def ci_high(scores: Sequence[float]) -> float:
+    """The high end of :func:`bootstrap_interval` (see :func:`ci_low`)."""
+    return bootstrap_interval(scores).high
+
+
 def sign_flip_pvalue(differences: Sequence[float], resamples: int = RESAMPLES, seed: int = SEED) -> float:
     """Two-sided p-value of "no difference" for paired per-problem differences: how often a mean with
     random signs is at least as far from 0 as the observed one. Exact (all 2^N sign patterns) up to
@@ -169,5 +180,6 @@ def repeats_for_halfwidth(accuracies_a: Sequence[float], accuracies_b: Sequence[
 
 
 __all__ = ["Interval", "LEVEL", "MAX_SUBSETS", "METHOD", "PairedComparison", "RESAMPLES", "SEED", "bootstrap_interval",
+           "ci_high", "ci_low",
            "compare_paired", "maj_at_k", "pass_at_k", "repeats_for_halfwidth", "sign_flip_pvalue",
            "within_variance"]

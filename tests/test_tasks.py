@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import DATA_DIR, REPO_ROOT, run_lm_eval, tiny_hf_aime24_run
@@ -154,6 +155,12 @@ def test_lm_eval_hf_tiny_model(tmp_path_factory):
     first = json.loads(samples[0].read_text().splitlines()[0])
     assert len(first["resps"][0]) == 2  # both repeats reached process_results
     assert "Please reason step by step" in first["arguments"]["gen_args_0"]["arg_0"]
+    # the 95% interval over problems, recomputed here: a percentile bootstrap of the per-problem pass@1
+    # (10000 resamples of the problems, numpy's default_rng(0))
+    per_problem = np.array([json.loads(line)["pass_at_1"] for line in samples[0].read_text().splitlines()])
+    means = per_problem[np.random.default_rng(0).integers(0, len(per_problem), (10_000, len(per_problem)))].mean(1)
+    assert (r["pass_at_1_ci_low,all"], r["pass_at_1_ci_high,all"]) == pytest.approx(tuple(np.quantile(means, [0.025, 0.975])))
+    assert r["pass_at_1_ci_low,all"] <= r["pass_at_1,all"] <= r["pass_at_1_ci_high,all"]
     log = (Path(out) / "lm_eval.log").read_text()
     assert "pass_at_1" in log  # the console output (results table) was captured
     assert "No aggregation function defined" not in log

@@ -14,8 +14,12 @@ from .worker import judge
 CURVE_KS = (1, 2, 4, 8, 16, 32, 64)
 #: metric keys process_results can return (plus one key per numeric ``.meta`` entry of the responses);
 #: ``pass_at_k`` and ``maj_at_k`` are at k = n, ``pass_at_1`` is also the first point of the pass@k curve
+#: the accuracies whose 95% interval over problems the results JSON holds, as ``<metric>_ci_low`` and
+#: ``<metric>_ci_high`` (each problem's value repeated, aggregated by stats.ci_low / stats.ci_high)
+INTERVAL_METRICS = ("pass_at_1", "pass_at_k", "maj_at_k")
 METRICS = ("pass_at_1", "pass_at_k", "maj_at_k", "no_answer", "verify_timeouts",
-           *(f"pass_at_{k}" for k in CURVE_KS[1:]), *(f"maj_at_{k}" for k in CURVE_KS))
+           *(f"pass_at_{k}" for k in CURVE_KS[1:]), *(f"maj_at_{k}" for k in CURVE_KS),
+           *(f"{m}_ci_{end}" for m in INTERVAL_METRICS for end in ("low", "high")))
 
 
 def _groups(answers: Sequence[str | None], timeout: float | None = None) -> tuple[list[list[int]], int]:
@@ -91,6 +95,7 @@ def score_responses(responses: Sequence[Any], gold: str, timeout: float | None =
         "verify_timeouts": float(sum(t for _, t in verdicts) + group_timeouts),
         **curves(correct, groups),
     }
+    out.update({f"{m}_ci_{end}": out[m] for m in INTERVAL_METRICS for end in ("low", "high")})
     values: dict[str, list[float]] = {}
     for r in responses:
         for key, v in _numeric_meta(r).items():
