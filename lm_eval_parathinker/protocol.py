@@ -399,3 +399,73 @@ def sequence_layout(
         segment_ids=segment_id(block_ids, thought_embedding),
         position_ids=torch.cat(positions).long(),
     )
+
+
+# -- reading a finished sequence back: where its prompt, paths and summary lie ----------------
+
+
+class MalformedSequence(ValueError):
+    """A sequence that breaks the protocol; the message names the defect."""
+
+
+@dataclass(frozen=True)
+class PathSpan:
+    """Where path ``index`` lies in a sequence: ``<think k>`` at ``start``, ``</think k>`` at
+    ``close``, and whatever follows the closer (``<vllm_pad>``...) up to ``end`` (exclusive)."""
+
+    index: int
+    start: int
+    close: int
+    end: int
+
+
+@dataclass(frozen=True)
+class SequenceSplit:
+    """Blocks of ``prompt | <think1> ... | ... | <summary> ...``: the prompt is ``[0, prompt_end)``,
+    the summary ``[summary_start, length)``."""
+
+    prompt_end: int
+    paths: tuple[PathSpan, ...]
+    summary_start: int
+
+
+def split_sequence(hits: Sequence[tuple[int, object]], opens: Sequence, closes: Sequence, summary_open) -> SequenceSplit:
+    """Split a sequence by its control tokens. ``hits`` are the (position, token) of every control
+    token in order; tokens are token ids (``opens`` = :attr:`ControlTokenIds.think_open`...) or text
+    pieces (``opens`` = the ``<think k>`` strings), so ids and transcript text share this reader.
+
+    The prompt is everything before the first ``<think k>`` (it may spell ``<summary> </summary>``,
+    as the official instruction does). Then paths ``<think1>``, ``<think2>``... in order, each
+    closed by its own ``</think k>``, and exactly one ``<summary>``. Raises
+    :class:`MalformedSequence` naming the first defect.
+    """
+    opener = {t: k for k, t in enumerate(opens, 1)}
+    closer = {t: k for k, t in enumerate(closes, 1)}
+    token_at = dict(hits)
+    starts = [i for i, t in hits if t in opener]
+    if not starts:
+        raise MalformedSequence(f"no {think_open(1)}: a sequence needs at least one path")
+    first = starts[0]
+    if stray := next((t for i, t in hits if i < first and t in closer), None):
+        raise MalformedSequence(f"{think_close(closer[stray])} in the prompt (before {think_open(opener[token_at[first]])})")
+    summaries = [i for i, t in hits if i > first and t == summary_open]
+    if len(summaries) != 1:
+        raise MalformedSequence(f"{len(summaries)} {SUMMARY_OPEN} after the paths (expected one)")
+    summary = summaries[0]
+    if late := next((t for i, t in hits if i > summary and (t in opener or t in closer)), None):
+        name = think_open(opener[late]) if late in opener else think_close(closer[late])
+        raise MalformedSequence(f"{name} after {SUMMARY_OPEN}")
+    spans = []
+    for j, (start, end) in enumerate(zip(starts, [*starts[1:], summary]), 1):
+        k = opener[token_at[start]]
+        if k != j:
+            raise MalformedSequence(f"path {j} opens with {think_open(k)} (paths must be {think_open(1)}, "
+                                    f"{think_open(2)}, ... in order)")
+        inner = [(i, closer[t]) for i, t in hits if start < i < end and t in closer]
+        if [c for _, c in inner] != [k]:
+            found = ", ".join(think_close(c) for _, c in inner) or "nothing"
+            raise MalformedSequence(f"{think_open(k)} must be closed by one {think_close(k)} before the next "
+                                    f"block (found {found})")
+        spans.append(PathSpan(k, start, inner[0][0], end))
+    return SequenceSplit(prompt_end=first, paths=tuple(spans), summary_start=summary)
+

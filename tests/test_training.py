@@ -704,3 +704,38 @@ def test_an_interrupted_checkpoint_save_leaves_no_checkpoint(base, data_file, tm
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
     assert get_last_checkpoint(str(out)) == str(out / "checkpoint-1") == resume_checkpoint(out, True)
     assert (out / "checkpoint-1" / "trainer_state.json").is_file()  # the complete one, from before
+
+
+@pytest.mark.parametrize("mode", [["--full"], ["--lora", "--save-adapter"]], ids=["full", "lora"])
+def test_fsdp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(base, data_file, mode):
+    """The official recipe shards with ZeRO-3; here FSDP full shard through accelerate
+    (training/configs/fsdp.yaml) on 2 CPU processes (gloo): the same losses, gradient norms and,
+    after two steps, the same trained weights as one process with the same global batch. Full
+    fine-tuning trains every weight and the thought-embedding tables; LoRA its adapters and the tables."""
+    from safetensors.torch import load_file
+
+    tmp = data_file.parent
+    name = mode[0].strip("-")
+    common = ["--model", str(base), "--data", str(data_file), *mode, "--learning-rate", "1e-3", "--max-steps", "2",
+              "--seed", "0"]
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "training/configs/fsdp.yaml",
+              "--num_processes", "2", "--mixed_precision", "no", "-m", "training.sft"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*launch, *common, "--output", str(tmp / f"fsdp_{name}")], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _sft(tmp, base, tmp / f"one_{name}", *mode, "--learning-rate", "1e-3", "--max-steps", "2", "--batch-size", "2")
+    sharded, single = _loss_csv(tmp / f"fsdp_{name}"), _loss_csv(tmp / f"one_{name}")
+    assert len(sharded) == len(single) == 2
+    for a, b in zip(sharded, single):  # rank r takes row r of each global batch
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-5)
+        assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-4)
+    weights = "model.safetensors" if name == "full" else "adapter_model.safetensors"
+    tables = [] if name == "full" else ["thought_embeddings.safetensors"]
+    for file in [weights, *tables]:
+        after_sharded, after_single = load_file(tmp / f"fsdp_{name}" / file), load_file(tmp / f"one_{name}" / file)
+        assert after_sharded.keys() == after_single.keys() and after_sharded
+        for key, value in after_single.items():
+            torch.testing.assert_close(after_sharded[key], value, atol=1e-5, rtol=1e-4, msg=f"{file}: {key}")
+    changed = load_file(tmp / f"one_{name}" / weights)
+    assert any(k.endswith("seg_embeddings.weight") or "lora" in k for k in changed)  # tables or adapters trained

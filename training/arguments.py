@@ -58,6 +58,17 @@ FIXED_FIELDS = {
 # deprecated spellings -> the fields they set (none before the rename)
 RENAMED_FIELDS = {"gradient_checkpointing": "activation_checkpointing",
                   "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"} if _NEW_NAMES else {}
+# --recipe NAME: project flags (dest -> value) and TrainingArguments fields it sets where the user
+# sets neither. official: MobileLLM/ParaThinker train/scripts/ds-1.5b-full.sh (+ train_script.py's
+# resize_vocab; the control tokens are always added, growing the vocabulary when it is full).
+RECIPES = {
+    "official": {
+        "flags": {"full": True, "bf16": True, "gradient_checkpointing": True, "learning_rate": 1e-5,
+                  "warmup_ratio": 0.1, "weight_decay": 0.05, "max_grad_norm": 0.5, "epochs": 3,
+                  "max_length": 28672, "batch_size": 1, "gradient_accumulation_steps": 16, "compat": "official"},
+        "fields": {"lr_scheduler_type": "constant"},
+    },
+}
 # defaults of this command that differ from TrainingArguments' (a user's value wins)
 COMMAND_DEFAULTS = {
     "lr_scheduler_type": "constant",  # the official recipe's schedule
@@ -76,16 +87,25 @@ def build_parser() -> argparse.ArgumentParser:
                "ds.json --fsdp 'full_shard auto_wrap' --use_liger_kernel true), or from --training-args FILE.",
     )
     p.add_argument("--model", required=True, help="base model: hub id or local dir")
-    p.add_argument("--data", required=True, help="multi-path JSONL (see docs/training.md, Data)")
+    p.add_argument("--data", required=True,
+                   help="multi-path JSONL; pre-tokenized ParaThinker rows (a save_to_disk folder, a hub id "
+                        "owner/name[/split] such as Leslie04/parathinker-math-6K, or parquet/JSON files with "
+                        "input_ids and labels); or transcripts (text, messages, conversations). See docs/training-data.md")
     p.add_argument("--output", required=True, help="output dir (final model, checkpoint-*/, loss.csv)")
-    p.add_argument("--eval-data", default=None, help="multi-path JSONL whose loss is evaluated (default: every epoch)")
+    p.add_argument("--eval-data", default=None,
+                   help="data whose loss is evaluated (default: every epoch), in any --data form (a DatasetDict's test split)")
+    p.add_argument("--skip-bad-rows", action="store_true",
+                   help="skip malformed pre-tokenized or transcript rows (the run reports how many) instead of failing")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="official: the authors' hyperparameters (train/scripts/ds-1.5b-full.sh); any flag or "
+                        "--training-args value given overrides it")
     p.add_argument("--training-args", default=None, help="TrainingArguments as a JSON or YAML file")
     p.add_argument("--layout", choices=LAYOUTS, default="parathinker",
                    help="parathinker: the parallel layout; sequential: each path a plain sample (the baseline)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="full", action="store_false", help="LoRA fine-tuning (default)")
     mode.add_argument("--full", dest="full", action="store_true", help="full fine-tuning")
-    p.set_defaults(full=False)
+    p.set_defaults(full=None)  # --lora unless --full or a --recipe says otherwise
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--lora-target-modules", default=DEFAULT_LORA_TARGETS, help="comma-separated module names")
@@ -100,9 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-path-tokens", type=int, default=None, help="per-path budget incl. <think k> and </think k>")
     p.add_argument("--max-paths", type=int, default=6, help="paths used per problem (official data: up to 6)")
     p.add_argument("--extrapolate-prob", type=float, default=None, help="default 0.3 (parathinker layout only)")
-    p.add_argument("--compat", choices=COMPAT_CHOICES, default="auto",
+    p.add_argument("--compat", choices=COMPAT_CHOICES, default=None,
                    help="sequence layout: paper (as the method is trained), official (as the released vLLM engine "
-                        "runs the released checkpoint: adds <vllm_pad>), auto (official if the tokenizer has <vllm_pad>)")
+                        "runs the released checkpoint: adds <vllm_pad>), auto (default: official if the tokenizer "
+                        "has <vllm_pad>)")
     p.add_argument("--packing", action="store_true", help="several records per row of at most --max-length tokens")
     p.add_argument("--attn-implementation", choices=ATTENTION_CHOICES, default="auto",
                    help="auto: flex_attention (BlockMask) on CUDA, sdpa (dense mask) on the CPU")
@@ -117,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (0, default: all epochs)")
     return p
+
+
+def _apply_recipe(args: argparse.Namespace, user_set: set[str]) -> dict:
+    """Set ``--recipe``'s flags the user left unset (neither the flag nor its field given); returns
+    the TrainingArguments fields it sets. Without a recipe: the plain defaults (LoRA, compat auto)."""
+    recipe = RECIPES.get(args.recipe, {"flags": {}, "fields": {}})
+    for flag, value in recipe["flags"].items():
+        if flag == "compat" and args.layout == "sequential":
+            continue  # sequential samples have no ParaThinker layout
+        if getattr(args, flag) is None and FLAG_FIELDS.get(flag) not in user_set:
+            setattr(args, flag, value)
+    args.full = bool(args.full)
+    args.compat = args.compat or "auto"
+    return {name: value for name, value in recipe["fields"].items() if name not in user_set}
 
 
 def _check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -180,7 +215,6 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, T
     """(project flags, TrainingArguments); bad input exits with code 2 and a message naming the argument."""
     p = build_parser()
     args, rest = p.parse_known_args(argv)
-    _check_flags(p, args)
     fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
     from_file = _read_training_args_file(p, args.training_args, fields) if args.training_args else {}
     hf = HfArgumentParser(TrainingArguments, allow_abbrev=False, add_help=False)
@@ -190,6 +224,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, T
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
     user_set = set(from_file) | _fields_named(rest, fields)
     values = vars(namespace)
+    values.update(_apply_recipe(args, user_set))
+    _check_flags(p, args)
 
     for old, new in RENAMED_FIELDS.items():
         if old in user_set:

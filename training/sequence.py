@@ -56,6 +56,19 @@ class EncodedRecord:
     truncated: list[bool]
     summary: list[int]  # the text after the template, without </summary>
 
+    def first_paths(self, n: int | None) -> EncodedRecord:
+        return EncodedRecord(self.prompt, self.paths[:n], self.truncated[:n], self.summary)
+
+
+def fit_paths(unit, length, max_length: int | None):
+    """``unit`` (with ``paths`` and ``first_paths(n)``) with trailing paths dropped (keeping two)
+    until ``length(unit)`` fits ``max_length``; None when even two paths do not fit."""
+    while max_length is not None and length(unit) > max_length:
+        if len(unit.paths) <= 2:
+            return None
+        unit = unit.first_paths(len(unit.paths) - 1)
+    return unit
+
 
 def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -144,8 +157,9 @@ class SequenceBuilder:
         return self.build(enc, extrapolation_indices(len(enc.paths), self.ids.num_control_paths, self.extrapolate_prob, rng))
 
     def encode(self, record: dict) -> EncodedRecord | None:
-        """Tokenize a record; None when even its first two paths exceed ``max_length``."""
-        text = protocol.build_prompt(self.compat.question(record["problem"]), self.tokenizer)
+        """Tokenize a record; None when even its first two paths exceed ``max_length``. A record
+        read from transcript text carries its literal ``prompt`` instead of a ``problem``."""
+        text = record.get("prompt") or protocol.build_prompt(self.compat.question(record["problem"]), self.tokenizer)
         prompt = self.compat.prompt_ids(text, self.tokenizer)
         paths, truncated = [], []
         for text in record["paths"][: self.max_paths]:
@@ -154,21 +168,12 @@ class SequenceBuilder:
             paths.append(body[:keep])
             truncated.append(len(body) > keep)
         summary_text = record.get("summary") or f" \\boxed{{{record['answer']}}}"
-        enc = EncodedRecord(prompt, paths, truncated, self._tokens(summary_text))
-        return self._fit(enc)
+        return fit_paths(EncodedRecord(prompt, paths, truncated, self._tokens(summary_text)), self.length, self.max_length)
 
     def length(self, enc: EncodedRecord) -> int:
         """Packed length of an encoded record."""
         paths = sum(self.compat.padded(len(p) + 2) for p in enc.paths)
         return len(enc.prompt) + paths + len(self.template) + len(enc.summary) + 1
-
-    def _fit(self, enc: EncodedRecord) -> EncodedRecord | None:
-        """Drop trailing paths (keeping two) until the row fits ``max_length``."""
-        while self.max_length is not None and self.length(enc) > self.max_length:
-            if len(enc.paths) <= 2:
-                return None
-            enc = EncodedRecord(enc.prompt, enc.paths[:-1], enc.truncated[:-1], enc.summary)
-        return enc
 
     def build(self, enc: EncodedRecord, path_indices: Sequence[int] | None = None) -> TrainingExample:
         """The packed row with each path under its control index (default 1..P)."""

@@ -40,8 +40,10 @@ from lm_eval_parathinker.thought_embedding import (
 
 from .arguments import parse_args
 from .batching import Collator, SFTDataset
-from .data import DataError, load_records, run_cli
+from .data import DataError, run_cli
+from .released import TokenizedBuilder
 from .sequence import SequenceBuilder, SequentialBuilder
+from .sources import Form, open_source, read_items
 from .trainer import EpochCallback, LossLogCallback, ParaThinkerTrainer
 
 logger = logging.getLogger("training.sft")
@@ -117,31 +119,47 @@ def wrap_lora(model, tokenizer, rank: int, alpha: int, targets: str):
 # -- data -------------------------------------------------------------------------------------
 
 
-def build_builder(args: argparse.Namespace, tokenizer, *, extrapolate: bool):
-    """The sequence builder of ``--layout`` (``extrapolate``: rename paths with ``--extrapolate-prob``)."""
+def build_builder(args: argparse.Namespace, tokenizer, form: Form, *, extrapolate: bool):
+    """The sequence builder of ``--layout`` for rows in ``form`` (``extrapolate``: rename paths
+    with ``--extrapolate-prob``)."""
     if args.layout == "sequential":
+        if form is not Form.RECORDS:
+            raise DataError(f"--layout sequential needs multi-path records (problem, answer, paths), not {form.value}")
         logger.info("sequence layout: sequential (each path a plain sample)")
         return SequentialBuilder(tokenizer, max_path_tokens=args.max_path_tokens, max_length=args.max_length,
                                  max_paths=args.max_paths)
     compat = resolve_compat(args.compat, tokenizer)
     logger.info("sequence layout: parathinker, compat=%s", compat.name)
+    prob = args.extrapolate_prob if extrapolate else 0.0
+    if form is Form.TOKENIZED:
+        if args.max_path_tokens is not None:
+            raise DataError("--max-path-tokens cuts paths of text data; pre-tokenized rows are trained as stored")
+        return TokenizedBuilder(tokenizer, compat=compat, max_length=args.max_length, max_paths=args.max_paths,
+                                extrapolate_prob=prob)
     return SequenceBuilder(
         tokenizer, compat=compat, max_path_tokens=args.max_path_tokens, max_length=args.max_length,
-        max_paths=args.max_paths, extrapolate_prob=args.extrapolate_prob if extrapolate else 0.0,
+        max_paths=args.max_paths, extrapolate_prob=prob,
     )
 
 
-def build_dataset(path: str, builder, args: argparse.Namespace, seed: int) -> SFTDataset:
+def build_dataset(spec: str, args: argparse.Namespace, tokenizer, *, split: str, extrapolate: bool, seed: int) -> SFTDataset:
+    """The rows of ``--data`` / ``--eval-data`` (``split``: the split taken from a DatasetDict or hub id)."""
+    source = open_source(spec, split=split)
+    logger.info("%s: %s, %s, %d rows", spec, source.origin, source.form.value, len(source.rows))
+    items, bad = read_items(source, tokenizer, model=args.model, skip_bad_rows=args.skip_bad_rows)
+    if bad:
+        logger.warning("%s: %d of %d rows are malformed and skipped (--skip-bad-rows)", spec, bad, len(source.rows))
+    builder = build_builder(args, tokenizer, source.form, extrapolate=extrapolate)
     try:
-        dataset = SFTDataset(load_records(path), builder, packing=args.packing, seed=seed)
+        dataset = SFTDataset(items, builder, packing=args.packing, seed=seed)
     except ValueError as e:
-        raise DataError(f"{path}: {e}") from e
+        raise DataError(f"{spec}: {e}") from e
     if dataset.skipped:
-        logger.warning("%s: %d of %d samples do not fit --max-length=%s and are skipped", path, dataset.skipped,
+        logger.warning("%s: %d of %d samples do not fit --max-length=%s and are skipped", spec, dataset.skipped,
                        dataset.num_candidates, args.max_length)
     if args.packing:
         fill = dataset.num_tokens / (len(dataset) * args.max_length)
-        logger.info("%s: %d samples packed into %d rows of at most %d tokens (%.0f%% filled)", path,
+        logger.info("%s: %d samples packed into %d rows of at most %d tokens (%.0f%% filled)", spec,
                     len(dataset.units), len(dataset), args.max_length, 100 * fill)
     return dataset
 
@@ -202,13 +220,15 @@ def build_trainer(args: argparse.Namespace, training_args: TrainingArguments) ->
     """The trainer of a command line and the checkpoint to resume from. Data and the resume point
     are checked before any output is written: bad input leaves nothing."""
     out = Path(args.output)
+    logger.info("recipe: %s; effective TrainingArguments (saved as OUT/training_args.bin):\n%s",
+                args.recipe or "none", training_args.to_json_string())
     set_seed(training_args.seed)  # the tables' and LoRA's initialisation
     attention = attention_implementation(args.attn_implementation, training_args.device)
     logger.info("attention: %s", attention)
     model, tokenizer = load_base(args.model, layout=args.layout, pad=args.compat == "official",
                                  attn_implementation=attention)
-    train_set = build_dataset(args.data, build_builder(args, tokenizer, extrapolate=True), args, training_args.seed)
-    eval_set = (build_dataset(args.eval_data, build_builder(args, tokenizer, extrapolate=False), args, training_args.seed)
+    train_set = build_dataset(args.data, args, tokenizer, split="train", extrapolate=True, seed=training_args.seed)
+    eval_set = (build_dataset(args.eval_data, args, tokenizer, split="test", extrapolate=False, seed=training_args.seed)
                 if args.eval_data else None)
     checkpoint = resume_checkpoint(out, args.resume)
     out.mkdir(parents=True, exist_ok=True)
