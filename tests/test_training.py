@@ -738,4 +738,5 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(base,
         for key, value in after_single.items():
             torch.testing.assert_close(after_sharded[key], value, atol=1e-5, rtol=1e-4, msg=f"{file}: {key}")
     changed = load_file(tmp / f"one_{name}" / weights)
-    assert any(k.endswith("seg_embeddings.weight") or "lora" in k for k in changed)  # tables or adapters trained
+    # the trained tables (full) or adapters (LoRA) were among the weights compared
+    assert any(k.endswith("seg_embeddings.weight") or "lora" in k for k in changed)

@@ -32,9 +32,8 @@ from lm_eval_parathinker.protocol import PAPER, Compat, ControlTokenIds
 from .sequence import IGNORE_INDEX, TrainingExample, extrapolation_indices, fit_paths
 
 #: the control-token ids of the released data: DeepSeek-R1-Distill-Qwen's vocabulary plus the control
-#: tokens in the official order (<think1> = 151665, </think1> = 151666, ..., <summary> = 151681)
+#: tokens in the official order (<think1> = 151665, </think1> = 151666, ...)
 OFFICIAL_THINK1_ID = 151665
-OFFICIAL_SUMMARY_ID = 151681
 
 
 @dataclass(frozen=True)
