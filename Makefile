@@ -19,7 +19,7 @@ export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test docs docs-serve demo bench lock test-min test-latest wheelhouse gpu-smoke clean
+.PHONY: setup test test-fast docs docs-serve demo bench lock test-min test-latest wheelhouse gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,11 @@ $(STAMP): pyproject.toml $(LOCK)
 
 test: $(STAMP) docs
 	$(PY) -m pytest -q tests
+
+# The edit-test loop: everything not marked slow (no subprocess lm_eval, multi-process launch,
+# compile or training loop); docs/development.md lists what each tier holds.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 # The docs (mkdocs.yml, docs/): strict, so a broken link or anchor, or a page missing from the nav,
 # fails `make test` in seconds, before the suite. The site goes under the venv (git-ignored).
