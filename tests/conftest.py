@@ -4,6 +4,9 @@ fixtures, which run before any test's own. lm_eval subprocesses inherit the vari
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -36,3 +39,19 @@ def one_thread_offline():
             patch.setenv(key, offline_env()[key])
         yield
     torch.set_num_threads(before)
+
+
+# -- test times by file and tier (benchmarks/test_times.py sets the variable) --------------------
+
+TIMES_ENV = "PARATHINKER_TEST_TIMES"
+
+
+def pytest_runtest_logreport(report):
+    """Append each test phase's duration, file and tier to the JSON-lines file named by
+    ``$PARATHINKER_TEST_TIMES`` (unset: nothing)."""
+    path = os.environ.get(TIMES_ENV)
+    if path:
+        record = {"file": report.nodeid.split("::")[0], "test": report.nodeid, "when": report.when,
+                  "slow": "slow" in report.keywords, "seconds": report.duration, "outcome": report.outcome}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
