@@ -66,18 +66,16 @@ class ParaThinkerParts:
 
 
 def add_parathinker_parts(model, tokenizer, pretrained: str, revision: str, peft: str | None,
-                          parathinker: bool, num_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS) -> ParaThinkerParts:
+                          parathinker: bool) -> ParaThinkerParts:
     """Fit the embeddings to ``tokenizer``, add the control tokens (``parathinker``, or when the
     tokenizer has them) and load or attach the thought embeddings (see the module docstring).
 
-    A tokenizer with control tokens keeps the ones it has (they set the limit on ``num_paths``). A
-    plain one (training-free mode) gets ``<think1>``..``<thinkK>`` for K = ``num_paths``, at least
-    the released checkpoint's 8."""
+    A tokenizer with control tokens keeps the ones it has (they set the limit on ``num_paths``); a
+    plain one (training-free mode) gets the released checkpoint's ``<think1>``..``<think8>``."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # the tokenizer's own tokens first, as for the checkpoint alone
     rows = model.get_input_embeddings().weight.shape[0]
-    have = protocol.num_control_paths(tokenizer)
-    paths = have or max(num_paths, protocol.DEFAULT_NUM_CONTROL_PATHS)
+    paths = protocol.num_control_paths(tokenizer) or protocol.DEFAULT_NUM_CONTROL_PATHS
     added = add_control_tokens(model, tokenizer, paths) if parathinker or has_control_tokens(tokenizer) else []
     # The checkpoint alone has no such tokens, so the baselines never sample the rows created for
     # them (their other rows' logits are untouched).

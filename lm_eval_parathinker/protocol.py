@@ -228,19 +228,20 @@ def resolve_compat(compat: str, tokenizer) -> Compat:
 
 def check_num_paths(num_paths: int, tokenizer, layout: Compat) -> None:
     """Refuse more paths than there are control tokens to open them: the tokenizer's
-    ``<think1>``..``<thinkK>``, and no more than the released engine's 8 with ``compat=official``.
-    A plain tokenizer (K = 0) is not checked: training-free mode adds the tokens ``num_paths`` needs
-    (:func:`lm_eval_parathinker.checkpoint.add_parathinker_parts`), and the engine refuses a
-    tokenizer without them."""
+    ``<think1>``..``<thinkK>`` (a plain tokenizer: the released 8 that training-free mode adds,
+    :func:`lm_eval_parathinker.checkpoint.add_parathinker_parts`), and no more than the released
+    engine's 8 with ``compat=official``."""
     if layout.max_paths is not None and num_paths > layout.max_paths:
         raise ValueError(f"num_paths={num_paths} is beyond the released engine's {layout.max_paths} paths "
                          f"({think_open(1)}..{think_open(layout.max_paths)}), which compat={layout.name} reproduces: "
                          "use compat=paper for more paths, on a checkpoint with more control tokens")
     have = num_control_paths(tokenizer)
-    if have and num_paths > have:
-        raise ValueError(f"num_paths={num_paths} needs {think_open(num_paths)}, but the tokenizer has "
-                         f"{think_open(1)}..{think_open(have)} ({have} paths): use a checkpoint with {num_paths} "
-                         f"control tokens (python -m training.sft --num-control-tokens {num_paths})")
+    limit = have or DEFAULT_NUM_CONTROL_PATHS
+    if num_paths > limit:
+        tokens = f"{think_open(1)}..{think_open(limit)}"
+        has = f"the tokenizer has {tokens}" if have else f"training-free mode gives a plain checkpoint the released {tokens}"
+        raise ValueError(f"num_paths={num_paths} needs {think_open(num_paths)}, but {has}: use a checkpoint with "
+                         f"{num_paths} control tokens (python -m training.sft --num-control-tokens {num_paths})")
 
 
 @dataclass(frozen=True)

@@ -309,22 +309,34 @@ def test_unsupported_gen_kwarg_is_rejected(plain_ckpt):
 # --------------------------------------------------------------------------- training-free, embedded
 
 
-@pytest.mark.parametrize("num_paths, control_paths", [(2, 8), (12, 12)])
-def test_plain_model_runs_training_free_with_one_warning(num_paths, control_paths, plain_ckpt, caplog):
-    """Training-free mode adds <think1>..<thinkK>, K = num_paths, at least the released checkpoint's 8."""
+def test_plain_model_runs_training_free_with_one_warning(plain_ckpt, caplog):
+    """Training-free mode gives a plain checkpoint the released <think1>..<think8>."""
     with caplog.at_level("WARNING"):
-        lm = _lm(plain_ckpt, num_paths=num_paths, summary_max_tokens=3)
+        lm = _lm(plain_ckpt, num_paths=2, summary_max_tokens=3)
     warnings = [r for r in caplog.records if "training-free" in r.getMessage()]
     assert len(warnings) == 1 and "NOT those of a trained ParaThinker model" in warnings[0].getMessage()
-    assert lm.parts.training_free and lm.parts.control_tokens_added == protocol.control_tokens(control_paths)
+    assert lm.parts.training_free and lm.parts.control_tokens_added == protocol.control_tokens(8)
     greedy = {"until": [], "max_gen_toks": 5, "do_sample": False}
     (text,) = lm.generate_until(_requests(["Find x."], greedy), disable_tqdm=True)
-    _split_transcript(text, num_paths)
+    _split_transcript(text, 2)
     # --apply_chat_template: parathinker takes the plain text, build_prompt applies the template once
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Find x."}]
     assert lm.apply_chat_template(chat) == "Be brief.\nFind x."
-    with pytest.raises(ValueError, match=f"the tokenizer has <think1>..<think{control_paths}>"):
-        lm.configure(num_paths=control_paths + 1, resume=False)  # the tokens it got are now the limit
+    lm.configure(num_paths=8, resume=False)
+    with pytest.raises(ValueError, match="num_paths=9 needs <think9>, but the tokenizer has <think1>..<think8>"):
+        lm.configure(num_paths=9, resume=False)
+
+
+def test_training_free_above_eight_paths_fails_before_loading(plain_ckpt, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    def no_loading(*a, **k):
+        raise AssertionError("the weights were loaded before the bad num_paths was reported")
+
+    monkeypatch.setattr(HFLM, "_create_model", no_loading)
+    with pytest.raises(ValueError, match="num_paths=9 needs <think9>, but training-free mode gives a plain checkpoint "
+                                         "the released <think1>..<think8>: use a checkpoint with 9 control tokens"):
+        _lm(plain_ckpt, num_paths=9)
 
 
 def test_embedded_gguf_discovery_and_cache_dir(monkeypatch, tmp_path):

@@ -125,8 +125,7 @@ class ParaThinkerLM(HFLM):
         with quiet_unexpected_tables():  # official checkpoints hold seg_embeddings: read by add_parathinker_parts
             super()._create_model(pretrained, *args, peft=None, revision=revision, **kwargs)
         self.parts = add_parathinker_parts(self._model, self.tokenizer, pretrained, revision, peft,
-                                           parathinker=self.options.method == "parathinker",
-                                           num_paths=self.options.engine.num_paths)
+                                           parathinker=self.options.method == "parathinker")
         if peft:
             from peft import PeftModel
 
