@@ -278,6 +278,8 @@ def test_num_control_tokens_flag(tmp_path, capsys, base, data_file):
         capsys, "--layout", "sequential", "--num-control-tokens", "16")
     with pytest.raises(DataError, match="16 control paths, but compat=official decodes at most the released engine's 8"):
         build_trainer(*parse_args([*argv, "--num-control-tokens", "16", "--compat", "official"]))
+    with pytest.raises(DataError, match="--max-paths 6 is more than the tokenizer's 4 control paths"):
+        build_trainer(*parse_args([*argv, "--num-control-tokens", "4"]))
     assert not (tmp_path / "out").exists()
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from lm_eval_parathinker.data import iter_json_lines as read_json_lines
 from lm_eval_parathinker.files import atomic_write
+
 MIN_PATHS = 2
 #: any ParaThinker control token (<think k>, </think k> for every k, <summary>, </summary>): a path
 #: text must spell none, whatever number of them the tokenizer has
