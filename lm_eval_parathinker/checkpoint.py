@@ -47,8 +47,9 @@ def adapter_tokenizer(peft: str | None, revision: str | None) -> str | None:
 
 
 def has_control_tokens(tokenizer) -> bool:
+    """The tokenizer has ``<think1>``..``<thinkK>`` (K >= 1, their closers) and the summary pair."""
     vocab = tokenizer.get_vocab()
-    return all(t in vocab for t in protocol.control_tokens())
+    return all(t in vocab for t in protocol.control_tokens(max(protocol.num_control_paths(tokenizer), 1)))
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,15 @@ class ParaThinkerParts:
 def add_parathinker_parts(model, tokenizer, pretrained: str, revision: str, peft: str | None,
                           parathinker: bool) -> ParaThinkerParts:
     """Fit the embeddings to ``tokenizer``, add the control tokens (``parathinker``, or when the
-    tokenizer has them) and load or attach the thought embeddings (see the module docstring)."""
+    tokenizer has them) and load or attach the thought embeddings (see the module docstring).
+
+    A tokenizer with control tokens keeps the ones it has (they set the limit on ``num_paths``); a
+    plain one (training-free mode) gets the released checkpoint's ``<think1>``..``<think8>``."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))  # the tokenizer's own tokens first, as for the checkpoint alone
     rows = model.get_input_embeddings().weight.shape[0]
-    added = add_control_tokens(model, tokenizer) if parathinker or has_control_tokens(tokenizer) else []
+    paths = protocol.num_control_paths(tokenizer) or protocol.DEFAULT_NUM_CONTROL_PATHS
+    added = add_control_tokens(model, tokenizer, paths) if parathinker or has_control_tokens(tokenizer) else []
     # The checkpoint alone has no such tokens, so the baselines never sample the rows created for
     # them (their other rows' logits are untouched).
     banned = [i for i in tokenizer.convert_tokens_to_ids(added) if i >= rows]

@@ -79,6 +79,16 @@ def control_tokens(num_control_paths: int = DEFAULT_NUM_CONTROL_PATHS) -> list[s
     return tokens + [SUMMARY_OPEN, SUMMARY_CLOSE]
 
 
+def num_control_paths(tokenizer) -> int:
+    """K, the paths a tokenizer's control tokens can open: it has ``<think1>``, ``</think1>``, ...,
+    ``<thinkK>``, ``</thinkK>`` (0: a plain tokenizer). The one source of the limit on ``num_paths``."""
+    vocab = tokenizer.get_vocab()
+    count = 0
+    while think_open(count + 1) in vocab and think_close(count + 1) in vocab:
+        count += 1
+    return count
+
+
 def is_official_tokenizer(tokenizer) -> bool:
     """True for DeepSeek-R1-Distill style tokenizers, whose prompt format the official model uses."""
     vocab = tokenizer.get_vocab()
@@ -122,6 +132,7 @@ class Compat:
     summary_after_prompt_twice: bool  # <summary> at 2 Lp + max len_k (vLLM's position offset)
     summary_cap_counts_template: bool  # summary_max_tokens counts from <summary>, template included
     yarn_above: int | None  # per-path budget above which the example enables YaRN
+    max_paths: int | None  # the most paths it runs (None: as many as the tokenizer has control tokens)
 
     def question(self, problem: str) -> str:
         """The question put into :func:`build_prompt` for a benchmark problem."""
@@ -183,10 +194,10 @@ OFFICIAL_YARN_ORIGINAL_MAX_POSITIONS = 9280  # the example's "max_prompt_len + m
 
 PAPER = Compat("paper", pad_to_multiple_of=None, extra_bos=False, question_alone=False, eos_ends_path=True,
                summary_after_prompt_twice=False, summary_cap_counts_template=False,
-               yarn_above=None)
+               yarn_above=None, max_paths=None)
 OFFICIAL = Compat("official", pad_to_multiple_of=16, extra_bos=True, question_alone=True, eos_ends_path=False,
                   summary_after_prompt_twice=True, summary_cap_counts_template=True,
-                  yarn_above=8192)
+                  yarn_above=8192, max_paths=DEFAULT_NUM_CONTROL_PATHS)  # <think1>..<think8>
 #: the layouts by name (``auto`` is not one: it is resolved from a tokenizer)
 LAYOUTS = {layout.name: layout for layout in (PAPER, OFFICIAL)}
 
@@ -215,6 +226,24 @@ def resolve_compat(compat: str, tokenizer) -> Compat:
     return OFFICIAL
 
 
+def check_num_paths(num_paths: int, tokenizer, layout: Compat) -> None:
+    """Refuse more paths than there are control tokens to open them: the tokenizer's
+    ``<think1>``..``<thinkK>`` (a plain tokenizer: the released 8 that training-free mode adds,
+    :func:`lm_eval_parathinker.checkpoint.add_parathinker_parts`), and no more than the released
+    engine's 8 with ``compat=official``."""
+    if layout.max_paths is not None and num_paths > layout.max_paths:
+        raise ValueError(f"num_paths={num_paths} is beyond the released engine's {layout.max_paths} paths "
+                         f"({think_open(1)}..{think_open(layout.max_paths)}), which compat={layout.name} reproduces: "
+                         "use compat=paper for more paths, on a checkpoint with more control tokens")
+    have = num_control_paths(tokenizer)
+    limit = have or DEFAULT_NUM_CONTROL_PATHS
+    if num_paths > limit:
+        tokens = f"{think_open(1)}..{think_open(limit)}"
+        has = f"the tokenizer has {tokens}" if have else f"training-free mode gives a plain checkpoint the released {tokens}"
+        raise ValueError(f"num_paths={num_paths} needs {think_open(num_paths)}, but {has}: use a checkpoint with "
+                         f"{num_paths} control tokens (python -m training.sft --num-control-tokens {num_paths})")
+
+
 @dataclass(frozen=True)
 class ControlTokenIds:
     """Token ids of the protocol in one tokenizer."""
@@ -227,17 +256,19 @@ class ControlTokenIds:
     think_end: int | None  # base model's </think>, if it has one
 
     @classmethod
-    def from_tokenizer(cls, tokenizer, num_control_paths: int = DEFAULT_NUM_CONTROL_PATHS) -> ControlTokenIds:
+    def from_tokenizer(cls, tokenizer) -> ControlTokenIds:
+        """The ids in ``tokenizer``: every ``<think k>`` it has (:func:`num_control_paths`), at least one."""
         vocab = tokenizer.get_vocab()
-        missing = [t for t in control_tokens(num_control_paths) if t not in vocab]
+        count = num_control_paths(tokenizer)
+        missing = [t for t in control_tokens(max(count, 1)) if t not in vocab]
         if missing:
             raise ValueError(
                 f"tokenizer lacks the ParaThinker control tokens {missing}; call "
                 "lm_eval_parathinker.thought_embedding.add_control_tokens(model, tokenizer) first"
             )
         return cls(
-            think_open=tuple(vocab[think_open(k)] for k in range(1, num_control_paths + 1)),
-            think_close=tuple(vocab[think_close(k)] for k in range(1, num_control_paths + 1)),
+            think_open=tuple(vocab[think_open(k)] for k in range(1, count + 1)),
+            think_close=tuple(vocab[think_close(k)] for k in range(1, count + 1)),
             summary_open=vocab[SUMMARY_OPEN],
             summary_close=vocab[SUMMARY_CLOSE],
             think=vocab.get(THINK_OPEN),

@@ -47,14 +47,34 @@ def test_path_logits_equal_each_path_decoded_alone(parathinker, attention):
         attention=attention, block_size=4,  # paths of several pages
     )
     for out in outs:
-        lp = len(out.prompt_ids)
-        for k, path in enumerate(out.path_ids, start=1):
-            ids = torch.tensor([out.prompt_ids + path])
-            positions = torch.arange(ids.shape[1])[None]  # prompt 0..Lp-1, path token j at Lp+j
-            segments = torch.tensor([[0] * lp + [k] * len(path)])
-            with torch.no_grad():
-                alone = model(ids, position_ids=positions, segment_ids=segments).logits[0, lp:]
-            torch.testing.assert_close(out.path_logits[k - 1], alone, atol=1e-4, rtol=0)
+        assert_paths_decode_alone(model, out)
+
+
+def assert_paths_decode_alone(model, out) -> None:
+    """Each path's logits are those of the prompt and that path alone, path k at segment k."""
+    lp = len(out.prompt_ids)
+    for k, path in enumerate(out.path_ids, start=1):
+        ids = torch.tensor([out.prompt_ids + path])
+        positions = torch.arange(ids.shape[1])[None]  # prompt 0..Lp-1, path token j at Lp+j
+        segments = torch.tensor([[0] * lp + [k] * len(path)])
+        with torch.no_grad():
+            alone = model(ids, position_ids=positions, segment_ids=segments).logits[0, lp:]
+        torch.testing.assert_close(out.path_logits[k - 1], alone, atol=1e-4, rtol=0)
+
+
+def test_sixteen_paths_on_a_checkpoint_with_sixteen_control_tokens():
+    """The limit is the tokenizer's <think k> tokens: P = 16 (the paper's widest) on a tokenizer with
+    <think1>..<think16>, each path opened by its own token and decoded under its own thought embedding."""
+    model, tok = tiny_parathinker("qwen2", num_control_paths=16)
+    ids = ControlTokenIds.from_tokenizer(tok)
+    assert protocol.num_control_paths(tok) == ids.num_control_paths == 16
+    (out,) = ParaThinkerEngine(model, tok).generate(
+        PROMPTS[:1], num_paths=16, max_new_tokens=4, termination="last", temperature=1.0, seed=0, output_logits=True,
+    )
+    assert [path[0] for path in out.path_ids] == [tok.convert_tokens_to_ids(f"<think{k}>") for k in range(1, 17)]
+    assert [text.startswith(f"<think{k}>") for k, text in enumerate(out.path_texts, 1)] == [True] * 16
+    assert out.stats["num_paths"] == 16
+    assert_paths_decode_alone(model, out)
 
 
 def full_sequence_summary_logits(model, out, **layout_kwargs) -> torch.Tensor:
@@ -354,7 +374,7 @@ def test_control_tokens_get_the_official_ids():
     "kwargs, message",
     [
         (dict(num_paths=0), "num_paths=0"),
-        (dict(num_paths=9), "num_paths=9 is out of range for parathinker decoding: must be between 1 and 8"),
+        (dict(num_paths=9), "num_paths=9 needs <think9>, but the tokenizer has <think1>..<think8>"),
         (dict(termination="sometimes"), "termination='sometimes'"),
         (dict(mode="beam"), "mode='beam'"),
         (dict(summary_kv="copy"), "summary_kv='copy'"),

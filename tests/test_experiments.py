@@ -317,8 +317,8 @@ def _line_of(text: str, needle: str) -> int:
 
 @pytest.mark.parametrize("change, needle, message", [
     ("termination: last}}", "temination: last}}", "sweeps.ablations.runs[1].temination: unknown key 'temination'"),
-    ("num_paths: [1, 2], max_gen_toks: 8}}", "num_paths: [1, 9], max_gen_toks: 8}}",
-     "sweeps.width.runs[0] (parathinker P=9): num_paths=9 is out of range for parathinker decoding"),
+    ("num_paths: [1, 2], max_gen_toks: 8}}", "num_paths: [0, 2], max_gen_toks: 8}}",
+     "sweeps.width.runs[0] (parathinker P=0): num_paths=0 must be at least 1"),
     ("label: first-finish, method: parathinker, num_paths: 2, max_gen_toks: 8",
      "label: first-finish, method: parathinker, num_paths: 2, max_gen_toks: 24, compat: official",
      "sweeps.ablations.runs[0] (first-finish): max_gen_toks=24 (the per-path budget) must be a multiple of 16"),
@@ -335,18 +335,26 @@ def test_bad_configs_fail_naming_the_entry(change, needle, message, ckpt, tmp_pa
     assert str(error.value).startswith(f"{path}:{line}: {message}")
 
 
-def test_layout_checked_with_the_tokenizer_before_any_weights_load(ckpt, tmp_path, monkeypatch, capsys):
-    """compat=official on a tokenizer without the released tokens: refused by the command, exit 2,
-    no weights loaded and nothing written."""
-    path = _config(tmp_path, ckpt, GRID.replace("num_paths: 2, max_gen_toks: 8, termination: last",
-                                                "num_paths: 2, max_gen_toks: 16, compat: official", 1))
+@pytest.mark.parametrize("change, needle, entry, message", [
+    ("num_paths: 2, max_gen_toks: 8, termination: last", "num_paths: 2, max_gen_toks: 16, compat: official",
+     "sweeps.ablations.runs[1]", "compat=official needs the released checkpoint's tokenizer"),
+    ("num_paths: [1, 2], max_gen_toks: 8}}", "num_paths: [1, 9], max_gen_toks: 8}}",
+     "sweeps.width.runs[0] (parathinker P=9)",
+     "num_paths=9 needs <think9>, but training-free mode gives a plain checkpoint the released <think1>..<think8>"),
+])
+def test_layout_checked_with_the_tokenizer_before_any_weights_load(change, needle, entry, message, ckpt, tmp_path,
+                                                                   monkeypatch, capsys):
+    """What needs the checkpoint's tokenizer (compat=official on one without the released tokens,
+    more paths than training-free mode gives it): refused by the command, exit 2, no weights loaded and
+    nothing written."""
+    path = _config(tmp_path, ckpt, GRID.replace(change, needle, 1))
     loads = []
     monkeypatch.setattr(ParaThinkerLM, "_create_model", lambda self, *a, **k: loads.append(1))
     out = tmp_path / "out"
     assert main([str(path), "--output-path", str(out)]) == 2
     err = capsys.readouterr().err
-    assert f"{path}:{_line_of(path.read_text(), 'compat: official')}: sweeps.ablations.runs[1]" in err
-    assert "compat=official needs the released checkpoint's tokenizer" in err
+    assert f"{path}:{_line_of(path.read_text(), needle.replace('}}', '}'))}: {entry}" in err
+    assert message in err
     assert loads == [] and not out.exists()
 
 

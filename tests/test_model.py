@@ -133,6 +133,35 @@ def test_baselines_through_simple_evaluate(method, ckpt):
     _check_run(method, res, [s["resps"][0][0] for s in res["samples"]["aime24"]])
 
 
+def test_sixteen_paths_through_lm_eval_on_a_checkpoint_with_sixteen_control_tokens(tmp_path):
+    """The harness reads the limit from the checkpoint's tokenizer: num_paths=16 runs, each path
+    opened by its own <think k>."""
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    ckpt = save_tiny_checkpoint(tmp_path / "tiny_pt16", "qwen2", num_control_paths=16)
+    res = simple_evaluate(
+        model="parathinker", model_args={"pretrained": str(ckpt), "dtype": "float32", "num_paths": 16,
+                                         "summary_max_tokens": 3, "termination": "last"},
+        tasks=["aime24"], limit=1, gen_kwargs=f"max_gen_toks=3,{HOT}", device="cpu", batch_size=1, log_samples=True,
+        task_manager=TaskManager(include_defaults=False, metadata={"repeats": 1}),
+    )  # fmt: skip
+    (sample,) = res["samples"]["aime24"]
+    _split_transcript(sample["resps"][0][0], 16)  # <think1> ... <think16>, in order, each closed by its own
+    assert res["results"]["aime24"]["num_paths,all"] == 16 and res["config"]["parathinker"]["num_paths"] == 16
+
+
+def test_more_paths_than_the_checkpoint_has_fail_naming_its_tokens_before_loading(ckpt, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    def no_loading(*a, **k):
+        raise AssertionError("the weights were loaded before the bad num_paths was reported")
+
+    monkeypatch.setattr(HFLM, "_create_model", no_loading)
+    with pytest.raises(ValueError, match="num_paths=9 needs <think9>, but the tokenizer has <think1>..<think8>"):
+        _lm(ckpt, num_paths=9)
+
+
 # --------------------------------------------------------------------------- terminations, in-process
 
 
@@ -235,7 +264,6 @@ def test_response_survives_pickle_and_json():
     [
         ({"method": "beam"}, "method='beam'"),
         ({"termination": "sometimes"}, "termination='sometimes'"),
-        ({"num_paths": 9}, "num_paths=9"),
         ({"num_paths": 0}, "num_paths=0"),
         ({"method": "sequential", "num_paths": 4}, "num_paths=4"),
         ({"method": "majority", "num_paths": "many"}, "num_paths='many'"),
@@ -282,17 +310,33 @@ def test_unsupported_gen_kwarg_is_rejected(plain_ckpt):
 
 
 def test_plain_model_runs_training_free_with_one_warning(plain_ckpt, caplog):
+    """Training-free mode gives a plain checkpoint the released <think1>..<think8>."""
     with caplog.at_level("WARNING"):
         lm = _lm(plain_ckpt, num_paths=2, summary_max_tokens=3)
     warnings = [r for r in caplog.records if "training-free" in r.getMessage()]
     assert len(warnings) == 1 and "NOT those of a trained ParaThinker model" in warnings[0].getMessage()
-    assert lm.parts.training_free and len(lm.parts.control_tokens_added) == len(protocol.control_tokens())
+    assert lm.parts.training_free and lm.parts.control_tokens_added == protocol.control_tokens(8)
     greedy = {"until": [], "max_gen_toks": 5, "do_sample": False}
     (text,) = lm.generate_until(_requests(["Find x."], greedy), disable_tqdm=True)
     _split_transcript(text, 2)
     # --apply_chat_template: parathinker takes the plain text, build_prompt applies the template once
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Find x."}]
     assert lm.apply_chat_template(chat) == "Be brief.\nFind x."
+    lm.configure(num_paths=8, resume=False)
+    with pytest.raises(ValueError, match="num_paths=9 needs <think9>, but the tokenizer has <think1>..<think8>"):
+        lm.configure(num_paths=9, resume=False)
+
+
+def test_training_free_above_eight_paths_fails_before_loading(plain_ckpt, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    def no_loading(*a, **k):
+        raise AssertionError("the weights were loaded before the bad num_paths was reported")
+
+    monkeypatch.setattr(HFLM, "_create_model", no_loading)
+    with pytest.raises(ValueError, match="num_paths=9 needs <think9>, but training-free mode gives a plain checkpoint "
+                                         "the released <think1>..<think8>: use a checkpoint with 9 control tokens"):
+        _lm(plain_ckpt, num_paths=9)
 
 
 def test_embedded_gguf_discovery_and_cache_dir(monkeypatch, tmp_path):

@@ -270,7 +270,7 @@ def test_auto_picks_official_when_the_tokenizer_has_the_pad(official):
     [
         (dict(compat="vllm"), "compat='vllm' is not one of auto, paper, official"),
         (dict(compat="official", max_new_tokens=40), "max_new_tokens=40 .*must be a multiple of 16"),
-        (dict(compat="official", num_paths=9), "num_paths=9 is out of range"),
+        (dict(compat="official", num_paths=9), "num_paths=9 is beyond the released engine's 8 paths"),
         (dict(compat="official", positions="flattened"), "flattened"),
         (dict(compat="official", mode="independent"), "compat='official' applies to parathinker decoding only"),
         (dict(compat="official", summary_max_tokens=5), "summary_max_tokens leaves no room"),
@@ -280,6 +280,17 @@ def test_bad_official_arguments(official, kwargs, message):
     model, tok = official
     with pytest.raises(ValueError, match=message):
         ParaThinkerEngine(model, tok).generate(["Find x."], **{"max_new_tokens": 16, **kwargs})
+
+
+def test_official_keeps_the_released_engines_eight_paths_whatever_the_tokenizer_has():
+    model, tok = tiny_parathinker("qwen2", official=True, num_control_paths=16)
+    engine = ParaThinkerEngine(model, tok)
+    for compat in ("official", "auto"):  # auto: the tokenizer has <vllm_pad>
+        with pytest.raises(ValueError, match=r"num_paths=9 is beyond the released engine's 8 paths \(<think1>..<think8>\), "
+                                             r"which compat=official reproduces: use compat=paper"):
+            engine.generate(["Find x."], num_paths=9, max_new_tokens=16, compat=compat)
+    out = engine.generate(["Find x."], num_paths=9, max_new_tokens=4, compat="paper")[0]
+    assert [path[0] for path in out.path_ids] == list(ControlTokenIds.from_tokenizer(tok).think_open[:9])
 
 
 def test_official_needs_the_released_tokenizer_and_aligned_ids(official):
@@ -356,7 +367,7 @@ def test_model_errors_come_before_any_weights_load(official_ckpt, tmp_path, monk
     cases = [
         (dict(pretrained=str(plain), compat="official"), "compat=official needs the released checkpoint's tokenizer"),
         (dict(pretrained=str(official_ckpt), compat="vllm"), "compat='vllm' is not one of"),
-        (dict(pretrained=str(official_ckpt), num_paths=9), "num_paths=9 is out of range"),
+        (dict(pretrained=str(official_ckpt), num_paths=9), "num_paths=9 is beyond the released engine's 8 paths"),
         (dict(pretrained=str(official_ckpt), method="majority", compat="official"), "parathinker decoding only"),
         (dict(pretrained=str(official_ckpt), positions="flattened"), "flattened has no equivalent"),
     ]

@@ -22,11 +22,12 @@ from tiny import DATA_DIR, save_tiny_checkpoint, tiny_parathinker, tiny_tokenize
 from lm_eval_parathinker import protocol  # noqa: E402
 from lm_eval_parathinker.engine import ParaThinkerEngine  # noqa: E402
 from training import make_data  # noqa: E402
-from training.data import DataError, convert, load_records  # noqa: E402
+from training.data import DataError, control_token_in, convert, load_records  # noqa: E402
 from training.batching import Collator, SFTDataset  # noqa: E402
 from training.arguments import parse_args  # noqa: E402
 from training.sequence import IGNORE_INDEX, SequenceBuilder, SequentialBuilder, extrapolation_indices, pack  # noqa: E402
-from training.sft import load_base, resume_checkpoint  # noqa: E402
+from training.sft import build_trainer, load_base, resume_checkpoint  # noqa: E402
+from training.transcripts import record_from_text  # noqa: E402
 from training.trainer import forward_logits, model_inputs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -251,6 +252,37 @@ def test_extrapolation_renames_tokens_labels_and_segments(tiny):
     assert torch.equal(renamed.layout.attention_mask(), plain.layout.attention_mask())
 
 
+def test_sixteen_control_tokens_reach_the_readers_and_the_extrapolation():
+    """A tokenizer with <think1>..<think16>: transcripts may open paths up to <think16> (the default
+    reader stops at the released 8, naming the token), a path text spells no control token of any
+    k, and extrapolation renames paths to the tokenizer's last two, <think15> and <think16>."""
+    _, tok = tiny_parathinker("qwen2", num_control_paths=16)
+    text = "Q" + "".join(f"<think{k}>p{k}</think{k}>" for k in range(1, 11)) + "<summary> \\boxed{1}</summary>"
+    assert record_from_text(text, 16)["paths"] == [f"p{k}" for k in range(1, 11)]
+    with pytest.raises(ValueError, match="<think9>: the tokenizer has <think1>..<think8>"):
+        record_from_text(text)
+    assert control_token_in("so <think12> then") == "<think12>" and control_token_in("<think> x </think>") is None
+    builder = SequenceBuilder(tok, extrapolate_prob=1.0)
+    ex = builder.sample(builder.encode(RECORDS[0]), random.Random(0))
+    assert sorted(ex.path_indices)[1:] == [15, 16]  # two of the three paths renamed
+    for k in ex.path_indices:
+        assert ex.input_ids[ex.layout.block_ids == k][0] == builder.ids.think_open[k - 1] == tok.convert_tokens_to_ids(f"<think{k}>")
+
+
+def test_num_control_tokens_flag(tmp_path, capsys, base, data_file):
+    argv = ["--model", str(base), "--data", str(data_file), "--output", str(tmp_path / "out"), "--full"]
+    assert parse_args(argv)[0].num_control_tokens == 8  # the released checkpoint's
+    assert parse_args([*argv, "--num-control-tokens", "16"])[0].num_control_tokens == 16
+    assert "--num-control-tokens must be between 2 and 31" in _parse_error(capsys, "--num-control-tokens", "32")
+    assert "--num-control-tokens applies to --layout parathinker only" in _parse_error(
+        capsys, "--layout", "sequential", "--num-control-tokens", "16")
+    with pytest.raises(DataError, match="16 control paths, but compat=official decodes at most the released engine's 8"):
+        build_trainer(*parse_args([*argv, "--num-control-tokens", "16", "--compat", "official"]))
+    with pytest.raises(DataError, match="--max-paths 6 is more than the tokenizer's 4 control paths"):
+        build_trainer(*parse_args([*argv, "--num-control-tokens", "4"]))
+    assert not (tmp_path / "out").exists()
+
+
 def test_collator_padding_changes_nothing(tiny):
     model, tok = tiny
     builder = SequenceBuilder(tok)
@@ -461,6 +493,20 @@ def test_full_sft_lowers_loss_and_loads_in_lm_eval(base, data_file):
     assert _dataset_loss(model, tok) < 0.8 * _initial_loss(base)
     res = _lm_eval(f"pretrained={out},num_paths=2", tmp / "eval_full")
     assert "aime24" in res["results"]
+
+
+@pytest.mark.slow
+def test_sft_with_sixteen_control_tokens_makes_a_checkpoint_that_decodes_sixteen_paths(base, data_file):
+    from lm_eval_parathinker.thought_embedding import load_parathinker_model
+    from transformers import AutoTokenizer
+
+    tmp = data_file.parent
+    out = tmp / "sixteen"
+    _sft(tmp, base, out, "--full", "--num-control-tokens", "16", "--max-steps", "1")
+    tok = AutoTokenizer.from_pretrained(out)
+    assert protocol.num_control_paths(tok) == 16
+    (result,) = ParaThinkerEngine(load_parathinker_model(out), tok).generate(["Find x."], num_paths=16, max_new_tokens=2)
+    assert [path[0] for path in result.path_ids] == [tok.convert_tokens_to_ids(f"<think{k}>") for k in range(1, 17)]
 
 
 def test_official_layout_sft_makes_a_checkpoint_lm_eval_runs_as_official(base, data_file):

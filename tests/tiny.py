@@ -71,12 +71,14 @@ def tiny_model(arch: str = "qwen2", seed: int = 0, max_position_embeddings: int 
 
 
 def tiny_parathinker(arch: str = "qwen2", seed: int = 0, table_std: float = 0.5, official: bool = False,
-                     max_position_embeddings: int = 4096):
-    """(model, tokenizer) with the control tokens and random (non-zero) thought embeddings;
-    ``official``: the released checkpoint's tokenizer shape (BOS, role tokens, ``<vllm_pad>``)."""
+                     max_position_embeddings: int = 4096,
+                     num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS):
+    """(model, tokenizer) with the control tokens for ``num_control_paths`` paths and random
+    (non-zero) thought embeddings; ``official``: the released checkpoint's tokenizer shape (BOS,
+    role tokens, ``<vllm_pad>``)."""
     model = tiny_model(arch, seed, max_position_embeddings)
     tok = tiny_official_tokenizer() if official else tiny_tokenizer()
-    add_control_tokens(model, tok, pad=official)
+    add_control_tokens(model, tok, num_control_paths, pad=official)
     attach_thought_embeddings(model)
     torch.manual_seed(seed + 1)
     for table in thought_embedding_tables(model):
@@ -85,12 +87,12 @@ def tiny_parathinker(arch: str = "qwen2", seed: int = 0, table_std: float = 0.5,
 
 
 def save_tiny_checkpoint(path: str | Path, arch: str = "qwen2", parathinker: bool = True, official: bool = False,
-                         exact_vocab: bool = False) -> Path:
+                         exact_vocab: bool = False, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS) -> Path:
     """A tiny checkpoint directory: official ParaThinker format (``official``: with the released
-    tokenizer's shape), or a plain model + tokenizer (``exact_vocab``: one embedding row per token, so
-    adding the control tokens grows the embeddings)."""
+    tokenizer's shape; ``num_control_paths``: its control tokens), or a plain model + tokenizer
+    (``exact_vocab``: one embedding row per token, so adding the control tokens grows the embeddings)."""
     if parathinker:
-        model, tok = tiny_parathinker(arch, official=official)
+        model, tok = tiny_parathinker(arch, official=official, num_control_paths=num_control_paths)
     else:
         tok = tiny_tokenizer()
         model = tiny_model(arch, vocab_size=len(tok) if exact_vocab else VOCAB_SIZE)

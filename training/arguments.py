@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from lm_eval_parathinker.protocol import COMPAT_CHOICES
+from lm_eval_parathinker.protocol import COMPAT_CHOICES, DEFAULT_MAX_SEGMENTS, DEFAULT_NUM_CONTROL_PATHS
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 LAYOUTS = ("parathinker", "sequential")
@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-path-tokens", type=int, default=None, help="per-path budget incl. <think k> and </think k>")
     p.add_argument("--max-paths", type=int, default=6, help="paths used per problem (official data: up to 6)")
     p.add_argument("--extrapolate-prob", type=float, default=None, help="default 0.3 (parathinker layout only)")
+    p.add_argument("--num-control-tokens", type=int, default=None, metavar="K",
+                   help=f"control tokens <think1>..<thinkK> (and their closers) the model gets, those the tokenizer "
+                        f"lacks added: it then decodes up to K paths (default {DEFAULT_NUM_CONTROL_PATHS}, the released "
+                        "checkpoint's; parathinker layout only)")
     p.add_argument("--compat", choices=COMPAT_CHOICES, default=None,
                    help="sequence layout: paper (as the method is trained), official (as the released vLLM engine "
                         "runs the released checkpoint: adds <vllm_pad>), auto (default: official if the tokenizer "
@@ -169,10 +173,16 @@ def _check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.layout == "sequential":
         if args.compat == "official":
             p.error("--compat official applies to --layout parathinker only")
-        if args.extrapolate_prob is not None:
-            p.error("--extrapolate-prob applies to --layout parathinker only (sequential samples have no control tokens)")
-    if args.extrapolate_prob is None and args.layout == "parathinker":
-        args.extrapolate_prob = 0.3
+        for flag in ("extrapolate_prob", "num_control_tokens"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag.replace('_', '-')} applies to --layout parathinker only (sequential samples have no "
+                        "control tokens)")
+    elif args.num_control_tokens is not None and not 2 <= args.num_control_tokens < DEFAULT_MAX_SEGMENTS:
+        p.error(f"--num-control-tokens must be between 2 and {DEFAULT_MAX_SEGMENTS - 1} (segment ids 0..K fill "
+                f"the {DEFAULT_MAX_SEGMENTS}-row thought-embedding tables)")
+    if args.layout == "parathinker":
+        args.extrapolate_prob = 0.3 if args.extrapolate_prob is None else args.extrapolate_prob
+        args.num_control_tokens = args.num_control_tokens or DEFAULT_NUM_CONTROL_PATHS
 
 
 def _read_training_args_file(p: argparse.ArgumentParser, path: str, fields: set[str]) -> dict:

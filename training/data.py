@@ -20,10 +20,11 @@ from typing import Any
 
 from lm_eval_parathinker.data import iter_json_lines as read_json_lines
 from lm_eval_parathinker.files import atomic_write
-from lm_eval_parathinker.protocol import control_tokens
 
 MIN_PATHS = 2
-_CONTROL = tuple(control_tokens())
+#: any ParaThinker control token (<think k>, </think k> for every k, <summary>, </summary>): a path
+#: text must spell none, whatever number of them the tokenizer has
+CONTROL_TOKEN = re.compile(r"</?think[1-9]\d*>|</?summary>")
 _THINK_MARKERS = re.compile(r"</?think>")
 
 
@@ -52,7 +53,8 @@ def _nonempty_str(value: Any) -> bool:
 
 def control_token_in(text: str) -> str | None:
     """The first ParaThinker control token spelled inside ``text`` (it would tokenize as one)."""
-    return next((t for t in _CONTROL if t in text), None)
+    match = CONTROL_TOKEN.search(text)
+    return match.group() if match else None
 
 
 def validate_record(obj: dict, where: str) -> dict:

@@ -12,9 +12,10 @@ reader the engine's protocol module owns), exactly as the official collator
   ``<vllm_pad>`` included; all paths start at the prompt's end;
 * summary: from the ``<summary>`` after the paths to the end, after the longest path (the
   ``compat`` decides where: :meth:`protocol.Compat.summary_position`; ``paper`` is the collator's);
-* extrapolation: with probability ``prob`` two random paths (any of them, which needs P <= 6)
-  are renamed to ``<think7>``/``<think8>`` in random order, opener and closer, and the closer's
-  label follows (the opener's label is left as it is, as the collator does).
+* extrapolation: with probability ``prob`` two random paths (any of them, which needs P <= K - 2)
+  are renamed to the tokenizer's last two control tokens (``<think7>``/``<think8>`` for the
+  released 8) in random order, opener and closer, and the closer's label follows (the opener's
+  label is left as it is, as the collator does).
 """
 
 from __future__ import annotations

@@ -28,7 +28,13 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from lm_eval_parathinker.protocol import FLEX_BLOCK_SIZE, ControlTokenIds, resolve_compat
+from lm_eval_parathinker.protocol import (
+    DEFAULT_NUM_CONTROL_PATHS,
+    FLEX_BLOCK_SIZE,
+    ControlTokenIds,
+    num_control_paths,
+    resolve_compat,
+)
 from lm_eval_parathinker.thought_embedding import (
     add_control_tokens,
     attach_thought_embeddings,
@@ -64,9 +70,11 @@ def attention_implementation(requested: str, device: torch.device) -> str:
     return requested
 
 
-def load_base(model_name: str, *, layout: str = "parathinker", pad: bool = False, attn_implementation: str = "sdpa"):
-    """(model, tokenizer), unwrapped. ParaThinker layout: with the control tokens (and ``<vllm_pad>``
-    when ``pad``) and the thought-embedding tables attached."""
+def load_base(model_name: str, *, layout: str = "parathinker", pad: bool = False, attn_implementation: str = "sdpa",
+              num_control_paths: int = DEFAULT_NUM_CONTROL_PATHS):
+    """(model, tokenizer), unwrapped. ParaThinker layout: with the control tokens ``<think1>``..
+    ``<thinkK>`` for K = ``num_control_paths`` (those the tokenizer lacks are added; and
+    ``<vllm_pad>`` when ``pad``) and the thought-embedding tables attached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_name)
@@ -76,7 +84,7 @@ def load_base(model_name: str, *, layout: str = "parathinker", pad: bool = False
         tokenizer.pad_token = tokenizer.eos_token
     if layout == "sequential":
         return model, tokenizer
-    add_control_tokens(model, tokenizer, pad=pad)
+    add_control_tokens(model, tokenizer, num_control_paths, pad=pad)
     if Path(model_name).is_dir() and read_thought_embeddings(model_name):
         load_thought_embeddings(model, model_name)
     else:
@@ -129,7 +137,14 @@ def build_builder(args: argparse.Namespace, tokenizer, form: Form, *, extrapolat
         return SequentialBuilder(tokenizer, max_path_tokens=args.max_path_tokens, max_length=args.max_length,
                                  max_paths=args.max_paths)
     compat = resolve_compat(args.compat, tokenizer)
-    logger.info("sequence layout: parathinker, compat=%s", compat.name)
+    paths = num_control_paths(tokenizer)
+    logger.info("sequence layout: parathinker, compat=%s, control tokens <think1>..<think%d>", compat.name, paths)
+    if compat.max_paths is not None and paths > compat.max_paths:
+        raise DataError(f"the tokenizer has {paths} control paths, but compat={compat.name} decodes at most the released "
+                        f"engine's {compat.max_paths}: train with --compat paper")
+    if args.max_paths > paths:
+        raise DataError(f"--max-paths {args.max_paths} is more than the tokenizer's {paths} control paths "
+                        "(--num-control-tokens)")
     prob = args.extrapolate_prob if extrapolate else 0.0
     if form is Form.TOKENIZED:
         if args.max_path_tokens is not None:
@@ -146,10 +161,10 @@ def build_dataset(spec: str, args: argparse.Namespace, tokenizer, *, split: str,
     """The rows of ``--data`` / ``--eval-data`` (``split``: the split taken from a DatasetDict or hub id)."""
     source = open_source(spec, split=split)
     logger.info("%s: %s, %s, %d rows", spec, source.origin, source.form.value, len(source.rows))
+    builder = build_builder(args, tokenizer, source.form, extrapolate=extrapolate)
     items, bad = read_items(source, tokenizer, model=args.model, skip_bad_rows=args.skip_bad_rows)
     if bad:
         logger.warning("%s: %d of %d rows are malformed and skipped (--skip-bad-rows)", spec, bad, len(source.rows))
-    builder = build_builder(args, tokenizer, source.form, extrapolate=extrapolate)
     try:
         dataset = SFTDataset(items, builder, packing=args.packing, seed=seed)
     except ValueError as e:
@@ -226,7 +241,7 @@ def build_trainer(args: argparse.Namespace, training_args: TrainingArguments) ->
     attention = attention_implementation(args.attn_implementation, training_args.device)
     logger.info("attention: %s", attention)
     model, tokenizer = load_base(args.model, layout=args.layout, pad=args.compat == "official",
-                                 attn_implementation=attention)
+                                 attn_implementation=attention, num_control_paths=args.num_control_tokens)
     train_set = build_dataset(args.data, args, tokenizer, split="train", extrapolate=True, seed=training_args.seed)
     eval_set = (build_dataset(args.eval_data, args, tokenizer, split="test", extrapolate=False, seed=training_args.seed)
                 if args.eval_data else None)

@@ -122,7 +122,7 @@ def open_source(spec: str, *, split: str) -> Source:
 
 def _parser(source: Source, rows, tokenizer, model: str):
     """The function that turns one row of ``source`` into a training item (``ValueError``: the defect)."""
-    from lm_eval_parathinker.protocol import ControlTokenIds
+    from lm_eval_parathinker.protocol import ControlTokenIds, num_control_paths
 
     from .data import validate_record
     from .released import check_control_ids, parse_row
@@ -135,11 +135,12 @@ def _parser(source: Source, rows, tokenizer, model: str):
         except ValueError as e:
             raise DataError(f"{source.spec}: {e}") from None
         return lambda row: parse_row(row, ids, len(tokenizer))
+    paths = num_control_paths(tokenizer)  # transcripts may open paths up to the tokenizer's <think K>
     if source.form is Form.TEXT:
-        return lambda row: record_from_text(row["text"])
+        return lambda row: record_from_text(row["text"], paths)
     if source.form in (Form.MESSAGES, Form.CONVERSATIONS):
         column = "messages" if source.form is Form.MESSAGES else "conversations"
-        return lambda row: record_from_chat(row[column])
+        return lambda row: record_from_chat(row[column], paths)
     return lambda row: validate_record(dict(row), "record")
 
 

@@ -24,23 +24,27 @@ from collections.abc import Mapping
 
 from lm_eval_parathinker import protocol
 
-from .data import MIN_PATHS
+from .data import CONTROL_TOKEN, MIN_PATHS
 
-_OPENS = [protocol.think_open(k) for k in range(1, protocol.DEFAULT_NUM_CONTROL_PATHS + 1)]
-_CLOSES = [protocol.think_close(k) for k in range(1, protocol.DEFAULT_NUM_CONTROL_PATHS + 1)]
-_PIECES = re.compile("(" + "|".join(re.escape(t) for t in [*_OPENS, *_CLOSES, protocol.SUMMARY_OPEN,
-                                                         protocol.SUMMARY_CLOSE]) + ")")
+_PIECES = re.compile(f"({CONTROL_TOKEN.pattern})")
 _TEMPLATE_TAIL = protocol.SUMMARY_TEMPLATE[len(protocol.SUMMARY_OPEN):]
 #: chat roles by field style: OpenAI (role/content) and ShareGPT (from/value)
 _ROLE_NAMES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
 
 
-def parse_transcript(text: str) -> tuple[str, list[str], str]:
-    """(prompt, path texts, summary text) of a transcript; ``ValueError`` names the defect."""
+def parse_transcript(text: str, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS) -> tuple[str, list[str], str]:
+    """(prompt, path texts, summary text) of a transcript whose paths open with ``<think1>`` ..
+    ``<thinkK>`` (K = ``num_control_paths``, the tokenizer's); ``ValueError`` names the defect."""
     pieces = _PIECES.split(text)
-    control = {*_OPENS, *_CLOSES, protocol.SUMMARY_OPEN}
-    hits = [(i, p) for i, p in enumerate(pieces) if p in control]
-    split = protocol.split_sequence(hits, _OPENS, _CLOSES, protocol.SUMMARY_OPEN)
+    opens = [protocol.think_open(k) for k in range(1, num_control_paths + 1)]
+    closes = [protocol.think_close(k) for k in range(1, num_control_paths + 1)]
+    if beyond := next((p for p in pieces[1::2] if p not in {*opens, *closes, protocol.SUMMARY_OPEN,
+                                                              protocol.SUMMARY_CLOSE}), None):
+        has = f"{opens[0]}..{opens[-1]}" if opens else "no control tokens"
+        raise ValueError(f"{beyond}: the tokenizer has {has} (python -m training.sft --num-control-tokens K "
+                         "gives it <think1>..<thinkK>)")
+    hits = [(i, p) for i, p in enumerate(pieces) if p in {*opens, *closes, protocol.SUMMARY_OPEN}]
+    split = protocol.split_sequence(hits, opens, closes, protocol.SUMMARY_OPEN)
     paths = []
     for span in split.paths:
         paths.append("".join(pieces[span.start + 1:span.close]))
@@ -60,17 +64,17 @@ def parse_transcript(text: str) -> tuple[str, list[str], str]:
     return "".join(pieces[:split.prompt_end]), paths, summary
 
 
-def record_from_text(text: object) -> dict:
+def record_from_text(text: object, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS) -> dict:
     """The record of a ``text`` transcript: its literal prompt, paths and summary."""
     if not isinstance(text, str):
         raise ValueError(f"'text' must be a string (got {type(text).__name__})")
-    prompt, paths, summary = parse_transcript(text)
+    prompt, paths, summary = parse_transcript(text, num_control_paths)
     if not prompt.strip():
         raise ValueError(f"no prompt before {protocol.think_open(1)}")
     return {"prompt": prompt, "paths": paths, "summary": summary}
 
 
-def record_from_chat(turns: object) -> dict:
+def record_from_chat(turns: object, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS) -> dict:
     """The record of a chat (``messages`` or ``conversations``): the problem and the transcript."""
     if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
         raise ValueError("a chat must be a list of turns")
@@ -84,7 +88,7 @@ def record_from_chat(turns: object) -> dict:
     problem = next((c for role, c in reversed(chat[:last]) if role == "user"), None) if last is not None else None
     if problem is None or not problem.strip():
         raise ValueError("a chat needs a user turn followed by an assistant turn")
-    before, paths, summary = parse_transcript(chat[last][1])
+    before, paths, summary = parse_transcript(chat[last][1], num_control_paths)
     if before.replace(protocol.THINK_OPEN, "").strip():
         raise ValueError(f"the assistant turn has text before {protocol.think_open(1)}")
     return {"problem": problem, "paths": paths, "summary": summary}

@@ -67,11 +67,9 @@ class ParaThinkerEngine:
     >>> print(out.transcript)
     """
 
-    def __init__(self, model, tokenizer, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS,
-                 compile: bool = False, scheduler_class: type[Scheduler] = Scheduler):
+    def __init__(self, model, tokenizer, *, compile: bool = False, scheduler_class: type[Scheduler] = Scheduler):
         self.model = model
         self.tokenizer = tokenizer
-        self.num_control_paths = num_control_paths
         self.compile = compile
         self.scheduler_class = scheduler_class
         self._compiled: Callable | None = None
@@ -92,7 +90,7 @@ class ParaThinkerEngine:
         return next(self.model.parameters()).dtype
 
     def _control_ids(self) -> ControlTokenIds:
-        return ControlTokenIds.from_tokenizer(self.tokenizer, self.num_control_paths)
+        return ControlTokenIds.from_tokenizer(self.tokenizer)
 
     def encode(self, prompts: Sequence[str | Sequence[int]], compat: Compat = protocol.PAPER) -> list[list[int]]:
         """Token ids of each prompt: strings as ``compat`` encodes them, id lists as they are."""
@@ -298,10 +296,7 @@ class ParaThinkerEngine:
                         f"{layout.pad_to_multiple_of} long: pass the text, or ids from protocol.OFFICIAL.prompt_ids"
                     )
         ids = self._control_ids()
-        if num_paths > ids.num_control_paths:
-            raise ValueError(
-                f"num_paths={num_paths} exceeds the {ids.num_control_paths} <think k> control tokens available"
-            )
+        protocol.check_num_paths(num_paths, self.tokenizer, layout)  # options resolved with another tokenizer
         max_segments = getattr(self.model.config, "max_segments", protocol.DEFAULT_MAX_SEGMENTS)
         if num_paths >= max_segments:
             raise ValueError(f"num_paths={num_paths} needs segment ids up to {num_paths}, but max_segments={max_segments}")

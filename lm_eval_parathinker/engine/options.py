@@ -65,9 +65,6 @@ class EngineOptions:
                 raise ValueError(f"{name}={value} must be at least {low}")
         if self.max_memory_percent is not None and not 0 < self.max_memory_percent <= 1:
             raise ValueError(f"max_memory_percent={self.max_memory_percent} must be in (0, 1]")
-        if self.mode == "parathinker" and self.num_paths > protocol.DEFAULT_NUM_CONTROL_PATHS:
-            raise ValueError(f"num_paths={self.num_paths} is out of range for parathinker decoding: must be between 1 "
-                             f"and {protocol.DEFAULT_NUM_CONTROL_PATHS} (the <think k> control tokens)")
         if self.compat in ("official", protocol.OFFICIAL) and self.mode != "parathinker":
             raise ValueError(f"compat='official' applies to parathinker decoding only (method=parathinker), not "
                              f"mode={self.mode!r}")
@@ -89,12 +86,16 @@ class EngineOptions:
 
     def resolve(self, tokenizer) -> EngineOptions:
         """These options with ``compat`` resolved to its layout (``auto``: read from ``tokenizer``;
-        the baselines decode in ``paper``), checked (:meth:`with_layout`). Resolved options are
-        returned as they are."""
+        the baselines decode in ``paper``), checked (:meth:`with_layout`; parathinker's
+        ``num_paths`` against the tokenizer's control tokens, :func:`protocol.check_num_paths`).
+        Resolved options are returned as they are."""
         if isinstance(self.compat, protocol.Compat):
             return self
-        return self.with_layout(protocol.resolve_compat(self.compat, tokenizer) if self.mode == "parathinker"
-                                else protocol.PAPER)
+        if self.mode != "parathinker":
+            return self.with_layout(protocol.PAPER)
+        layout = protocol.resolve_compat(self.compat, tokenizer)
+        protocol.check_num_paths(self.num_paths, tokenizer, layout)
+        return self.with_layout(layout)
 
     def with_layout(self, layout: protocol.Compat) -> EngineOptions:
         """These options decoding with ``layout``, refusing what it cannot run."""
