@@ -28,6 +28,7 @@ from training.arguments import parse_args  # noqa: E402
 from training.sequence import IGNORE_INDEX, SequenceBuilder, SequentialBuilder, extrapolation_indices, pack  # noqa: E402
 from training.sft import load_base, resume_checkpoint  # noqa: E402
 from training.trainer import forward_logits, model_inputs  # noqa: E402
+from lm_eval_parathinker.upstream.transformers import attn_implementation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -47,7 +48,7 @@ def _batch(examples, tok, **kwargs):
 
 def lm_loss(model, batch) -> torch.Tensor:
     """The training loss of a collated batch (the model's own: mean over the labelled tokens)."""
-    return model(**model_inputs(batch, model.config._attn_implementation)).loss
+    return model(**model_inputs(batch, attn_implementation(model.config))).loss
 
 
 @pytest.fixture(scope="module")

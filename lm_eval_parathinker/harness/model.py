@@ -36,7 +36,6 @@ from .. import embedded, protocol
 from ..checkpoint import ParaThinkerParts, adapter_tokenizer, add_parathinker_parts, has_control_tokens
 from ..engine import ParaThinkerEngine
 from ..thought_embedding import local_dir, quiet_unexpected_tables, thought_embedding_tables
-from ..upstream import transformers as upstream_transformers
 from ..upstream.lm_eval import HFLMShim
 from . import journal
 from .generator import Generator, ParaThinkerResponse
@@ -219,7 +218,9 @@ class ParaThinkerLM(HFLMShim):
             self._files_identity = {
                 "checkpoint": _checkpoint_identity(self._pretrained_name, revision),
                 "adapter": _checkpoint_identity(self._peft_arg, revision) if self._peft_arg else None,
-                "commit": upstream_transformers.commit_hash(self.config),
+                # transformers 5 no longer records the hub commit on the config (``_commit_hash``, always
+                # None here); the checkpoint's files stand for it. The key keeps existing journals' names.
+                "commit": None,
                 "tokenizer": journal.tokenizer_identity(self.tokenizer),
                 "versions": journal.versions(),
             }

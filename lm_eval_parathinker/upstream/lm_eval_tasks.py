@@ -8,6 +8,7 @@ patches, or imports it once lm-eval is loaded. Guarded by tests/test_upstream.py
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from collections.abc import Callable
@@ -29,6 +30,7 @@ def scan_tasks_first(manager_module, folder: str) -> bool:
         return False
     orig_init = TaskManager.__init__
 
+    @functools.wraps(orig_init)
     def __init__(self, *args, include_path=None, **kwargs):
         if include_path is None:
             extra = []
@@ -42,7 +44,6 @@ def scan_tasks_first(manager_module, folder: str) -> bool:
         orig_init(self, *args, include_path=[Path(folder)] + extra, **kwargs)
 
     __init__._parathinker = True  # type: ignore[attr-defined]
-    __init__.__doc__ = orig_init.__doc__
     TaskManager.__init__ = __init__
     return True
 
@@ -65,6 +66,7 @@ def rewrite_task_configs(rewrite: Callable[[dict, str | None], dict]) -> None:
         return
     orig_load = factory_mod.TaskFactory._load_full_config
 
+    @functools.wraps(orig_load)
     def _load_full_config(self, entry, overrides=None):
         cfg = orig_load(self, entry, overrides)
         return rewrite(cfg, getattr(entry, "yaml_path", None)) if isinstance(cfg, dict) else cfg

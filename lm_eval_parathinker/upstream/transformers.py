@@ -1,5 +1,5 @@
-"""transformers internals: a model's attention implementation, the load report's ignore list and a
-config's commit hash (the ``Trainer``'s are in :mod:`.transformers_trainer`, which only training
+"""transformers internals: a model's attention implementation and the load report's ignore list
+(the ``Trainer``'s are in :mod:`.transformers_trainer`, which only training
 imports). Guarded by tests/test_upstream.py."""
 
 from __future__ import annotations
@@ -45,10 +45,4 @@ def unexpected_keys_ignored(pattern: str) -> Iterator[None]:
         yield
     finally:
         PreTrainedModel._keys_to_ignore_on_load_unexpected = before
-
-
-def commit_hash(config: PretrainedConfig) -> str | None:
-    """The hub commit a config was loaded from (None for a local folder): part of a response
-    journal's identity."""
-    return getattr(config, "_commit_hash", None)
 
