@@ -3,7 +3,8 @@
 lm-eval 0.4.13 has no plugin discovery, so the ``lm_eval_parathinker.pth`` file installed next to the
 package imports this module at every Python start-up. It must stay cheap: it imports only the standard
 library (no torch, no lm_eval; the lm-eval internals it patches are in
-:mod:`lm_eval_parathinker.upstream.lm_eval_tasks`) and installs a post-import hook that acts when lm-eval itself is imported:
+:mod:`lm_eval_parathinker.upstream.lm_eval_tasks`) and installs a post-import hook that acts when
+lm-eval itself is imported:
 
 * after ``lm_eval.models`` has run: register the model name ``parathinker`` as the lazy target string
   ``"lm_eval_parathinker.harness.model:ParaThinkerLM"`` (nothing is imported until the model is requested;

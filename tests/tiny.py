@@ -32,7 +32,8 @@ VOCAB_SIZE = 320  # room for the 18 control tokens without resizing
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS, vocab_size=290, min_frequency=1, special_tokens=SPECIAL, show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<eos>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<eos>",
+                                  pad_token="<pad>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

@@ -1,8 +1,8 @@
 """``lm_eval --model parathinker``: ParaThinker and its fair baselines as an lm-eval model.
 
 :class:`ParaThinkerLM` subclasses lm-eval's ``HFLM`` (through
-:class:`~lm_eval_parathinker.upstream.lm_eval.HFLMShim`, which names its internals; tokenization, dtype, device, batch size,
-PEFT adapters, ``accelerate launch`` data parallelism, loglikelihood) and answers
+:class:`~lm_eval_parathinker.upstream.lm_eval.HFLMShim`, which names its internals; tokenization,
+dtype, device, batch size, PEFT adapters, ``accelerate launch`` data parallelism, loglikelihood) and answers
 ``generate_until`` with :class:`~lm_eval_parathinker.engine.ParaThinkerEngine`:
 
 * ``method=parathinker``: P paths ``<think k> ... </think k>`` decoded in parallel after the
