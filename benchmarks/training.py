@@ -41,6 +41,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from benchmarks.engine import SHAPES, build_tokenizer, write_results
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings, thought_embedding_tables
+from lm_eval_parathinker.upstream import torch as upstream_torch
+from lm_eval_parathinker.upstream.transformers import attn_implementation
 from training.batching import Collator
 from training.sequence import pack
 from training.trainer import model_inputs
@@ -117,8 +119,7 @@ def _ids(layout: protocol.SequenceLayout, device) -> tuple[torch.Tensor, torch.T
 
 
 def _block_mask_bytes(block_mask) -> int:
-    tensors = [getattr(block_mask, name) for name in block_mask._TENSOR_ATTRS]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in upstream_torch.block_mask_tensors(block_mask))
 
 
 def _best(b: Bench, fn, repeats: int) -> float:
@@ -311,7 +312,7 @@ def _throughput_run(b: Bench, data: Path, model: Path, out: Path, packing: bool)
     trainer, _ = build_trainer(args, training_args)
     dataset = trainer.train_dataset
     _, seconds = b.timed(trainer.train)
-    return {"packing": packing, "attention": trainer.model.config._attn_implementation, "records": len(dataset.units),
+    return {"packing": packing, "attention": attn_implementation(trainer.model.config), "records": len(dataset.units),
             "rows": len(dataset), "optimizer_steps": trainer.state.global_step, "tokens": dataset.num_tokens,
             "seconds": seconds, "tokens_per_s": dataset.num_tokens / seconds}
 

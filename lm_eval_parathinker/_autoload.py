@@ -2,7 +2,9 @@
 
 lm-eval 0.4.13 has no plugin discovery, so the ``lm_eval_parathinker.pth`` file installed next to the
 package imports this module at every Python start-up. It must stay cheap: it imports only the standard
-library (no torch, no lm_eval) and installs a post-import hook that acts when lm-eval itself is imported:
+library (no torch, no lm_eval; the lm-eval internals it patches are in
+:mod:`lm_eval_parathinker.upstream.lm_eval_tasks`) and installs a post-import hook that acts when
+lm-eval itself is imported:
 
 * after ``lm_eval.models`` has run: register the model name ``parathinker`` as the lazy target string
   ``"lm_eval_parathinker.harness.model:ParaThinkerLM"`` (nothing is imported until the model is requested;
@@ -20,6 +22,8 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+
+from lm_eval_parathinker.upstream import lm_eval_tasks
 
 MODEL_NAME = "parathinker"
 MODEL_TARGET = "lm_eval_parathinker.harness.model:ParaThinkerLM"
@@ -85,49 +89,18 @@ def _apply_repeats_override(cfg: dict) -> dict:
     return cfg
 
 
+def _rewrite_our_configs(cfg: dict, yaml_path: str | None) -> dict:
+    return _apply_repeats_override(cfg) if _is_ours(yaml_path) else cfg
+
+
 def _after_manager(mod) -> None:
     """Runs right after ``lm_eval.tasks.manager`` executed: put our tasks on every TaskManager's path."""
     if hasattr(mod, "discover_plugin_task_paths"):  # future lm-eval with entry points: it finds us itself
         return
-    import logging
-    from pathlib import Path
-
-    TaskManager = mod.TaskManager
-    if getattr(TaskManager.__init__, "_parathinker", False):
+    if not lm_eval_tasks.scan_tasks_first(mod, tasks_dir()):
         return
-    ours = tasks_dir()
-    orig_init = TaskManager.__init__
-
-    def __init__(self, *args, include_path=None, **kwargs):
-        if include_path is None:
-            extra = []
-        elif isinstance(include_path, (list, tuple)):
-            extra = list(include_path)
-        else:
-            extra = [include_path]
-        real = os.path.realpath(ours)
-        extra = [p for p in extra if os.path.realpath(str(p)) != real]
-        # defaults (scanned first by TaskManager) < ours < the user's include paths
-        orig_init(self, *args, include_path=[Path(ours)] + extra, **kwargs)
-
-    __init__._parathinker = True  # type: ignore[attr-defined]
-    __init__.__doc__ = orig_init.__doc__
-    TaskManager.__init__ = __init__
-
-    logging.getLogger("lm_eval.tasks._index").addFilter(_DropOurOverrideWarnings())
-
-    factory_mod = sys.modules.get("lm_eval.tasks._factory")
-    if factory_mod is not None and not getattr(factory_mod.TaskFactory._load_full_config, "_parathinker", False):
-        orig_load = factory_mod.TaskFactory._load_full_config
-
-        def _load_full_config(self, entry, overrides=None):
-            cfg = orig_load(self, entry, overrides)
-            if _is_ours(getattr(entry, "yaml_path", None)) and isinstance(cfg, dict):
-                cfg = _apply_repeats_override(cfg)
-            return cfg
-
-        _load_full_config._parathinker = True  # type: ignore[attr-defined]
-        factory_mod.TaskFactory._load_full_config = _load_full_config
+    lm_eval_tasks.filter_index_warnings(_DropOurOverrideWarnings())
+    lm_eval_tasks.rewrite_task_configs(_rewrite_our_configs)
 
 
 _HOOKS = {"lm_eval.models": _after_models, "lm_eval.tasks.manager": _after_manager}

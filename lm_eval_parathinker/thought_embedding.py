@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .protocol import DEFAULT_MAX_SEGMENTS, DEFAULT_NUM_CONTROL_PATHS, PAD, control_tokens
+from .upstream import transformers as upstream_transformers
 
 logger = logging.getLogger(__name__)
 
@@ -174,18 +175,10 @@ def add_control_tokens(
     return new
 
 
-@contextlib.contextmanager
-def quiet_unexpected_tables():
+def quiet_unexpected_tables() -> contextlib.AbstractContextManager[None]:
     """While loading with ``from_pretrained``, don't report the tables as unexpected weights:
     :func:`load_thought_embeddings` reads them right after."""
-    from transformers import PreTrainedModel
-
-    before = PreTrainedModel._keys_to_ignore_on_load_unexpected
-    PreTrainedModel._keys_to_ignore_on_load_unexpected = [r"seg_embeddings"] + list(before or [])
-    try:
-        yield
-    finally:
-        PreTrainedModel._keys_to_ignore_on_load_unexpected = before
+    return upstream_transformers.unexpected_keys_ignored(TABLE_NAME)
 
 
 def load_parathinker_model(path: str | Path, **from_pretrained_kwargs):

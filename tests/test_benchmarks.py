@@ -10,6 +10,7 @@ import torch
 from helpers import CPU_KERNELS
 
 from benchmarks import engine as bench
+from lm_eval_parathinker.upstream import torch as upstream_torch
 
 COLUMNS = {
     "width": ["paths", "tokens_per_path", "think_s", "ratio_to_p1", "think_tokens_per_s"],
@@ -119,7 +120,7 @@ def test_timed_calls_compile_nothing(tmp_path, monkeypatch):
     """Every timed engine call of gpu.sh's benchmarks runs at shapes its warm-up has met: nothing
     compiles inside a measured call (here the compiled step and flex's kernel, per batch size; on
     CUDA the graphs are also recorded per shape and per KV pool)."""
-    from torch._dynamo.utils import counters
+    counters = upstream_torch.compile_counters()
 
     warming, compiled = [], []  # compiled: frames compiled by each engine call outside a warm-up
     warm_up, generate = bench.Bench.warm_up, bench.ParaThinkerEngine.generate

@@ -24,6 +24,7 @@ from lm_eval_parathinker import leaderboard, protocol
 from lm_eval_parathinker.experiments import config, figures, runner
 from lm_eval_parathinker.experiments.__main__ import main
 from lm_eval_parathinker.harness.model import ParaThinkerLM
+from lm_eval_parathinker.upstream import lm_eval as upstream_lm_eval
 
 TIMED = ("latency_s", "think_s")  # wall-clock statistics: excluded when runs are compared
 RESPONSES = 2 * 2  # per point: --limit 2, 2 repeats
@@ -365,13 +366,12 @@ def test_the_runner_passes_what_lm_evals_cli_passes():
     import ast
     import inspect
 
-    from lm_eval._cli.run import Run  # private: read here only, to follow it
-
     def keywords(source: str) -> set[str]:
         calls = [node for node in ast.walk(ast.parse(textwrap.dedent(source))) if isinstance(node, ast.Call)
                  and getattr(node.func, "id", None) == "simple_evaluate"]
         assert len(calls) == 1
         return {k.arg for k in calls[0].keywords}
 
-    theirs, ours = keywords(inspect.getsource(Run._execute)), keywords(inspect.getsource(runner.evaluate_like_the_cli))
+    theirs = keywords(upstream_lm_eval.cli_evaluate_source())
+    ours = keywords(inspect.getsource(runner.evaluate_like_the_cli))
     assert theirs == ours, f"lm-eval's CLI passes {sorted(theirs - ours)} and not {sorted(ours - theirs)}"

@@ -1,5 +1,6 @@
-"""The package's layers, read from its imports: the engine never imports the lm-eval side, and no
-module imports another that (directly or not) imports it back."""
+"""The package's layers, read from its imports: the engine never imports the lm-eval side, the
+upstream internals (``upstream``) import nothing of the package, and no module imports another that
+(directly or not) imports it back."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lm_eval_parathinker"
 
 #: each layer and the package modules it may import (besides its own)
 ALLOWED = {
-    "engine": {"protocol"},
-    "harness": {"engine", "protocol", "scoring", "embedded", "files", "checkpoint", "thought_embedding"},
+    "upstream": set(),
+    "engine": {"protocol", "upstream"},
+    "harness": {"engine", "protocol", "scoring", "embedded", "files", "checkpoint", "thought_embedding", "upstream"},
 }
 
 
@@ -91,3 +93,4 @@ def test_the_graph_is_read():
     assert "lm_eval_parathinker.engine.options" in graph["lm_eval_parathinker.harness.options"]
     assert "lm_eval_parathinker.protocol" in graph["lm_eval_parathinker.engine.generate"]
     assert "lm_eval_parathinker.harness.requests" in graph["lm_eval_parathinker.harness.model"]
+    assert "lm_eval_parathinker.upstream.torch" in graph["lm_eval_parathinker.engine.attention"]

@@ -13,6 +13,7 @@ from tiny import tiny_parathinker
 import lm_eval_parathinker.engine.scheduler as scheduler_mod
 from lm_eval_parathinker.engine import EngineOptions, ParaThinkerEngine, step
 from lm_eval_parathinker.engine.pages import SCRATCH_PAGE
+from lm_eval_parathinker.upstream import torch as upstream_torch
 
 PROMPTS = ["Find x.", "Let x be the answer.", "x = 3 + 4", "Find the number of ways to do it.", "so x = 7"]
 PAGE = 4  # small pages: long paths span many of them
@@ -272,12 +273,9 @@ def test_flex_past_its_recompile_limit_fails_rather_than_running_uncompiled(monk
     """Uncompiled, flex applies its mask to the whole pool and ignores which pages a query lists
     (wrong attention). An eager step's flex calls compile once per batch size: past the limit (one
     more than flex's compilations so far in this process) they fail instead of running uncompiled."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch._dynamo.exc import FailOnRecompileLimitHit
-
     from lm_eval_parathinker.engine import attention
 
-    limit = len(_debug_get_cache_entry_list(attention._paged_flex.__code__)) + 1
+    limit = upstream_torch.compilations(attention._paged_flex) + 1
     monkeypatch.setattr(attention, "flex_kernel", torch.compile(attention._paged_flex, backend="eager", dynamic=True))
     monkeypatch.setattr(attention, "RECOMPILE_LIMIT", limit)
     table, lengths, fill = torch.arange(1, 5).view(2, 2, 1), torch.full((2, 2), PAGE), torch.full((5,), PAGE)
@@ -288,9 +286,9 @@ def test_flex_past_its_recompile_limit_fails_rather_than_running_uncompiled(monk
         plan = attention.page_reads(table, lengths, slot, reads, fill, PAGE, attention.FLEX, 2, static_batch=True)
         return plan.attend(torch.randn(1, 4, queries, 16), keys, keys, scale=None)
 
-    with torch._dynamo.config.patch(recompile_limit=limit):
+    with upstream_torch.dynamo_config(recompile_limit=limit):
         attend(2)
-        with pytest.raises(FailOnRecompileLimitHit):
+        with pytest.raises(upstream_torch.recompile_limit_hit()):
             attend(3)
 
 
@@ -330,13 +328,14 @@ def test_flex_keeps_one_cpu_thread_count_per_process(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(attention, "flex_available", lambda device: True)  # the rule where flex runs
-    monkeypatch.setattr(attention, "_flex_cpu_threads", torch.get_num_threads() + 1)
+    threads = upstream_torch.CPU_FLEX_THREADS
+    monkeypatch.setattr(threads, "threads", torch.get_num_threads() + 1)
     with pytest.warns(UserWarning, match="built for one thread count: attention='auto' uses 'sdpa'"):
         assert attention.resolve_kernel("auto", cpu) is attention.SDPA
     with pytest.raises(ValueError, match="attention='flex': compiled FlexAttention ran with"):
         attention.resolve_kernel("flex", cpu)
-    monkeypatch.setattr(attention, "_flex_cpu_threads", None)
-    assert attention.resolve_kernel("auto", cpu) is attention.FLEX and attention._flex_cpu_threads == torch.get_num_threads()
+    monkeypatch.setattr(threads, "threads", None)
+    assert attention.resolve_kernel("auto", cpu) is attention.FLEX and threads.threads == torch.get_num_threads()
 
 
 def test_compiled_cpu_flex_needs_torch_2_13(monkeypatch):

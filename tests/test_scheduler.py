@@ -18,6 +18,7 @@ from lm_eval_parathinker.engine import attention
 from lm_eval_parathinker.engine.sampling import Draw, SamplingParams, request_seeds, sample
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.protocol import ControlTokenIds
+from lm_eval_parathinker.upstream import torch as upstream_torch
 
 PROMPTS = ["Find x.", "Let x be the answer.", "x = 3 + 4", "Find the number of ways to do it.", "so x = 7"]
 CLOSE_AT = [3, 9, 5, 12, 7]  # path 2 of request i closes as token CLOSE_AT[i]: think stages of different lengths
@@ -164,8 +165,7 @@ def test_ragged_steps_give_the_rectangles_results(tiny, monkeypatch):
 
 
 def test_compiled_step_gives_the_eager_logits(tiny):
-    from torch._dynamo.utils import counters
-
+    counters = upstream_torch.compile_counters()
     model, tok = tiny
     kwargs = dict(num_paths=2, max_new_tokens=6, summary_max_tokens=3, output_logits=True, num_slots=2)
     eager = ParaThinkerEngine(model, tok).generate(PROMPTS[:3], **kwargs)
@@ -310,17 +310,14 @@ def test_a_step_past_its_recompile_limit_fails_rather_than_running_uncompiled(ti
     """Uncompiled, flex computes the scores over the whole KV pool: a compiled step that meets
     more shapes than its recompile limit stops with dynamo's error (the limit set to one more
     than the step's compilations so far in this process: the second batch size is one too many)."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch._dynamo.exc import FailOnRecompileLimitHit
-
     model, tok = tiny
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: compile_(fn, backend="eager", **kwargs))
-    limit = len(_debug_get_cache_entry_list(step.decode_forward.__code__)) + 1
+    limit = upstream_torch.compilations(step.decode_forward) + 1
     monkeypatch.setattr(attention, "RECOMPILE_LIMIT", limit)
     engine = ParaThinkerEngine(model, tok, compile=True)
     kwargs = dict(mode="independent", max_new_tokens=3, attention="flex")
-    with torch._dynamo.config.patch(recompile_limit=limit):
+    with upstream_torch.dynamo_config(recompile_limit=limit):
         engine.generate(PROMPTS[:1], num_paths=2, **kwargs)
-        with pytest.raises(FailOnRecompileLimitHit):
+        with pytest.raises(upstream_torch.recompile_limit_hit()):
             engine.generate(PROMPTS[:1], num_paths=3, **kwargs)

@@ -29,6 +29,7 @@ from training.sequence import IGNORE_INDEX, SequenceBuilder, SequentialBuilder, 
 from training.sft import build_trainer, load_base, resume_checkpoint  # noqa: E402
 from training.transcripts import record_from_text  # noqa: E402
 from training.trainer import forward_logits, model_inputs  # noqa: E402
+from lm_eval_parathinker.upstream.transformers import attn_implementation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -48,7 +49,7 @@ def _batch(examples, tok, **kwargs):
 
 def lm_loss(model, batch) -> torch.Tensor:
     """The training loss of a collated batch (the model's own: mean over the labelled tokens)."""
-    return model(**model_inputs(batch, model.config._attn_implementation)).loss
+    return model(**model_inputs(batch, attn_implementation(model.config))).loss
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer, processors
+from tokenizers import ByteLevelBPETokenizer, Tokenizer, processors
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
 from lm_eval_parathinker import protocol
@@ -32,7 +32,8 @@ VOCAB_SIZE = 320  # room for the 18 control tokens without resizing
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS, vocab_size=290, min_frequency=1, special_tokens=SPECIAL, show_progress=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<pad>")
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<eos>",
+                                  pad_token="<pad>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -45,7 +46,7 @@ def tiny_official_tokenizer() -> PreTrainedTokenizerFast:
     tok.add_tokens(["<bos>", protocol.OFFICIAL_USER, protocol.OFFICIAL_ASSISTANT], special_tokens=True)
     tok.bos_token = "<bos>"
     bos = tok.bos_token_id
-    tok._tokenizer.post_processor = processors.TemplateProcessing(
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
     )
     return tok

@@ -20,12 +20,14 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.checkpoint import ADAPTER_TABLES_FILE
 from lm_eval_parathinker.thought_embedding import load_thought_embeddings, thought_embedding_tables
+from lm_eval_parathinker.upstream.transformers import attn_implementation
+from lm_eval_parathinker.upstream.transformers_trainer import TrainerShim
 
 STAGING_DIR = ".checkpoint.tmp"
 LOSS_CSV = "loss.csv"
@@ -48,7 +50,7 @@ def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str) -> di
 
 def forward_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The training forward's logits for a collated batch (labels left out)."""
-    inputs = model_inputs(batch, model.config._attn_implementation)
+    inputs = model_inputs(batch, attn_implementation(model.config))
     inputs.pop("labels", None)
     return model(**inputs).logits
 
@@ -73,15 +75,16 @@ def replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-class ParaThinkerTrainer(Trainer):
-    """``Trainer`` on the rows of :class:`training.batching.Collator` (see the module docstring)."""
+class ParaThinkerTrainer(TrainerShim):
+    """``Trainer`` (through :class:`~lm_eval_parathinker.upstream.transformers_trainer.TrainerShim`,
+    which names its checkpoint steps) on the rows of :class:`training.batching.Collator` (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._staging = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = model_inputs(inputs, self.model.config._attn_implementation)
+        inputs = model_inputs(inputs, attn_implementation(self.model.config))
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -89,28 +92,28 @@ class ParaThinkerTrainer(Trainer):
     def _has_lora_tables(self) -> bool:
         return hasattr(self.model, "peft_config") and bool(thought_embedding_tables(self.model))
 
-    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
+    def save_model_files(self, output_dir: str | None, state_dict=None) -> None:
+        super().save_model_files(output_dir, state_dict)
         if self.args.should_save and self._has_lora_tables():
             from safetensors.torch import save_file
 
             save_file(thought_table_state(self.model),
                       os.path.join(output_dir or self.args.output_dir, ADAPTER_TABLES_FILE))
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+    def load_checkpoint_files(self, resume_from_checkpoint: str, model=None) -> None:
+        super().load_checkpoint_files(resume_from_checkpoint, model)
         if self._has_lora_tables() and (Path(resume_from_checkpoint) / ADAPTER_TABLES_FILE).is_file():
             load_thought_embeddings(self.model, resume_from_checkpoint)
             for table in thought_embedding_tables(self.model):  # loading the adapter may have frozen them
                 table.weight.requires_grad_(True)
 
-    def _get_output_dir(self, trial) -> str:
-        run_dir = super()._get_output_dir(trial)
+    def checkpoint_parent(self, trial) -> str:
+        run_dir = super().checkpoint_parent(trial)
         return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
 
-    def _save_checkpoint(self, model, trial) -> None:
+    def write_checkpoint(self, model, trial) -> None:
         """The stock checkpoint, written into ``OUT/.checkpoint.tmp/`` and renamed into ``OUT/``."""
-        run_dir = Path(self._get_output_dir(trial))
+        run_dir = Path(self.checkpoint_parent(trial))
         staging = run_dir / STAGING_DIR
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
@@ -118,7 +121,7 @@ class ParaThinkerTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         self._staging = True
         try:
-            super()._save_checkpoint(model, trial)
+            self.write_stock_checkpoint(model, trial)
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()

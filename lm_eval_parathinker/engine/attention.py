@@ -36,6 +36,8 @@ from torch.torch_version import TorchVersion
 from transformers import AttentionInterface
 
 from ..protocol import additive_mask, may_attend
+from ..upstream import torch as upstream_torch
+from ..upstream import transformers as upstream_transformers
 
 PAGED_ATTENTION = "parathinker_paged"
 KERNELS = ("auto", "flex", "sdpa")
@@ -55,21 +57,14 @@ def flex_available(device: torch.device) -> bool:
         return True
     if device.type != "cpu" or TorchVersion(torch.__version__) < CPU_FLEX_MIN_TORCH:
         return False
-    from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
-
-    return check_cpu_supported()
-
-
-# The CPU thread count compiled flex kernels run with in this process. inductor builds a CPU flex
-# kernel for the thread count of its compilation (torch 2.13), and a process that compiles at one
-# count and then at another can get kernels that compute wrong attention: so one count per process.
-_flex_cpu_threads: int | None = None
+    return upstream_torch.cpu_flex_supported()
 
 
 def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None = None, head_dim: int = 0,
                    dtype: torch.dtype = torch.float32) -> Kernel:
     """``auto``: flex where it runs, else sdpa; an explicit choice is checked. On the CPU, flex
-    runs at one thread count per process (see ``_flex_cpu_threads``); on CUDA, with pages of
+    runs at one thread count per process (:class:`~..upstream.torch.CpuFlexThreads`: choosing it
+    claims this one); on CUDA, with pages of
     ``page_size`` tokens that fit torch's KV blocks for ``head_dim`` and ``dtype``
     (:func:`flex_reads_pages`; None: not checked). Where flex cannot run, ``auto`` falls back to
     sdpa with a warning, and ``flex`` is an error that says why."""
@@ -87,6 +82,8 @@ def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None =
         return SDPA
     problem, fix = _flex_problem(device, page_size, head_dim, dtype)
     if problem is None:
+        if device.type == "cpu":
+            upstream_torch.CPU_FLEX_THREADS.claim()
         return FLEX
     if kernel == "flex":
         raise ValueError(f"attention='flex': {problem}; {fix}")
@@ -96,15 +93,13 @@ def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None =
 
 def _flex_problem(device: torch.device, page_size: int | None, head_dim: int,
                   dtype: torch.dtype) -> tuple[str | None, str]:
-    """Why flex cannot run here (None: it can), and the fix; notes the CPU thread count it runs at."""
-    global _flex_cpu_threads
+    """Why flex cannot run here (None: it can), and the fix."""
     if device.type == "cpu":
-        threads = torch.get_num_threads()
-        if _flex_cpu_threads not in (None, threads):
-            return (f"compiled FlexAttention ran with {_flex_cpu_threads} CPU threads in this process, and now "
-                    f"torch uses {threads}: inductor's CPU flex kernels are built for one thread count",
+        ran_with = upstream_torch.CPU_FLEX_THREADS.conflict()
+        if ran_with is not None:
+            return (f"compiled FlexAttention ran with {ran_with} CPU threads in this process, and now "
+                    f"torch uses {torch.get_num_threads()}: inductor's CPU flex kernels are built for one thread count",
                     "use attention='sdpa' or keep the thread count")
-        _flex_cpu_threads = threads
     elif page_size is not None:
         forward, decoding = cuda_flex_blocks(device, head_dim, dtype)
         if not flex_reads_pages(page_size, forward, decoding):
@@ -131,11 +126,8 @@ def cuda_flex_blocks(device: torch.device, head_dim: int, dtype: torch.dtype) ->
     """The blocks of torch's flex configs on CUDA ``device`` for ``head_dim`` and ``dtype``, as
     inductor's template heuristics choose them (by compute capability; more with max_autotune):
     the forward kernel's (BLOCK_M, BLOCK_N), the decoding kernel's BLOCK_N."""
-    from torch._inductor.virtualized import V
-
     with torch.cuda.device(device):  # the heuristics read the current device's capability
-        forward = V.choices.get_flex_attention_fwd_configs(head_dim, dtype, "cuda")
-        decoding = V.choices.get_flex_decode_configs(head_dim, dtype, "cuda")
+        forward, decoding = upstream_torch.cuda_flex_configs(head_dim, dtype)
     return [(c.block_m, c.block_n) for c in forward], [c.block_n for c in decoding]
 
 
@@ -158,26 +150,12 @@ flex_kernel = torch.compile(_paged_flex, dynamic=True)
 # compiled step compile once per batch size (rectangles), page size and KV pool. So their calls
 # run under a higher limit, and fail past it (compile_limits).
 RECOMPILE_LIMIT = 64
-_limits_on = False  # a compile_limits block is active (nested ones change nothing)
 
 
-@contextlib.contextmanager
-def compile_limits() -> Iterator[None]:
+def compile_limits() -> contextlib.AbstractContextManager[None]:
     """Dynamo's recompile limit at least ``RECOMPILE_LIMIT``, and an error past it (instead of
-    running uncompiled) while the block runs."""
-    global _limits_on
-    if _limits_on:
-        yield
-        return
-    config = torch._dynamo.config
-    before = config.recompile_limit, config.fail_on_recompile_limit_hit
-    config.recompile_limit, config.fail_on_recompile_limit_hit = max(before[0], RECOMPILE_LIMIT), True
-    _limits_on = True
-    try:
-        yield
-    finally:
-        config.recompile_limit, config.fail_on_recompile_limit_hit = before
-        _limits_on = False
+    running uncompiled) while the block runs (nested blocks change nothing)."""
+    return upstream_torch.recompile_limit(RECOMPILE_LIMIT)
 
 
 @dataclass
@@ -253,7 +231,7 @@ class FlexKernel(Kernel):
             # torch's flex decoding kernel (one query block per KV head, work split over the
             # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
             # runs its main kernel, a 128-row query block for `groups` rows
-            torch._dynamo.mark_static(q, 0)
+            upstream_torch.mark_static(q, 0)
         with compile_limits():
             return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
 
@@ -430,13 +408,6 @@ def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 AttentionInterface.register(PAGED_ATTENTION, paged_attention)
 
 
-@contextlib.contextmanager
-def paged_attention_for(model):
+def paged_attention_for(model) -> contextlib.AbstractContextManager[None]:
     """Run ``model`` with :func:`paged_attention`, whatever its attention implementation."""
-    config = model.config
-    before = config._attn_implementation
-    config._attn_implementation = PAGED_ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
+    return upstream_transformers.attention_implementation(model.config, PAGED_ATTENTION)

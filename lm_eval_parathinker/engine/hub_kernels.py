@@ -15,12 +15,7 @@ import types
 
 from torch import nn
 
-
-def _routing_forward(forward) -> bool:
-    """Whether a class's forward is kernels' routing wrapper (``functools.wraps`` copies the name
-    and module of the forward it wraps; its globals stay kernels')."""
-    module = getattr(forward, "__globals__", {}).get("__name__", "")
-    return hasattr(forward, "__wrapped__") and module.split(".")[0] == "kernels"
+from ..upstream import kernels as upstream_kernels
 
 
 def bypass_kernel_routing(model: nn.Module) -> int:
@@ -28,8 +23,8 @@ def bypass_kernel_routing(model: nn.Module) -> int:
     instance attribute: the class and other models are untouched). Returns how many."""
     count = 0
     for module in model.modules():
-        forward = type(module).forward
-        if _routing_forward(forward):
-            module.forward = types.MethodType(forward.__wrapped__, module)
+        forward = upstream_kernels.undecorated_forward(type(module).forward)
+        if forward is not None:
+            module.forward = types.MethodType(forward, module)
             count += 1
     return count

@@ -18,6 +18,7 @@ import inspect
 
 import torch
 
+from ..upstream import torch as upstream_torch
 from .pages import SCRATCH_PAGE
 
 
@@ -67,7 +68,7 @@ class PagedKVCache:
         """Fixed addresses for CUDA graphs (as transformers' StaticCache does): the pages, their
         fill counts and the page table."""
         for t in [*self.keys, *self.values, self.fill, self._table]:
-            torch._dynamo.mark_static_address(t)
+            upstream_torch.mark_static_address(t)
 
     def matches(self, model, page_size: int, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this pool's pages suit a call with these settings (pools are reused across calls)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import protocol
+from ..upstream import torch as upstream_torch
 from . import sampling
 from .attention import FreshReads, Kernel, compile_limits, page_reads
 from .kv_cache import PagedKVCache
@@ -202,7 +203,7 @@ def step_forward(model, cache: PagedKVCache, table: torch.Tensor, state: SlotSta
         fields = tuple(x.flatten()[index][None] for x in fields)
     else:  # a rectangle: a static batch for the compiled step (see attention.PageReads.static_batch)
         for x in (lengths, slot, *fields):
-            torch._dynamo.mark_static(x)
+            upstream_torch.mark_static(x)
     run = compiled or decode_forward
     with compile_limits():  # the compiled step, or the eager step's flex calls (attention.RECOMPILE_LIMIT)
         logits = run(model, cache, table, lengths, slot, *fields, plan.num_paths, plan.thought_embedding, kernel,

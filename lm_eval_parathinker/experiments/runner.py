@@ -156,8 +156,8 @@ def evaluate_like_the_cli(lm: ParaThinkerLM, cfg) -> dict:
     """Run ``cfg`` on the shared model and save its results and samples, as lm-eval's CLI does.
 
     lm-eval has no public function that runs a config on a given model object, so this mirrors
-    its CLI (``lm_eval/_cli/run.py``, ``Run._execute``): the one place that follows lm-eval's private
-    code, and tests/test_experiments.py fails when that call's keywords change."""
+    its CLI (:func:`lm_eval_parathinker.upstream.lm_eval.cli_evaluate_source`): the one place that follows
+    lm-eval's private code, and tests/test_experiments.py fails when that call's keywords change."""
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
 

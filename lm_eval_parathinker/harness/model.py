@@ -1,7 +1,8 @@
 """``lm_eval --model parathinker``: ParaThinker and its fair baselines as an lm-eval model.
 
-:class:`ParaThinkerLM` subclasses lm-eval's ``HFLM`` (tokenization, dtype, device, batch size,
-PEFT adapters, ``accelerate launch`` data parallelism, loglikelihood) and answers
+:class:`ParaThinkerLM` subclasses lm-eval's ``HFLM`` (through
+:class:`~lm_eval_parathinker.upstream.lm_eval.HFLMShim`, which names its internals; tokenization,
+dtype, device, batch size, PEFT adapters, ``accelerate launch`` data parallelism, loglikelihood) and answers
 ``generate_until`` with :class:`~lm_eval_parathinker.engine.ParaThinkerEngine`:
 
 * ``method=parathinker``: P paths ``<think k> ... </think k>`` decoded in parallel after the
@@ -30,12 +31,12 @@ from typing import Any
 import lm_eval.models  # noqa: F401  (registers the built-ins first: see the registry pitfall in the docs)
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
 
 from .. import embedded, protocol
 from ..checkpoint import ParaThinkerParts, adapter_tokenizer, add_parathinker_parts, has_control_tokens
 from ..engine import ParaThinkerEngine
 from ..thought_embedding import local_dir, quiet_unexpected_tables, thought_embedding_tables
+from ..upstream.lm_eval import HFLMShim
 from . import journal
 from .generator import Generator, ParaThinkerResponse
 from .options import RunOptions, check_hflm_args, slots
@@ -53,7 +54,7 @@ _NOT_OUTPUT_ARGS = frozenset({
 
 
 @register_model("parathinker")
-class ParaThinkerLM(HFLM):
+class ParaThinkerLM(HFLMShim):
     """lm-eval model ``parathinker`` (see the module docstring and docs/model-args.md)."""
 
     def __init__(self, pretrained: str | None = embedded.EMBEDDED_NAME, **kwargs: Any) -> None:
@@ -113,23 +114,23 @@ class ParaThinkerLM(HFLM):
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _create_tokenizer(self, pretrained, tokenizer, *args, **kwargs) -> None:
+    def create_tokenizer(self, pretrained, tokenizer, *args, **kwargs) -> None:
         """A trained adapter directory carries the tokenizer with the control tokens: prefer it."""
         if tokenizer is None:
             tokenizer = adapter_tokenizer(self._peft_arg, kwargs.get("revision"))
-        super()._create_tokenizer(pretrained, tokenizer, *args, **kwargs)
+        super().create_tokenizer(pretrained, tokenizer, *args, **kwargs)
         self.options = self.options.resolve(self.tokenizer)  # HFLM loads the tokenizer before the model: fail early
 
     def _create_model(self, pretrained, *args, peft=None, revision="main", **kwargs) -> None:
         """HFLM's loading without its PEFT step, then the ParaThinker parts, then the adapter."""
         with quiet_unexpected_tables():  # official checkpoints hold seg_embeddings: read by add_parathinker_parts
             super()._create_model(pretrained, *args, peft=None, revision=revision, **kwargs)
-        self.parts = add_parathinker_parts(self._model, self.tokenizer, pretrained, revision, peft,
+        self.parts = add_parathinker_parts(self.model, self.tokenizer, pretrained, revision, peft,
                                            parathinker=self.options.method == "parathinker")
         if peft:
             from peft import PeftModel
 
-            self._model = PeftModel.from_pretrained(self._model, peft, revision=revision)
+            self.set_model(PeftModel.from_pretrained(self.model, peft, revision=revision))
 
     @property
     def compat(self) -> protocol.Compat | None:
@@ -217,7 +218,9 @@ class ParaThinkerLM(HFLM):
             self._files_identity = {
                 "checkpoint": _checkpoint_identity(self._pretrained_name, revision),
                 "adapter": _checkpoint_identity(self._peft_arg, revision) if self._peft_arg else None,
-                "commit": getattr(self.config, "_commit_hash", None),
+                # transformers 5 no longer records the hub commit on the config (``_commit_hash``, always
+                # None here); the checkpoint's files stand for it. The key keeps existing journals' names.
+                "commit": None,
                 "tokenizer": journal.tokenizer_identity(self.tokenizer),
                 "versions": journal.versions(),
             }
@@ -231,7 +234,7 @@ class ParaThinkerLM(HFLM):
             "add_bos_token": self.add_bos_token,
             "truncation": self.truncation,
             "think_end_token": self.think_end_token,
-            "dtype": str(self._model.dtype),
+            "dtype": str(self.model.dtype),
             "device": self.device.type,
         }
 
