@@ -19,7 +19,7 @@ step's page reads and attends over them. ``auto`` picks ``flex`` where it runs
 (:func:`resolve_kernel`). Multi-token forwards (a
 prompt's prefill, a summary template, ``reprefill``) attend with :class:`FreshReads`: causally to
 this forward's own keys, after context pages they see in full, or (``reprefill``) under the
-two-phase rule, segment by segment in chunks of queries, never through an [n, n] mask.
+two-phase rule, run of blocks by run in chunks of queries, never through an [n, n] mask.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..protocol import additive_mask, may_attend
 
 PAGED_ATTENTION = "parathinker_paged"
 KERNELS = ("auto", "flex", "sdpa")
-FLEX_Q_BLOCK = 128  # a query's heads fit one query block
+FLEX_Q_TILE = 128  # flex's query tile: a query's heads fit one
 
 
 # Compiled CPU FlexAttention from the torch release the tests pass on: torch 2.11's CPU flex
@@ -68,13 +68,12 @@ _flex_cpu_threads: int | None = None
 
 def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None = None, head_dim: int = 0,
                    dtype: torch.dtype = torch.float32) -> Kernel:
-    """``auto``: flex where it runs, else sdpa; an explicit choice is checked. On the CPU, flex
+    """``auto``: flex where it runs, else sdpa; an explicit choice (one of :data:`KERNELS`, as
+    :class:`options.EngineOptions` validates it) is checked. On the CPU, flex
     runs at one thread count per process (see ``_flex_cpu_threads``); on CUDA, with pages of
     ``page_size`` tokens that fit torch's KV blocks for ``head_dim`` and ``dtype``
     (:func:`flex_reads_pages`; None: not checked). Where flex cannot run, ``auto`` falls back to
     sdpa with a warning, and ``flex`` is an error that says why."""
-    if kernel not in KERNELS:
-        raise ValueError(f"attention={kernel!r} is not one of {', '.join(KERNELS)}")
     if kernel == "sdpa":
         return SDPA
     if not flex_available(device):
@@ -123,7 +122,7 @@ def flex_reads_pages(page_size: int, forward: list[tuple[int, int]], decoding: l
     of BLOCK_N and the query block of BLOCK_M, an error when the only config does not fit;
     ``flex_decoding.py``: a multiple of BLOCK_N, cut down to a smaller page). A multiple of 128
     fits every CUDA config torch has."""
-    main = any(page_size % n == 0 and FLEX_Q_BLOCK % m == 0 for m, n in forward)
+    main = any(page_size % n == 0 and FLEX_Q_TILE % m == 0 for m, n in forward)
     return main and any(page_size % min(n, page_size) == 0 for n in decoding)
 
 
@@ -197,12 +196,9 @@ class PageReads:
     gathered: torch.Tensor | None = None  # sdpa: [B, Wb] the pages to gather
     visible: torch.Tensor | None = None  # sdpa: [B, 1, 1, Wb * page_size] additive mask of their tokens
 
-    def keys(self, pool: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-        return pool  # the kernels read the pool in place
-
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """``query`` [B0, H, Q, D] (B0 * Q = B queries), ``key``/``value`` the pool [1, Hkv, N, D];
-        returns [B0, Q, H, D]."""
+        """``query`` [B0, H, Q, D] (B0 * Q = B queries), ``key``/``value`` the pool [1, Hkv, N, D]
+        (read in place); returns [B0, Q, H, D]."""
         B0, H, Q, D = query.shape
         kv_heads = key.shape[1]
         # one row per query, the query heads that share a KV head folded into its query axis: each
@@ -336,7 +332,7 @@ def _block_mask(masked: tuple[torch.Tensor, torch.Tensor], unmasked: tuple[torch
     full_count, full = (None, None) if unmasked is None else (rows(unmasked[1]), rows(unmasked[0]))
     return BlockMask.from_kv_blocks(
         rows(masked[1]), rows(masked[0]), full_count, full,
-        BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(groups, kv_len), compute_q_blocks=False,
+        BLOCK_SIZE=(FLEX_Q_TILE, ps), mask_mod=within_fill, seq_lengths=(groups, kv_len), compute_q_blocks=False,
     )
 
 
@@ -355,7 +351,7 @@ def _gathered(reads: PageReads) -> tuple[torch.Tensor, torch.Tensor]:
     return pages, additive_mask(visible, torch.float32)[:, None, None]
 
 
-# Queries x keys per attention call of a segmented fresh forward (reprefill): its masks and the
+# Queries x keys per attention call of a fresh forward by runs of blocks (reprefill): its masks and the
 # scores SDPA's math kernel materialises (the two-phase mask rules flash attention out) stay
 # this small whatever the forward's length.
 FRESH_CHUNK_ELEMENTS = 2**22
@@ -363,28 +359,33 @@ FRESH_CHUNK_ELEMENTS = 2**22
 
 @dataclass
 class FreshReads:
-    """A multi-token forward of one request: its queries attend to every token of ``context``
-    (pages [C], their first ``fill`` tokens) and causally to this forward's own keys; with
-    ``segments`` ((protocol block, length) of each run of its tokens, in order: a reprefill's
-    prompt and paths), a query sees only the segments :func:`protocol.may_attend` lets its block
-    see, attended segment by segment, in chunks of queries: no [n, n] mask or scores."""
+    """A multi-token forward of one request, whose tokens were written into the pool's
+    ``columns`` ([n], in order): its queries attend to every token of ``context`` (pages [C],
+    their first ``fill`` tokens) and causally to this forward's own keys; with ``runs``
+    ((protocol block, length) of each run of its tokens, in order: a reprefill's prompt and
+    paths), a query sees only the runs :func:`protocol.may_attend` lets its block see, attended
+    run by run, in chunks of queries: no [n, n] mask or scores."""
 
-    segments: list[tuple[int, int]] | None = None
+    columns: torch.Tensor
+    runs: list[tuple[int, int]] | None = None
     context: torch.Tensor | None = None
     fill: torch.Tensor | None = None
     page_size: int = 1
 
-    def keys(self, pool: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-        if self.context is None:
-            return fresh
-        _, kv_heads, N, D = pool.shape
-        pages = pool[0].view(kv_heads, N // self.page_size, self.page_size, D).index_select(1, self.context)
-        return torch.cat([pages.reshape(1, kv_heads, -1, D).to(fresh.dtype), fresh], dim=2)
+    def _read(self, pool: torch.Tensor) -> torch.Tensor:
+        """The context pages' tokens, then this forward's own, gathered from the pool [1, Hkv, N, D]."""
+        columns = self.columns
+        if self.context is not None:
+            offset = torch.arange(self.page_size, device=columns.device)
+            columns = torch.cat([(self.context[:, None] * self.page_size + offset).flatten(), columns])
+        return pool.index_select(2, columns)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """``query`` [1, H, n, D], ``key``/``value`` the pool [1, Hkv, N, D]; returns [1, n, H, D]."""
         n = query.shape[2]
-        if self.segments is not None:
-            out = torch.cat(list(_segment_attention(query, key, value, scale, self.segments)), dim=2)
+        key, value = self._read(key).to(query.dtype), self._read(value).to(query.dtype)
+        if self.runs is not None:
+            out = torch.cat(list(_run_attention(query, key, value, scale, self.runs)), dim=2)
         elif self.context is None:
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -397,14 +398,14 @@ class FreshReads:
         return out.transpose(1, 2)
 
 
-def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
-                       segments: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
-    """The two-phase rule over consecutive segments, chunk by chunk of queries ([1, H, rows, D]
-    each, in order): a segment's queries attend to the earlier segments their block may see, in
-    full, and causally to their own (keys gathered once per segment)."""
-    starts = [sum(n for _, n in segments[:s]) for s in range(len(segments))]
-    for (block, length), start in zip(segments, starts):
-        seen = [slice(other_start, other_start + n) for (other, n), other_start in zip(segments, starts)
+def _run_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                   runs: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+    """The two-phase rule over consecutive runs of blocks, chunk by chunk of queries ([1, H, rows, D]
+    each, in order): a run's queries attend to the earlier runs their block may see, in full, and
+    causally to their own (keys gathered once per run)."""
+    starts = [sum(n for _, n in runs[:s]) for s in range(len(runs))]
+    for (block, length), start in zip(runs, starts):
+        seen = [slice(other_start, other_start + n) for (other, n), other_start in zip(runs, starts)
                 if other_start < start and may_attend(block, other)]
         before = sum(part.stop - part.start for part in seen)
         keys, values = (torch.cat([x[:, :, part] for part in [*seen, slice(start, start + length)]], dim=2)
@@ -413,7 +414,7 @@ def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         for first in range(0, length, rows):
             last = min(first + rows, length)
             visible = before + last  # the chunk's last query sees every key up to itself
-            # key j is visible to the query at offset i of the segment when j <= before + i
+            # key j is visible to the query at offset i of the run when j <= before + i
             allowed = (torch.arange(visible, device=query.device)[None, :]
                        <= before + torch.arange(first, last, device=query.device)[:, None])
             yield F.scaled_dot_product_attention(
@@ -423,7 +424,8 @@ def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, reads=None, **kwargs):
     """The engine's attention function (registered with transformers as ``PAGED_ATTENTION``):
-    ``key``/``value`` are what :meth:`kv_cache.PagedKVCache.update` returned for ``reads``."""
+    ``key``/``value`` are the layer's pool, as :meth:`kv_cache.PoolWrite.update` returns it, and
+    ``reads`` (a model kwarg) says which of its tokens each query reads."""
     return reads.attend(query, key, value, scaling), None
 
 

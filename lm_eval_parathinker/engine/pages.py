@@ -27,6 +27,12 @@ def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
+def request_pages(prompt_len: int, num_paths: int, budget: int, summary_len: int, page_size: int) -> int:
+    """Pages a request holds at most: its prompt's, ``num_paths`` paths of ``budget`` tokens, and
+    its summary's (``summary_len`` tokens, template included; 0: none)."""
+    return pages_for(prompt_len, page_size) + num_paths * pages_for(budget, page_size) + pages_for(summary_len, page_size)
+
+
 @dataclass
 class PoolStats:
     """What the pool did during one engine call (reported in the run's statistics)."""
