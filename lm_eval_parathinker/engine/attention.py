@@ -2,14 +2,14 @@
 
 A decode step's queries each read whole pages (:class:`PageReads`): a path query the prompt's
 pages and its own path's, a summary query the prompt's, every path's and the summary's. A page
-is *full* (every token visible) or the *partial* last page of a segment, whose first ``fill``
+is *full* (every token visible) or the *partial* last page of a block, whose first ``fill``
 tokens are visible (``fill`` counts the tokens written into each page). Two kernels read them:
 
-* ``flex``: PyTorch FlexAttention with a ``BlockMask`` whose blocks are the pages
+* ``flex``: PyTorch FlexAttention with a ``BlockMask`` whose KV tiles are the pages
   (``BlockMask.from_kv_blocks``, as torch's own paged attention builds them): the kernel reads
   the listed pages of the pool in place, skips the rest, and applies the ``fill`` mask to
-  partial pages only (on CUDA to every page: :func:`flex_full_blocks`). Compiled (inference
-  runs on CPUs with AVX2 and on CUDA, there with pages that fit its KV blocks:
+  partial pages only (on CUDA to every page: :func:`flex_full_tiles`). Compiled (inference
+  runs on CPUs with AVX2 and on CUDA, there with pages that fit its KV tiles:
   :func:`flex_reads_pages`); static shapes, so the compiled step can be captured in a CUDA graph.
 * ``sdpa``: the pages a query reads gathered into one tensor, then SDPA (GQA folded into the
   query axis, no ``repeat_kv`` copy): eager everywhere, the fallback and the reference.
@@ -71,7 +71,7 @@ def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None =
     """``auto``: flex where it runs, else sdpa; an explicit choice (one of :data:`KERNELS`, as
     :class:`options.EngineOptions` validates it) is checked. On the CPU, flex
     runs at one thread count per process (see ``_flex_cpu_threads``); on CUDA, with pages of
-    ``page_size`` tokens that fit torch's KV blocks for ``head_dim`` and ``dtype``
+    ``page_size`` tokens that fit torch's KV tiles for ``head_dim`` and ``dtype``
     (:func:`flex_reads_pages`; None: not checked). Where flex cannot run, ``auto`` falls back to
     sdpa with a warning, and ``flex`` is an error that says why."""
     if kernel == "sdpa":
@@ -105,29 +105,29 @@ def _flex_problem(device: torch.device, page_size: int | None, head_dim: int,
                     "use attention='sdpa' or keep the thread count")
         _flex_cpu_threads = threads
     elif page_size is not None:
-        forward, decoding = cuda_flex_blocks(device, head_dim, dtype)
+        forward, decoding = cuda_flex_tiles(device, head_dim, dtype)
         if not flex_reads_pages(page_size, forward, decoding):
-            blocks = sorted({n for _, n in forward} | set(decoding))
+            tiles = sorted({n for _, n in forward} | set(decoding))
             return (f"block_size={page_size} does not fit torch's flex kernels on {device} ({dtype}, head_dim "
-                    f"{head_dim}), which read KV blocks of {blocks} tokens",
-                    f"use a block_size that is a multiple of {max(blocks)} (a multiple of 128 always fits), or "
+                    f"{head_dim}), which read KV tiles of {tiles} tokens",
+                    f"use a block_size that is a multiple of {max(tiles)} (a multiple of 128 always fits), or "
                     "attention='sdpa'")
     return None, ""
 
 
 def flex_reads_pages(page_size: int, forward: list[tuple[int, int]], decoding: list[int]) -> bool:
-    """Whether torch's flex kernels take KV blocks of ``page_size`` tokens, given the (BLOCK_M,
+    """Whether torch's flex kernels take KV tiles of ``page_size`` tokens, given the (BLOCK_M,
     BLOCK_N) of the forward kernel's configs and the BLOCK_N of the decoding kernel's: each
-    kernel needs a config that fits (``kernel/flex/flex_attention.py``: the KV block a multiple
-    of BLOCK_N and the query block of BLOCK_M, an error when the only config does not fit;
+    kernel needs a config that fits (``kernel/flex/flex_attention.py``: the KV tile a multiple
+    of BLOCK_N and the query tile of BLOCK_M, an error when the only config does not fit;
     ``flex_decoding.py``: a multiple of BLOCK_N, cut down to a smaller page). A multiple of 128
     fits every CUDA config torch has."""
     main = any(page_size % n == 0 and FLEX_Q_TILE % m == 0 for m, n in forward)
     return main and any(page_size % min(n, page_size) == 0 for n in decoding)
 
 
-def cuda_flex_blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], list[int]]:
-    """The blocks of torch's flex configs on CUDA ``device`` for ``head_dim`` and ``dtype``, as
+def cuda_flex_tiles(device: torch.device, head_dim: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], list[int]]:
+    """The tiles (BLOCK_* sizes) of torch's flex configs on CUDA ``device`` for ``head_dim`` and ``dtype``, as
     inductor's template heuristics choose them (by compute capability; more with max_autotune):
     the forward kernel's (BLOCK_M, BLOCK_N), the decoding kernel's BLOCK_N."""
     from torch._inductor.virtualized import V
@@ -157,13 +157,13 @@ flex_kernel = torch.compile(_paged_flex, dynamic=True)
 # compiled step compile once per batch size (rectangles), page size and KV pool. So their calls
 # run under a higher limit, and fail past it (compile_limits).
 RECOMPILE_LIMIT = 64
-_limits_on = False  # a compile_limits block is active (nested ones change nothing)
+_limits_on = False  # a compile_limits context is active (nested ones change nothing)
 
 
 @contextlib.contextmanager
 def compile_limits() -> Iterator[None]:
     """Dynamo's recompile limit at least ``RECOMPILE_LIMIT``, and an error past it (instead of
-    running uncompiled) while the block runs."""
+    running uncompiled) while the context runs."""
     global _limits_on
     if _limits_on:
         yield
@@ -192,7 +192,7 @@ class PageReads:
     page_size: int
     kernel: Kernel
     static_batch: bool  # B is the same at every step (see attend)
-    block_mask: BlockMask | None = None  # flex: the pages as kv blocks
+    block_mask: BlockMask | None = None  # flex: the pages as KV tiles
     gathered: torch.Tensor | None = None  # sdpa: [B, Wb] the pages to gather
     visible: torch.Tensor | None = None  # sdpa: [B, 1, 1, Wb * page_size] additive mask of their tokens
 
@@ -229,7 +229,7 @@ class Kernel:
 
 
 class FlexKernel(Kernel):
-    """FlexAttention over the pages as kv blocks, read in place (see the module docstring)."""
+    """FlexAttention over the pages as KV tiles, read in place (see the module docstring)."""
 
     name = "flex"
 
@@ -238,7 +238,7 @@ class FlexKernel(Kernel):
         fill, ps = reads.fill, reads.page_size
         width = fill.shape[0]
         masked, unmasked = ((_compact(partial, pages, width), _compact(full, pages, width))
-                            if flex_full_blocks(fill.device) else (_compact(full | partial, pages, width), None))
+                            if flex_full_tiles(fill.device) else (_compact(full | partial, pages, width), None))
         reads.block_mask = _block_mask(masked, unmasked, fill, ps, groups, width * ps)
 
     def attend(self, reads: PageReads, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -246,9 +246,9 @@ class FlexKernel(Kernel):
         if torch.compiler.is_compiling():  # inlined into the compiled step (its inputs are marked static)
             return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
         if reads.static_batch:
-            # torch's flex decoding kernel (one query block per KV head, work split over the
+            # torch's flex decoding kernel (one query tile per KV head, work split over the
             # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
-            # runs its main kernel, a 128-row query block for `groups` rows
+            # runs its main kernel, a 128-row query tile for `groups` rows
             torch._dynamo.mark_static(q, 0)
         with compile_limits():
             return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
@@ -283,7 +283,7 @@ FLEX, SDPA = FlexKernel(), SdpaKernel()
 def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, reads: torch.Tensor,
                fill: torch.Tensor, page_size: int, kernel: Kernel, groups: int, static_batch: bool = False) -> PageReads:
     """The pages of each query: ``slot`` [B] its slot, ``reads`` [B, G] which of the slot's
-    segments it reads, ``lengths`` [S, G] the tokens in every segment (this step's included),
+    blocks it reads, ``lengths`` [S, G] the tokens in every block (this step's included),
     ``table`` [S, G, M] the slots' page ids; ``groups`` query heads share a KV head;
     ``static_batch``: B is the same at every step. Tensor operations only (static shapes) for
     flex; the sdpa kernel reads how many pages the busiest query reads (eager only)."""
@@ -309,17 +309,17 @@ def _compact(mask: torch.Tensor, pages: torch.Tensor, width: int) -> tuple[torch
     return out[:, :width], mask.sum(1)
 
 
-def flex_full_blocks(device: torch.device) -> bool:
-    """Whether flex reads a query's complete pages as full blocks (no fill mask). Not on CUDA:
-    with full blocks torch's flex decoding kernel splits the work over the pool's length
+def flex_full_tiles(device: torch.device) -> bool:
+    """Whether flex reads a query's complete pages as full tiles (no fill mask). Not on CUDA:
+    with full tiles torch's flex decoding kernel splits the work over the pool's length
     (``flex_decode.py.jinja``, ``HAS_FULL_BLOCKS``), so most splits find no page; with partial
-    blocks only, over the pages read. The CPU kernel is faster with them (25-35% on 2 x86 cores)."""
+    tiles only, over the pages read. The CPU kernel is faster with them (25-35% on 2 x86 cores)."""
     return device.type != "cuda"
 
 
 def _block_mask(masked: tuple[torch.Tensor, torch.Tensor], unmasked: tuple[torch.Tensor, torch.Tensor] | None,
                 fill: torch.Tensor, ps: int, groups: int, kv_len: int) -> BlockMask:
-    """Pages as FlexAttention kv blocks, one batch row per query (its ``groups`` heads as the
+    """Pages as FlexAttention KV tiles, one batch row per query (its ``groups`` heads as the
     query axis): ``masked`` ones ((pages [B, W], count [B])) show their first ``fill`` tokens,
     ``unmasked`` ones (None: none) all of theirs."""
 

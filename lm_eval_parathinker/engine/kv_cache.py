@@ -58,11 +58,11 @@ class PagedKVCache:
         self._table: torch.Tensor | None = None  # the slots' page lists (page_table)
         self.argument = cache_argument(model)  # how the model's forward takes this cache
 
-    def page_table(self, slots: int, segments: int, max_pages: int) -> torch.Tensor:
+    def page_table(self, slots: int, blocks: int, max_pages: int) -> torch.Tensor:
         """The device table of the slots' page lists for a call, every entry the scratch page: one
         tensor for every call of the same shape, kept with the pool, so that a compiled step
         reads it at the same address (CUDA graphs re-record for a new one)."""
-        shape = (slots, segments, max_pages)
+        shape = (slots, blocks, max_pages)
         if self._table is None or self._table.shape != shape:
             self._table = torch.empty(shape, dtype=torch.long, device=self.fill.device)
         return self._table.fill_(SCRATCH_PAGE)

@@ -384,7 +384,7 @@ class Scheduler:
 
     def _recompute_paths(self, slot: int, prompt_len: int, lengths: list[int]) -> None:
         """``summary_kv="reprefill"``: recompute the prompt's and the paths' KV in one forward of
-        the packed sequence (the two-phase rule, the same positions and segments), overwriting
+        the packed sequence (the two-phase rule, the same positions and segment ids), overwriting
         their pages in place."""
         device = self.device
         layout = protocol.sequence_layout(prompt_len, lengths, 0, flattened=self.flattened,

@@ -3,7 +3,7 @@ one step. Everything here is tensor operations on the device; nothing waits for 
 
 Every step runs one forward over all slots, ``P`` queries each: a thinking slot feeds its P paths'
 current tokens, a summary slot its next summary token (the other queries pad), an idle or waiting
-slot only padding. Each token's keys and values go into its segment's pages (:mod:`pages`), and
+slot only padding. Each token's keys and values go into its block's pages (:mod:`pages`), and
 each query reads the pages it may see (:mod:`attention`). :func:`advance` then records what was
 fed, applies the token rules, samples the next tokens and moves each slot's phase along; a slot
 whose think stage or summary has just ended waits (``THINK_DONE``, ``DONE``) until the host
@@ -46,7 +46,7 @@ class Plan:
     path_rules: TokenRules
     summary_rules: TokenRules | None  # None: plain samples (no summary stage)
     summary_tokens: int  # tokens a summary may generate after its template
-    template_len: int  # tokens of the summary template (summary segment: template, then generated tokens)
+    template_len: int  # tokens of the summary template (the summary's block: template, then generated tokens)
     sampling: SamplingParams
     banned: torch.Tensor  # [2, V] never sampled: in a path (row 0), in a summary (row 1)
     path_enders: torch.Tensor  # [V] banned while a path is shorter than path_rules.min_tokens
@@ -108,7 +108,7 @@ class SlotState:
     cur: torch.Tensor  # [S, P] tokens fed by the next step
     lengths: torch.Tensor  # [S, P] tokens of each path
     closed: torch.Tensor  # [S, P] ended by an ender (or a stop string)
-    done: torch.Tensor  # [S, P] takes no more tokens (closed, and block-aligned if the rules pad)
+    done: torch.Tensor  # [S, P] takes no more tokens (closed, and padded to the rules' multiple if they pad)
     reason: torch.Tensor  # [S] FINISHED or BUDGET
     path_tokens: torch.Tensor  # [S, P, budget]
     summary_pos: torch.Tensor  # [S] its position
@@ -281,11 +281,28 @@ def advance(state: SlotState, plan: Plan, logits: torch.Tensor, inputs: StepInpu
     ``stopped`` / ``summary_stopped`` (stop strings, checked on the host) flag paths / summaries
     whose text now contains one; without them the step makes no host round trip.
     """
-    S, P = state.cur.shape
     think_row, summary_row = state.phase == THINK, state.phase == SUMMARY
+    t = state.t
+    think_end = _end_paths(state, plan, inputs, think_row, stopped)
+    drawn = _draw(state, plan, logits, think_row, summary_row, token_index)
+
+    nxt = plan.path_rules.rewrite(drawn)
+    if plan.path_rules.pad is not None:  # an ended path is fed pads until it is done
+        nxt = torch.where(state.closed, plan.path_rules.pad, nxt)
+    going = think_row & ~think_end
+    state.cur = torch.where(going[:, None], nxt, state.cur)
+    state.t = torch.where(going, t + 1, t)
+    state.phase = torch.where(think_end, THINK_DONE if plan.summary_rules is not None else DONE, state.phase)
+    if plan.summary_rules is not None:
+        _advance_summaries(state, plan, drawn[:, 0], summary_row, summary_stopped)
+
+
+def _end_paths(state: SlotState, plan: Plan, inputs: StepInputs, think_row: torch.Tensor,
+               stopped: Callable[[SlotState], torch.Tensor] | None) -> torch.Tensor:
+    """Record the fed path tokens, close the paths that ended; returns which think stages end."""
+    S, P = state.cur.shape
     in_path = inputs.real & think_row[:, None]
     t = state.t
-
     _store(state.path_tokens, t.clamp(max=plan.budget - 1)[:, None, None].expand(S, P, 1), state.cur[..., None],
            in_path[..., None])
     state.lengths += in_path
@@ -297,8 +314,14 @@ def advance(state: SlotState, plan: Plan, logits: torch.Tensor, inputs: StepInpu
     finished = think_row & (state.done.sum(-1) >= plan.needed)
     think_end = finished | (think_row & (t + 1 >= plan.budget))
     state.reason = torch.where(think_end, torch.where(finished, FINISHED, BUDGET), state.reason)
+    return think_end
 
-    # one draw for every slot: token t + 1 of each path, or the next summary token (query 0)
+
+def _draw(state: SlotState, plan: Plan, logits: torch.Tensor, think_row: torch.Tensor, summary_row: torch.Tensor,
+          token_index: torch.Tensor | None) -> torch.Tensor:
+    """[S, P] one draw for every slot: token t + 1 of each path, or the next summary token (query 0)."""
+    S, P = state.cur.shape
+    t = state.t
     k = torch.arange(P, device=t.device)
     draw = sampling.Draw(
         seed=state.seed,
@@ -309,31 +332,26 @@ def advance(state: SlotState, plan: Plan, logits: torch.Tensor, inputs: StepInpu
     short = think_row & (t + 1 < plan.path_rules.min_tokens)
     banned = plan.banned[summary_row.long()][:, None] | (short[:, None, None] & plan.path_enders)  # [S, 1, V]
     if token_index is None:
-        drawn = sampling.sample(logits.masked_fill(banned, float("-inf")), plan.sampling, draw)
-    else:  # only the real tokens have logits: draw theirs (with the same random numbers)
-        rows = token_index // P
-        picked = sampling.sample(
-            logits[0][:, None].masked_fill(banned[rows], float("-inf")), plan.sampling,
-            sampling.Draw(draw.seed[rows], draw.request[rows], draw.path.flatten()[token_index][:, None],
-                          draw.index.flatten()[token_index][:, None]),
-        )
-        drawn = torch.zeros(S * P, dtype=torch.long, device=t.device).index_copy(0, token_index, picked[:, 0]).view(S, P)
+        return sampling.sample(logits.masked_fill(banned, float("-inf")), plan.sampling, draw)
+    # only the real tokens have logits: draw theirs (with the same random numbers)
+    rows = token_index // P
+    picked = sampling.sample(
+        logits[0][:, None].masked_fill(banned[rows], float("-inf")), plan.sampling,
+        sampling.Draw(draw.seed[rows], draw.request[rows], draw.path.flatten()[token_index][:, None],
+                      draw.index.flatten()[token_index][:, None]),
+    )
+    return torch.zeros(S * P, dtype=torch.long, device=t.device).index_copy(0, token_index, picked[:, 0]).view(S, P)
 
-    nxt = plan.path_rules.rewrite(drawn)
-    if plan.path_rules.pad is not None:  # an ended path is fed pads until it is done
-        nxt = torch.where(state.closed, plan.path_rules.pad, nxt)
-    going = think_row & ~think_end
-    state.cur = torch.where(going[:, None], nxt, state.cur)
-    state.t = torch.where(going, t + 1, t)
-    state.phase = torch.where(think_end, THINK_DONE if plan.summary_rules is not None else DONE, state.phase)
 
-    if plan.summary_rules is not None:
-        token = plan.summary_rules.rewrite(drawn[:, 0])
-        _store(state.summary_ids, state.summary_len.clamp(max=plan.summary_tokens - 1)[:, None], token[:, None],
-               summary_row[:, None])
-        state.summary_len += summary_row
-        summary_end = summary_row & (torch.isin(token, plan.summary_rules.enders) | (state.summary_len >= plan.summary_tokens))
-        if summary_stopped is not None:
-            summary_end |= summary_row & summary_stopped(state)
-        state.cur[:, 0] = torch.where(summary_row, token, state.cur[:, 0])
-        state.phase = torch.where(summary_end, DONE, state.phase)
+def _advance_summaries(state: SlotState, plan: Plan, drawn: torch.Tensor, summary_row: torch.Tensor,
+                       summary_stopped: Callable[[SlotState], torch.Tensor] | None) -> None:
+    """Append the drawn summary tokens ([S]) of the summary slots, and end the summaries that ended."""
+    token = plan.summary_rules.rewrite(drawn)
+    _store(state.summary_ids, state.summary_len.clamp(max=plan.summary_tokens - 1)[:, None], token[:, None],
+           summary_row[:, None])
+    state.summary_len += summary_row
+    summary_end = summary_row & (torch.isin(token, plan.summary_rules.enders) | (state.summary_len >= plan.summary_tokens))
+    if summary_stopped is not None:
+        summary_end |= summary_row & summary_stopped(state)
+    state.cur[:, 0] = torch.where(summary_row, token, state.cur[:, 0])
+    state.phase = torch.where(summary_end, DONE, state.phase)
