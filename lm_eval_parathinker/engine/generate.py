@@ -150,11 +150,8 @@ class ParaThinkerEngine:
         """
         opts, call = self._call(options, settings, keywords)
         ids = self._validate(prompts, opts, call.max_new_tokens)
-        prompt_ids = self.encode(prompts, opts.layout)
-        template = self._template(opts)
-        pad = self.tokenizer.convert_tokens_to_ids(protocol.PAD) if opts.layout.pad_to_multiple_of else None
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        plan = step.Plan.build(opts, call, ids, self.eos_ids, pad, len(template), vocab, self.device)
+        prompt_ids, template = self.encode(prompts, opts.layout), self._template(opts)
+        plan = self._plan(opts, call, ids, len(template))
         self._check_lengths(prompt_ids, opts, plan)
         slots = min(call.num_slots or len(prompt_ids), len(prompt_ids))
         page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
@@ -193,6 +190,12 @@ class ParaThinkerEngine:
         if opts.mode != "parathinker":
             return []
         return self.tokenizer(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
+
+    def _plan(self, opts: EngineOptions, call: CallSettings, ids: ControlTokenIds | None,
+              template_len: int) -> step.Plan:
+        pad = self.tokenizer.convert_tokens_to_ids(protocol.PAD) if opts.layout.pad_to_multiple_of else None
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        return step.Plan.build(opts, call, ids, self.eos_ids, pad, template_len, vocab, self.device)
 
     def _scheduler_config(self, opts: EngineOptions, call: CallSettings, ids: ControlTokenIds | None,
                           template: list[int], slots: int, page_size: int) -> SchedulerConfig:

@@ -113,8 +113,8 @@ class EngineOptions:
     @classmethod
     def parse(cls, **values: Any) -> EngineOptions:
         """From model-arg values (strings or typed), converted by field type; unknown names are
-        an error."""
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        an error (``layout`` too: :meth:`resolve` sets it)."""
+        unknown = sorted(set(values) - ({f.name for f in dataclasses.fields(cls)} - {"layout"}))
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {', '.join(cls.names())}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -123,10 +123,11 @@ class EngineOptions:
     def replace(self, **changes: Any) -> EngineOptions:
         """A copy with ``changes`` (model-arg values, converted as :meth:`parse` does); its layout is
         kept unless the changes name another ``compat`` or ``mode`` (then it is resolved again)."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if {"compat", "mode"} & set(changes):
-            values["layout"] = None
-        return self.parse(**{**values, **changes})
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layout"}
+        changed = self.parse(**{**values, **changes})
+        if self.layout is None or {"compat", "mode"} & set(changes):
+            return changed
+        return changed.with_layout(self.layout)
 
 
 @dataclass(frozen=True)
