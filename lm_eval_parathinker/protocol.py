@@ -8,15 +8,17 @@ A ParaThinker sequence is
   ``</summary>`` in the official order (open/close interleaved, then the summary pair), so that
   added to a DeepSeek-R1-Distill-Qwen tokenizer they get the official ids 151665..151682;
 * blocks: every token belongs to the prompt (block 0), to a path (block = its control index k)
-  or to the summary (block ``SUMMARY_BLOCK``);
-* segment ids (which thought embedding T(i) is added): prompt 0, path k -> k, summary 0;
+  or to the summary (block ``SUMMARY_BLOCK``, -1: the summary's one id in the engine and in
+  training);
+* segment ids (which thought embedding T(i) is added, :func:`segment_id` of the block): prompt 0,
+  path k -> k, summary 0 (the row released checkpoints were trained with);
 * positions: prompt 0..Lp-1, token j of every path at Lp+j (all paths overlap), summary token s
   at Lp + max_k(len_k) + s;
 * attention: causal, plus the two-phase rule of :func:`may_attend`.
 
 Two layouts of that sequence are legitimate (:class:`Compat`): ``paper``, the method as trained
 (summary at Lp + max_k len_k), and ``official``, what the released vLLM engine feeds the released
-checkpoint (block-aligned ``<vllm_pad>`` padding, EOS as an ordinary token, summary at
+checkpoint (``<vllm_pad>`` padding to whole vLLM KV pages, EOS as an ordinary token, summary at
 2 Lp + max_k len_k, YaRN for long budgets; see :data:`OFFICIAL`).
 """
 
@@ -125,7 +127,7 @@ class Compat:
     """
 
     name: str
-    pad_to_multiple_of: int | None  # prompt and every path padded with PAD to a multiple of it (vLLM's KV block)
+    pad_to_multiple_of: int | None  # prompt and every path padded with PAD to a multiple of it (vLLM's KV page, its block)
     extra_bos: bool  # vLLM re-tokenizes the example's decoded prompt, which adds a second BOS
     question_alone: bool  # the template gets the problem text alone, not the task's doc_to_text
     eos_ends_path: bool  # official: ignore_eos, EOS is an ordinary token
@@ -147,7 +149,7 @@ class Compat:
 
         paper: as lm-eval's HFLM encodes (the tokenizer's special tokens, unless the text already
         starts with BOS). official: the example's pipeline, ``BOS BOS template PAD...`` with the
-        length a multiple of the block size (the second BOS is vLLM's, added when it re-tokenizes
+        length a multiple of vLLM's KV page size (the second BOS is vLLM's, added when it re-tokenizes
         the decoded prompt).
         """
         bos = tokenizer.bos_token
@@ -304,7 +306,7 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # -- training batches: rows of one or more records (documents), right-padded ------------------
 
 PAD_DOCUMENT = -1  # document id of the padding at the end of a row
-FLEX_BLOCK_SIZE = 128  # FlexAttention's default block: rows are padded to a multiple of it
+FLEX_TILE = 128  # FlexAttention's default tile (its BLOCK_SIZE): rows are padded to a multiple of it
 
 
 def two_phase_mask_mod(block_ids: torch.Tensor, document_ids: torch.Tensor):
@@ -339,17 +341,18 @@ def _compiled_create_block_mask():
     return torch.compile(create_block_mask)
 
 
-def two_phase_block_mask(block_ids: torch.Tensor, document_ids: torch.Tensor, block_size: int = FLEX_BLOCK_SIZE):
-    """:func:`two_phase_mask_mod` as a FlexAttention ``BlockMask`` on the ids' device: blocks of
-    ``block_size`` x ``block_size`` that the rule masks entirely are skipped by the kernel."""
+def two_phase_block_mask(block_ids: torch.Tensor, document_ids: torch.Tensor, tile: int = FLEX_TILE):
+    """:func:`two_phase_mask_mod` as a FlexAttention ``BlockMask`` on the ids' device: tiles of
+    ``tile`` x ``tile`` tokens that the rule masks entirely are skipped by the kernel."""
     B, L = block_ids.shape
     create = _compiled_create_block_mask()
     return create(two_phase_mask_mod(block_ids, document_ids), B, None, L, L, device=block_ids.device,
-                  BLOCK_SIZE=block_size)
+                  BLOCK_SIZE=tile)
 
 
 def segment_id(block: torch.Tensor, thought_embedding: bool = True) -> torch.Tensor:
-    """Thought-embedding index of each token: prompt and summary 0, path k -> k."""
+    """Thought-embedding row of each token's ``block``: prompt and summary (``SUMMARY_BLOCK``) 0,
+    path k -> k. Row 0 for the summary is what released checkpoints were trained with."""
     if not thought_embedding:
         return torch.zeros_like(block)
     return block.clamp(min=0)

@@ -340,7 +340,7 @@ def test_model_builds_the_official_prompt_from_the_problem_alone(official_ckpt, 
         pass
 
     def capture(prompts, options, **kwargs):
-        seen.update(prompts=prompts, compat=options.compat, **kwargs)
+        seen.update(prompts=prompts, layout=options.layout, **kwargs)
         raise Captured
 
     monkeypatch.setattr(lm.engine, "generate", capture)
@@ -349,7 +349,7 @@ def test_model_builds_the_official_prompt_from_the_problem_alone(official_ckpt, 
     with pytest.raises(Captured):
         lm.generate_until([request])
     expected = OFFICIAL.prompt_ids(protocol.build_prompt("Find x.", lm.tokenizer), lm.tokenizer)
-    assert seen["prompts"] == [expected] and seen["compat"] is OFFICIAL  # the resolved layout travels as it is
+    assert seen["prompts"] == [expected] and seen["layout"] is OFFICIAL  # the resolved layout travels as it is
     with pytest.raises(ValueError, match="max_gen_toks=20 .* must be a multiple of 16"):
         lm.generate_until([Instance("generate_until", {"problem": "x"}, (context, {"max_gen_toks": 20}), 0)])
 

@@ -44,20 +44,27 @@ class Recorder:
     def __init__(self, monkeypatch):
         self.steps = []
         self.schedulers = []
-        run, forward = scheduler_mod.Scheduler.run, step.decode_forward
+        run, forward, page_reads = scheduler_mod.Scheduler.run, step.decode_forward, step.page_reads
+        made = []  # the PageReads of the forward in flight
 
         def recording_run(scheduler, *args):
             self.schedulers.append(scheduler)
             return run(scheduler, *args)
 
-        def recording_forward(model, cache, table, lengths, slot, tokens, positions, blocks, offsets, real, *args):
-            logits = forward(model, cache, table, lengths, slot, tokens, positions, blocks, offsets, real, *args)
+        def recording_page_reads(*args, **kwargs):
+            made.append(page_reads(*args, **kwargs))
+            return made[-1]
+
+        def recording_forward(model, cache, batch):
+            logits = forward(model, cache, batch)
             held = [[list(seg) for seg in slot_pages] for slot_pages in self.schedulers[-1].pool.held]
-            self.steps.append((cache.reads, cache.fill.clone(), held, lengths.clone(), slot.flatten().clone(),
-                               blocks.flatten().clone(), real.flatten().clone()))
+            q = batch.queries
+            self.steps.append((made.pop(), cache.fill.clone(), held, batch.lengths.clone(), batch.slot.flatten().clone(),
+                               q.blocks.flatten().clone(), q.real.flatten().clone()))
             return logits
 
         monkeypatch.setattr(scheduler_mod.Scheduler, "run", recording_run)
+        monkeypatch.setattr(step, "page_reads", recording_page_reads)
         monkeypatch.setattr(step, "decode_forward", recording_forward)
 
 
@@ -147,7 +154,7 @@ def test_peak_pages_hold_the_tokens_within_a_page_per_segment(tiny):
     stats = engine.last_stats
     segments = 2 * (3 + 2)  # two slots of prompt + 3 paths + summary
     assert stats["kv_peak_tokens"] <= stats["kv_peak_pages"] * PAGE < stats["kv_peak_tokens"] + segments * PAGE
-    assert stats["kv_peak_bytes"] == stats["kv_peak_pages"] * PAGE * engine._cache.bytes_per_token
+    assert stats["kv_peak_bytes"] == stats["kv_peak_pages"] * PAGE * engine.pool.bytes_per_token
 
 
 def test_a_request_larger_than_the_pool_is_refused_before_decoding(tiny):
@@ -161,12 +168,12 @@ def test_the_pool_is_kept_across_calls_until_released(tiny):
     engine = ParaThinkerEngine(model, tok)
     kwargs = dict(num_paths=2, max_new_tokens=8, block_size=PAGE, temperature=1.0, seed=3)
     first = engine.generate(PROMPTS[:2], **kwargs)
-    pool = engine._cache
-    assert engine.generate(PROMPTS[:2], **kwargs) and engine._cache is pool  # reused
+    pool = engine.pool
+    assert engine.generate(PROMPTS[:2], **kwargs) and engine.pool is pool  # reused
     engine.release_pool()
-    assert engine._cache is None
+    assert engine.pool is None
     again = engine.generate(PROMPTS[:2], **kwargs)  # a fresh pool, the same outputs
-    assert engine._cache is not None and engine._cache is not pool
+    assert engine.pool is not None and engine.pool is not pool
     assert _tokens(again) == _tokens(first)
 
 
@@ -261,7 +268,7 @@ def test_flex_on_cuda_reads_every_page_as_a_partial_block(monkeypatch):
     keys, values = (torch.randn(1, kv_heads, num_pages * PAGE, dim, generator=g) for _ in range(2))
     query = torch.randn(1, kv_heads * groups, len(slot), dim, generator=g)
     cpu = attention.page_reads(table, lengths, slot, reads, fill, PAGE, attention.FLEX, groups)
-    monkeypatch.setattr(attention, "flex_full_blocks", lambda device: False)
+    monkeypatch.setattr(attention, "flex_full_tiles", lambda device: False)
     cuda = attention.page_reads(table, lengths, slot, reads, fill, PAGE, attention.FLEX, groups)
     assert cpu.block_mask.full_kv_num_blocks is not None and cuda.block_mask.full_kv_num_blocks is None
     assert cuda.block_mask.kv_num_blocks.flatten().tolist() == (cpu.full_count + cpu.partial_count).tolist()
@@ -305,17 +312,17 @@ def test_flex_on_cuda_takes_pages_that_fit_torchs_kv_blocks(monkeypatch):
     cuda, sizes = torch.device("cuda"), (16, 32, 48, 64, 96, 128, 192, 256)
 
     def fitting(head_dim: int) -> list[int]:
-        forward, decoding = attention.cuda_flex_blocks(cuda, head_dim, torch.bfloat16)
+        forward, decoding = attention.cuda_flex_tiles(cuda, head_dim, torch.bfloat16)
         return [size for size in sizes if attention.flex_reads_pages(size, forward, decoding)]
 
     if TorchVersion(torch.__version__) < "2.14":  # the configs read in torch 2.11 (the GPU image) and 2.13
-        assert attention.cuda_flex_blocks(cuda, 128, torch.bfloat16)[0] == [(128, 64)]
+        assert attention.cuda_flex_tiles(cuda, 128, torch.bfloat16)[0] == [(128, 64)]
         assert fitting(128) == [64, 128, 192, 256]
         assert fitting(64) == [128, 256]
     assert {128, 256} <= set(fitting(128)) & set(fitting(64)) and 16 not in fitting(128)  # multiples of 128 fit
     pages = dict(head_dim=128, dtype=torch.bfloat16)
     assert attention.resolve_kernel("auto", cuda, page_size=128, **pages) is attention.FLEX
-    with pytest.warns(UserWarning, match=r"block_size=16 does not fit .* KV blocks of \[[0-9, ]+\] tokens: attention='auto' uses"):
+    with pytest.warns(UserWarning, match=r"block_size=16 does not fit .* KV tiles of \[[0-9, ]+\] tokens: attention='auto' uses"):
         assert attention.resolve_kernel("auto", cuda, page_size=16, **pages) is attention.SDPA
     with pytest.raises(ValueError, match=r"attention='flex': block_size=16 .* use a block_size that is a multiple of \d+"):
         attention.resolve_kernel("flex", cuda, page_size=16, **pages)

@@ -85,7 +85,7 @@ def _check_sampling_is_per_request(engine: ParaThinkerEngine, mode: str) -> None
 def _record_steps(monkeypatch):
     """Phases of the slots at every step, and the step count at every admission."""
     phases, admitted = [], []
-    advance, prefill = scheduler_mod.advance, scheduler_mod.Scheduler._prefill
+    advance, prefill = scheduler_mod.advance, scheduler_mod.Scheduler.prefill
 
     def recording_advance(state, *args, **kwargs):
         phases.append(state.phase.tolist())
@@ -96,7 +96,7 @@ def _record_steps(monkeypatch):
         return prefill(self, slot, request)
 
     monkeypatch.setattr(scheduler_mod, "advance", recording_advance)
-    monkeypatch.setattr(scheduler_mod.Scheduler, "_prefill", recording_prefill)
+    monkeypatch.setattr(scheduler_mod.Scheduler, "prefill", recording_prefill)
     return phases, admitted
 
 

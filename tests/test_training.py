@@ -353,7 +353,7 @@ def test_flex_block_mask_forward_equals_sdpa():
     model, tok = tiny_parathinker("qwen2")
     builder = SequenceBuilder(tok)
     examples = [builder.build(builder.encode(r), idx) for r, idx in zip(RECORDS[:3], ([1, 2, 3], [8, 2, 7], None))]
-    batch = Collator(tok.pad_token_id, pad_to_multiple_of=protocol.FLEX_BLOCK_SIZE)([tuple(examples[:2]), (examples[2],)])
+    batch = Collator(tok.pad_token_id, pad_to_multiple_of=protocol.FLEX_TILE)([tuple(examples[:2]), (examples[2],)])
     block_mask = model_inputs(batch, "flex_attention")["attention_mask"]
     dense = protocol.two_phase_dense_mask(batch["block_ids"], batch["document_ids"])
     blocks = dense.unflatten(2, (-1, 128)).unflatten(4, (-1, 128)).any(dim=(3, 5))  # [B, 1, Lq/128, Lk/128]

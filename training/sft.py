@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from lm_eval_parathinker.protocol import (
     DEFAULT_NUM_CONTROL_PATHS,
-    FLEX_BLOCK_SIZE,
+    FLEX_TILE,
     ControlTokenIds,
     num_control_paths,
     resolve_compat,
@@ -249,7 +249,7 @@ def build_trainer(args: argparse.Namespace, training_args: TrainingArguments) ->
     out.mkdir(parents=True, exist_ok=True)
     if not args.full:
         model = wrap_lora(model, tokenizer, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=FLEX_BLOCK_SIZE if attention == "flex_attention" else None,
+    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=FLEX_TILE if attention == "flex_attention" else None,
                         segment_ids=args.layout == "parathinker")
     trainer = ParaThinkerTrainer(
         model=model, args=training_args, data_collator=collator, train_dataset=train_set, eval_dataset=eval_set,

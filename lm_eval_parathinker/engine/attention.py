@@ -2,14 +2,14 @@
 
 A decode step's queries each read whole pages (:class:`PageReads`): a path query the prompt's
 pages and its own path's, a summary query the prompt's, every path's and the summary's. A page
-is *full* (every token visible) or the *partial* last page of a segment, whose first ``fill``
+is *full* (every token visible) or the *partial* last page of a block, whose first ``fill``
 tokens are visible (``fill`` counts the tokens written into each page). Two kernels read them:
 
-* ``flex``: PyTorch FlexAttention with a ``BlockMask`` whose blocks are the pages
+* ``flex``: PyTorch FlexAttention with a ``BlockMask`` whose KV tiles are the pages
   (``BlockMask.from_kv_blocks``, as torch's own paged attention builds them): the kernel reads
   the listed pages of the pool in place, skips the rest, and applies the ``fill`` mask to
-  partial pages only (on CUDA to every page: :func:`flex_full_blocks`). Compiled (inference
-  runs on CPUs with AVX2 and on CUDA, there with pages that fit its KV blocks:
+  partial pages only (on CUDA to every page: :func:`flex_full_tiles`). Compiled (inference
+  runs on CPUs with AVX2 and on CUDA, there with pages that fit its KV tiles:
   :func:`flex_reads_pages`); static shapes, so the compiled step can be captured in a CUDA graph.
 * ``sdpa``: the pages a query reads gathered into one tensor, then SDPA (GQA folded into the
   query axis, no ``repeat_kv`` copy): eager everywhere, the fallback and the reference.
@@ -19,7 +19,7 @@ step's page reads and attends over them. ``auto`` picks ``flex`` where it runs
 (:func:`resolve_kernel`). Multi-token forwards (a
 prompt's prefill, a summary template, ``reprefill``) attend with :class:`FreshReads`: causally to
 this forward's own keys, after context pages they see in full, or (``reprefill``) under the
-two-phase rule, segment by segment in chunks of queries, never through an [n, n] mask.
+two-phase rule, run of blocks by run in chunks of queries, never through an [n, n] mask.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from ..upstream import transformers as upstream_transformers
 
 PAGED_ATTENTION = "parathinker_paged"
 KERNELS = ("auto", "flex", "sdpa")
-FLEX_Q_BLOCK = 128  # a query's heads fit one query block
+FLEX_Q_TILE = 128  # flex's query tile: a query's heads fit one
 
 
 # Compiled CPU FlexAttention from the torch release the tests pass on: torch 2.11's CPU flex
@@ -62,14 +62,12 @@ def flex_available(device: torch.device) -> bool:
 
 def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None = None, head_dim: int = 0,
                    dtype: torch.dtype = torch.float32) -> Kernel:
-    """``auto``: flex where it runs, else sdpa; an explicit choice is checked. On the CPU, flex
-    runs at one thread count per process (:class:`~..upstream.torch.CpuFlexThreads`: choosing it
-    claims this one); on CUDA, with pages of
-    ``page_size`` tokens that fit torch's KV blocks for ``head_dim`` and ``dtype``
+    """``auto``: flex where it runs, else sdpa; an explicit choice (one of :data:`KERNELS`, as
+    :class:`options.EngineOptions` validates it) is checked. On the CPU, flex runs at one thread count
+    per process (:class:`~..upstream.torch.CpuFlexThreads`: choosing it claims this one); on CUDA, with
+    pages of ``page_size`` tokens that fit torch's KV tiles for ``head_dim`` and ``dtype``
     (:func:`flex_reads_pages`; None: not checked). Where flex cannot run, ``auto`` falls back to
     sdpa with a warning, and ``flex`` is an error that says why."""
-    if kernel not in KERNELS:
-        raise ValueError(f"attention={kernel!r} is not one of {', '.join(KERNELS)}")
     if kernel == "sdpa":
         return SDPA
     if not flex_available(device):
@@ -101,29 +99,29 @@ def _flex_problem(device: torch.device, page_size: int | None, head_dim: int,
                     f"torch uses {torch.get_num_threads()}: inductor's CPU flex kernels are built for one thread count",
                     "use attention='sdpa' or keep the thread count")
     elif page_size is not None:
-        forward, decoding = cuda_flex_blocks(device, head_dim, dtype)
+        forward, decoding = cuda_flex_tiles(device, head_dim, dtype)
         if not flex_reads_pages(page_size, forward, decoding):
-            blocks = sorted({n for _, n in forward} | set(decoding))
+            tiles = sorted({n for _, n in forward} | set(decoding))
             return (f"block_size={page_size} does not fit torch's flex kernels on {device} ({dtype}, head_dim "
-                    f"{head_dim}), which read KV blocks of {blocks} tokens",
-                    f"use a block_size that is a multiple of {max(blocks)} (a multiple of 128 always fits), or "
+                    f"{head_dim}), which read KV tiles of {tiles} tokens",
+                    f"use a block_size that is a multiple of {max(tiles)} (a multiple of 128 always fits), or "
                     "attention='sdpa'")
     return None, ""
 
 
 def flex_reads_pages(page_size: int, forward: list[tuple[int, int]], decoding: list[int]) -> bool:
-    """Whether torch's flex kernels take KV blocks of ``page_size`` tokens, given the (BLOCK_M,
+    """Whether torch's flex kernels take KV tiles of ``page_size`` tokens, given the (BLOCK_M,
     BLOCK_N) of the forward kernel's configs and the BLOCK_N of the decoding kernel's: each
-    kernel needs a config that fits (``kernel/flex/flex_attention.py``: the KV block a multiple
-    of BLOCK_N and the query block of BLOCK_M, an error when the only config does not fit;
+    kernel needs a config that fits (``kernel/flex/flex_attention.py``: the KV tile a multiple
+    of BLOCK_N and the query tile of BLOCK_M, an error when the only config does not fit;
     ``flex_decoding.py``: a multiple of BLOCK_N, cut down to a smaller page). A multiple of 128
     fits every CUDA config torch has."""
-    main = any(page_size % n == 0 and FLEX_Q_BLOCK % m == 0 for m, n in forward)
+    main = any(page_size % n == 0 and FLEX_Q_TILE % m == 0 for m, n in forward)
     return main and any(page_size % min(n, page_size) == 0 for n in decoding)
 
 
-def cuda_flex_blocks(device: torch.device, head_dim: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], list[int]]:
-    """The blocks of torch's flex configs on CUDA ``device`` for ``head_dim`` and ``dtype``, as
+def cuda_flex_tiles(device: torch.device, head_dim: int, dtype: torch.dtype) -> tuple[list[tuple[int, int]], list[int]]:
+    """The tiles (BLOCK_* sizes) of torch's flex configs on CUDA ``device`` for ``head_dim`` and ``dtype``, as
     inductor's template heuristics choose them (by compute capability; more with max_autotune):
     the forward kernel's (BLOCK_M, BLOCK_N), the decoding kernel's BLOCK_N."""
     with torch.cuda.device(device):  # the heuristics read the current device's capability
@@ -171,16 +169,13 @@ class PageReads:
     page_size: int
     kernel: Kernel
     static_batch: bool  # B is the same at every step (see attend)
-    block_mask: BlockMask | None = None  # flex: the pages as kv blocks
+    block_mask: BlockMask | None = None  # flex: the pages as KV tiles
     gathered: torch.Tensor | None = None  # sdpa: [B, Wb] the pages to gather
     visible: torch.Tensor | None = None  # sdpa: [B, 1, 1, Wb * page_size] additive mask of their tokens
 
-    def keys(self, pool: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-        return pool  # the kernels read the pool in place
-
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
-        """``query`` [B0, H, Q, D] (B0 * Q = B queries), ``key``/``value`` the pool [1, Hkv, N, D];
-        returns [B0, Q, H, D]."""
+        """``query`` [B0, H, Q, D] (B0 * Q = B queries), ``key``/``value`` the pool [1, Hkv, N, D]
+        (read in place); returns [B0, Q, H, D]."""
         B0, H, Q, D = query.shape
         kv_heads = key.shape[1]
         # one row per query, the query heads that share a KV head folded into its query axis: each
@@ -211,7 +206,7 @@ class Kernel:
 
 
 class FlexKernel(Kernel):
-    """FlexAttention over the pages as kv blocks, read in place (see the module docstring)."""
+    """FlexAttention over the pages as KV tiles, read in place (see the module docstring)."""
 
     name = "flex"
 
@@ -220,7 +215,7 @@ class FlexKernel(Kernel):
         fill, ps = reads.fill, reads.page_size
         width = fill.shape[0]
         masked, unmasked = ((_compact(partial, pages, width), _compact(full, pages, width))
-                            if flex_full_blocks(fill.device) else (_compact(full | partial, pages, width), None))
+                            if flex_full_tiles(fill.device) else (_compact(full | partial, pages, width), None))
         reads.block_mask = _block_mask(masked, unmasked, fill, ps, groups, width * ps)
 
     def attend(self, reads: PageReads, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -228,9 +223,9 @@ class FlexKernel(Kernel):
         if torch.compiler.is_compiling():  # inlined into the compiled step (its inputs are marked static)
             return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
         if reads.static_batch:
-            # torch's flex decoding kernel (one query block per KV head, work split over the
+            # torch's flex decoding kernel (one query tile per KV head, work split over the
             # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
-            # runs its main kernel, a 128-row query block for `groups` rows
+            # runs its main kernel, a 128-row query tile for `groups` rows
             upstream_torch.mark_static(q, 0)
         with compile_limits():
             return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
@@ -265,7 +260,7 @@ FLEX, SDPA = FlexKernel(), SdpaKernel()
 def page_reads(table: torch.Tensor, lengths: torch.Tensor, slot: torch.Tensor, reads: torch.Tensor,
                fill: torch.Tensor, page_size: int, kernel: Kernel, groups: int, static_batch: bool = False) -> PageReads:
     """The pages of each query: ``slot`` [B] its slot, ``reads`` [B, G] which of the slot's
-    segments it reads, ``lengths`` [S, G] the tokens in every segment (this step's included),
+    blocks it reads, ``lengths`` [S, G] the tokens in every block (this step's included),
     ``table`` [S, G, M] the slots' page ids; ``groups`` query heads share a KV head;
     ``static_batch``: B is the same at every step. Tensor operations only (static shapes) for
     flex; the sdpa kernel reads how many pages the busiest query reads (eager only)."""
@@ -291,17 +286,17 @@ def _compact(mask: torch.Tensor, pages: torch.Tensor, width: int) -> tuple[torch
     return out[:, :width], mask.sum(1)
 
 
-def flex_full_blocks(device: torch.device) -> bool:
-    """Whether flex reads a query's complete pages as full blocks (no fill mask). Not on CUDA:
-    with full blocks torch's flex decoding kernel splits the work over the pool's length
+def flex_full_tiles(device: torch.device) -> bool:
+    """Whether flex reads a query's complete pages as full tiles (no fill mask). Not on CUDA:
+    with full tiles torch's flex decoding kernel splits the work over the pool's length
     (``flex_decode.py.jinja``, ``HAS_FULL_BLOCKS``), so most splits find no page; with partial
-    blocks only, over the pages read. The CPU kernel is faster with them (25-35% on 2 x86 cores)."""
+    tiles only, over the pages read. The CPU kernel is faster with them (25-35% on 2 x86 cores)."""
     return device.type != "cuda"
 
 
 def _block_mask(masked: tuple[torch.Tensor, torch.Tensor], unmasked: tuple[torch.Tensor, torch.Tensor] | None,
                 fill: torch.Tensor, ps: int, groups: int, kv_len: int) -> BlockMask:
-    """Pages as FlexAttention kv blocks, one batch row per query (its ``groups`` heads as the
+    """Pages as FlexAttention KV tiles, one batch row per query (its ``groups`` heads as the
     query axis): ``masked`` ones ((pages [B, W], count [B])) show their first ``fill`` tokens,
     ``unmasked`` ones (None: none) all of theirs."""
 
@@ -314,7 +309,7 @@ def _block_mask(masked: tuple[torch.Tensor, torch.Tensor], unmasked: tuple[torch
     full_count, full = (None, None) if unmasked is None else (rows(unmasked[1]), rows(unmasked[0]))
     return BlockMask.from_kv_blocks(
         rows(masked[1]), rows(masked[0]), full_count, full,
-        BLOCK_SIZE=(FLEX_Q_BLOCK, ps), mask_mod=within_fill, seq_lengths=(groups, kv_len), compute_q_blocks=False,
+        BLOCK_SIZE=(FLEX_Q_TILE, ps), mask_mod=within_fill, seq_lengths=(groups, kv_len), compute_q_blocks=False,
     )
 
 
@@ -333,7 +328,7 @@ def _gathered(reads: PageReads) -> tuple[torch.Tensor, torch.Tensor]:
     return pages, additive_mask(visible, torch.float32)[:, None, None]
 
 
-# Queries x keys per attention call of a segmented fresh forward (reprefill): its masks and the
+# Queries x keys per attention call of a fresh forward by runs of blocks (reprefill): its masks and the
 # scores SDPA's math kernel materialises (the two-phase mask rules flash attention out) stay
 # this small whatever the forward's length.
 FRESH_CHUNK_ELEMENTS = 2**22
@@ -341,28 +336,33 @@ FRESH_CHUNK_ELEMENTS = 2**22
 
 @dataclass
 class FreshReads:
-    """A multi-token forward of one request: its queries attend to every token of ``context``
-    (pages [C], their first ``fill`` tokens) and causally to this forward's own keys; with
-    ``segments`` ((protocol block, length) of each run of its tokens, in order: a reprefill's
-    prompt and paths), a query sees only the segments :func:`protocol.may_attend` lets its block
-    see, attended segment by segment, in chunks of queries: no [n, n] mask or scores."""
+    """A multi-token forward of one request, whose tokens were written into the pool's
+    ``columns`` ([n], in order): its queries attend to every token of ``context`` (pages [C],
+    their first ``fill`` tokens) and causally to this forward's own keys; with ``runs``
+    ((protocol block, length) of each run of its tokens, in order: a reprefill's prompt and
+    paths), a query sees only the runs :func:`protocol.may_attend` lets its block see, attended
+    run by run, in chunks of queries: no [n, n] mask or scores."""
 
-    segments: list[tuple[int, int]] | None = None
+    columns: torch.Tensor
+    runs: list[tuple[int, int]] | None = None
     context: torch.Tensor | None = None
     fill: torch.Tensor | None = None
     page_size: int = 1
 
-    def keys(self, pool: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
-        if self.context is None:
-            return fresh
-        _, kv_heads, N, D = pool.shape
-        pages = pool[0].view(kv_heads, N // self.page_size, self.page_size, D).index_select(1, self.context)
-        return torch.cat([pages.reshape(1, kv_heads, -1, D).to(fresh.dtype), fresh], dim=2)
+    def _read(self, pool: torch.Tensor) -> torch.Tensor:
+        """The context pages' tokens, then this forward's own, gathered from the pool [1, Hkv, N, D]."""
+        columns = self.columns
+        if self.context is not None:
+            offset = torch.arange(self.page_size, device=columns.device)
+            columns = torch.cat([(self.context[:, None] * self.page_size + offset).flatten(), columns])
+        return pool.index_select(2, columns)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """``query`` [1, H, n, D], ``key``/``value`` the pool [1, Hkv, N, D]; returns [1, n, H, D]."""
         n = query.shape[2]
-        if self.segments is not None:
-            out = torch.cat(list(_segment_attention(query, key, value, scale, self.segments)), dim=2)
+        key, value = self._read(key).to(query.dtype), self._read(value).to(query.dtype)
+        if self.runs is not None:
+            out = torch.cat(list(_run_attention(query, key, value, scale, self.runs)), dim=2)
         elif self.context is None:
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
         else:
@@ -375,14 +375,14 @@ class FreshReads:
         return out.transpose(1, 2)
 
 
-def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
-                       segments: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
-    """The two-phase rule over consecutive segments, chunk by chunk of queries ([1, H, rows, D]
-    each, in order): a segment's queries attend to the earlier segments their block may see, in
-    full, and causally to their own (keys gathered once per segment)."""
-    starts = [sum(n for _, n in segments[:s]) for s in range(len(segments))]
-    for (block, length), start in zip(segments, starts):
-        seen = [slice(other_start, other_start + n) for (other, n), other_start in zip(segments, starts)
+def _run_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None,
+                   runs: list[tuple[int, int]]) -> Iterator[torch.Tensor]:
+    """The two-phase rule over consecutive runs of blocks, chunk by chunk of queries ([1, H, rows, D]
+    each, in order): a run's queries attend to the earlier runs their block may see, in full, and
+    causally to their own (keys gathered once per run)."""
+    starts = [sum(n for _, n in runs[:s]) for s in range(len(runs))]
+    for (block, length), start in zip(runs, starts):
+        seen = [slice(other_start, other_start + n) for (other, n), other_start in zip(runs, starts)
                 if other_start < start and may_attend(block, other)]
         before = sum(part.stop - part.start for part in seen)
         keys, values = (torch.cat([x[:, :, part] for part in [*seen, slice(start, start + length)]], dim=2)
@@ -391,7 +391,7 @@ def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         for first in range(0, length, rows):
             last = min(first + rows, length)
             visible = before + last  # the chunk's last query sees every key up to itself
-            # key j is visible to the query at offset i of the segment when j <= before + i
+            # key j is visible to the query at offset i of the run when j <= before + i
             allowed = (torch.arange(visible, device=query.device)[None, :]
                        <= before + torch.arange(first, last, device=query.device)[:, None])
             yield F.scaled_dot_product_attention(
@@ -401,7 +401,8 @@ def _segment_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def paged_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, reads=None, **kwargs):
     """The engine's attention function (registered with transformers as ``PAGED_ATTENTION``):
-    ``key``/``value`` are what :meth:`kv_cache.PagedKVCache.update` returned for ``reads``."""
+    ``key``/``value`` are the layer's pool, as :meth:`kv_cache.PoolWrite.update` returns it, and
+    ``reads`` (a model kwarg) says which of its tokens each query reads."""
     return reads.attend(query, key, value, scaling), None
 
 

@@ -6,19 +6,22 @@ model (the lm-eval model takes each as a model arg of the same name, except ``mo
 ``method`` sets; the generation budget, the sampling settings and the stop strings come per
 request, from lm-eval's gen_kwargs). Its fields are validated on construction, and
 :meth:`EngineOptions.parse` builds one from model-arg strings (``num_paths=8``,
-``thought_embedding=false``), converting by each field's type. :meth:`EngineOptions.resolve`
-turns ``compat`` into its layout (a :class:`protocol.Compat`, ``auto`` read from a tokenizer) once,
-checking what the layout cannot run; the resolved options then travel down to the kernels.
+``thought_embedding=false``), converting by each field's type. ``compat`` is the layout's name as
+requested (a model arg); :meth:`EngineOptions.resolve` sets ``layout``, the :class:`protocol.Compat`
+it names (``auto`` read from a tokenizer), once, checking what the layout cannot run; the resolved
+options then travel down to the kernels.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import protocol
 from .attention import KERNELS
+from .sampling import SamplingParams
 
 MODES = ("parathinker", "independent", "sequential")
 TERMINATIONS = ("first", "half", "last")
@@ -42,11 +45,14 @@ class EngineOptions:
     summary_kv: str = field(default="reuse", metadata=_choices(*SUMMARY_KV))
     thought_embedding: bool = True
     positions: str = field(default="aligned", metadata=_choices(*POSITIONS))
-    compat: str | protocol.Compat = field(default="auto", metadata=_choices(*protocol.COMPAT_CHOICES))
+    compat: str = field(default="auto", metadata=_choices(*protocol.COMPAT_CHOICES))  # the layout's name
     attention: str = field(default="auto", metadata=_choices(*KERNELS))  # decode-step kernel over the KV pages
-    block_size: int | None = None  # tokens per KV page (None: 128 on CUDA, 64 elsewhere)
-    num_blocks: int | None = None  # KV pool size in pages (None: from max_memory_percent)
+    # vLLM's names: block_size is the tokens per KV page, num_blocks the KV pool's size in pages
+    block_size: int | None = None  # None: 128 on CUDA, 64 elsewhere
+    num_blocks: int | None = None  # None: from max_memory_percent
     max_memory_percent: float | None = None  # fraction of free memory for the pool (None: 0.9 on CUDA, 0.5 on CPU)
+    # the layout ``compat`` names, set by resolve() (not a model arg; None: not resolved yet)
+    layout: protocol.Compat | None = field(default=None, metadata={"model_arg": False}, repr=False)
 
     #: options that size the KV pool and never change a response (a smaller pool preempts and
     #: restarts requests, which then produce what they would have)
@@ -56,7 +62,7 @@ class EngineOptions:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices and not isinstance(value, protocol.Compat):
+            if choices and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
         self._resolve_num_paths()
         for name, low in (("num_paths", 1), ("summary_max_tokens", 1), ("block_size", 1), ("num_blocks", 2)):
@@ -65,9 +71,12 @@ class EngineOptions:
                 raise ValueError(f"{name}={value} must be at least {low}")
         if self.max_memory_percent is not None and not 0 < self.max_memory_percent <= 1:
             raise ValueError(f"max_memory_percent={self.max_memory_percent} must be in (0, 1]")
-        if self.compat in ("official", protocol.OFFICIAL) and self.mode != "parathinker":
+        if self.compat == "official" and self.mode != "parathinker":
             raise ValueError(f"compat='official' applies to parathinker decoding only (method=parathinker), not "
                              f"mode={self.mode!r}")
+        if self.layout is not None and self.layout.pad_to_multiple_of is not None and self.positions == "flattened":
+            raise ValueError("positions=flattened has no equivalent in the released engine (compat=official): use "
+                             "compat=paper")
 
     def _resolve_num_paths(self) -> None:
         """The one place the default number of paths is set: one for sequential, else 8."""
@@ -85,12 +94,9 @@ class EngineOptions:
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("model_arg", True))
 
     def resolve(self, tokenizer) -> EngineOptions:
-        """These options with ``compat`` resolved to its layout (``auto``: read from ``tokenizer``;
-        the baselines decode in ``paper``), checked (:meth:`with_layout`; parathinker's
-        ``num_paths`` against the tokenizer's control tokens, :func:`protocol.check_num_paths`).
-        Resolved options are returned as they are."""
-        if isinstance(self.compat, protocol.Compat):
-            return self
+        """These options with ``layout`` set: the one ``compat`` names (``auto``: read from
+        ``tokenizer``; the baselines decode in ``paper``), checked (:meth:`with_layout`; parathinker's
+        ``num_paths`` against the tokenizer's control tokens, :func:`protocol.check_num_paths`)."""
         if self.mode != "parathinker":
             return self.with_layout(protocol.PAPER)
         layout = protocol.resolve_compat(self.compat, tokenizer)
@@ -99,38 +105,61 @@ class EngineOptions:
 
     def with_layout(self, layout: protocol.Compat) -> EngineOptions:
         """These options decoding with ``layout``, refusing what it cannot run."""
-        if layout.pad_to_multiple_of is not None and self.positions == "flattened":
-            raise ValueError("positions=flattened has no equivalent in the released engine (compat=official): use "
-                             "compat=paper")
-        return dataclasses.replace(self, compat=layout)
-
-    @property
-    def layout(self) -> protocol.Compat:
-        """The resolved layout (see :meth:`resolve`)."""
-        if not isinstance(self.compat, protocol.Compat):
-            raise RuntimeError(f"compat={self.compat!r} is not resolved yet: call resolve(tokenizer) first")
-        return self.compat
+        return dataclasses.replace(self, layout=layout)
 
     def args(self) -> dict[str, Any]:
-        """The options as model-arg values (``compat`` by its name), as the results JSON records them."""
-        values = {name: getattr(self, name) for name in self.names()}
-        return {**values, "compat": getattr(self.compat, "name", self.compat)}
+        """The options as model-arg values, as the results JSON records them."""
+        return {name: getattr(self, name) for name in self.names()}
 
     @classmethod
     def parse(cls, **values: Any) -> EngineOptions:
         """From model-arg values (strings or typed), converted by field type; unknown names are
-        an error."""
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        an error (``layout`` too: :meth:`resolve` sets it)."""
+        unknown = sorted(set(values) - ({f.name for f in dataclasses.fields(cls)} - {"layout"}))
         if unknown:
             raise ValueError(f"unknown engine option(s) {unknown}; known: {', '.join(cls.names())}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         return cls(**{name: _convert(name, value, types[name]) for name, value in values.items()})
 
     def replace(self, **changes: Any) -> EngineOptions:
-        """A copy with ``changes`` (model-arg values, converted as :meth:`parse` does); ``compat`` goes
-        back to its name, to be resolved again for the changed options."""
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return self.parse(**{**values, "compat": getattr(self.compat, "name", self.compat), **changes})
+        """A copy with ``changes`` (model-arg values, converted as :meth:`parse` does); its layout is
+        kept unless the changes name another ``compat`` or ``mode`` (then it is resolved again)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layout"}
+        changed = self.parse(**{**values, **changes})
+        if self.layout is None or {"compat", "mode"} & set(changes):
+            return changed
+        return changed.with_layout(self.layout)
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """What one engine call asks besides its options: the budget, the sampling, the stops (see
+    :meth:`generate.ParaThinkerEngine.generate` for each)."""
+
+    max_new_tokens: int = 1024  # per path, the opening <think k> included
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | Sequence[int] | None = None
+    min_new_tokens: int = 0
+    stop_strings: Sequence[str] = ()
+    banned_tokens: Sequence[int] = ()
+    num_slots: int | None = None
+    output_logits: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        if self.num_slots is not None and self.num_slots < 1:
+            raise ValueError(f"num_slots={self.num_slots} must be at least 1")
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(self.temperature, self.top_p, self.top_k)
+
+    @classmethod
+    def names(cls) -> frozenset[str]:
+        return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 def _convert(name: str, value: Any, annotation: str) -> Any:

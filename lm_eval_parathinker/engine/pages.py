@@ -1,7 +1,8 @@
 """The KV pages of the engine: a pool of fixed-size pages, and which pages each request holds.
 
-A request is a few *segments* (:mod:`protocol` blocks): its prompt (segment 0), its paths
-(segment k for path k) and its summary (segment ``P + 1``). Every segment owns a list of pages,
+A request is a few :mod:`protocol` *blocks*: its prompt (block 0), its paths (block k for path k)
+and its summary (``protocol.SUMMARY_BLOCK``, -1: the last of a slot's page lists, as Python and
+torch index). Every block owns a list of pages,
 allocated as it grows: the prompt's pages when the request is admitted, a path's next page when
 its next token crosses a page boundary, the summary's when it starts and as it grows. The P paths
 of a request read the prompt's pages in place (written once, shared read-only), and the summary
@@ -27,6 +28,12 @@ def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
+def request_pages(prompt_len: int, num_paths: int, budget: int, summary_len: int, page_size: int) -> int:
+    """Pages a request holds at most: its prompt's, ``num_paths`` paths of ``budget`` tokens, and
+    its summary's (``summary_len`` tokens, template included; 0: none)."""
+    return pages_for(prompt_len, page_size) + num_paths * pages_for(budget, page_size) + pages_for(summary_len, page_size)
+
+
 @dataclass
 class PoolStats:
     """What the pool did during one engine call (reported in the run's statistics)."""
@@ -50,9 +57,9 @@ class PoolStats:
 
 
 class PagePool:
-    """Fixed-size pages with a free list, and each slot's page lists per segment.
+    """Fixed-size pages with a free list, and each slot's page lists per block.
 
-    ``num_pages`` counts the scratch page; ``table`` ([slots, segments, max_pages], on the device,
+    ``num_pages`` counts the scratch page; ``table`` ([slots, P + 2 blocks, max_pages], on the device,
     every entry the scratch page: see :meth:`kv_cache.PagedKVCache.page_table`) mirrors the page
     lists once :meth:`flush` has copied the latest changes.
     """
@@ -60,13 +67,13 @@ class PagePool:
     def __init__(self, num_pages: int, page_size: int, table: torch.Tensor):
         if num_pages < 2:
             raise ValueError(f"a KV pool needs at least 2 pages (one is scratch), not {num_pages}")
-        slots, segments, _ = table.shape
+        slots, blocks, _ = table.shape
         self.page_size = page_size
         self.free_pages = list(range(num_pages - 1, SCRATCH_PAGE, -1))  # pop() hands out low ids first
-        self.held: list[list[list[int]]] = [[[] for _ in range(segments)] for _ in range(slots)]
+        self.held: list[list[list[int]]] = [[[] for _ in range(blocks)] for _ in range(slots)]
         self.table = table
         self.stats = PoolStats(num_pages=num_pages, page_size=page_size)
-        self._pending: list[tuple[int, int, int, int]] = []  # (slot, segment, index, page) not yet in `table`
+        self._pending: list[tuple[int, int, int, int]] = []  # (slot, block, index, page) not yet in `table`
 
     @property
     def num_free(self) -> int:
@@ -76,13 +83,13 @@ class PagePool:
     def num_used(self) -> int:
         return self.stats.num_pages - 1 - len(self.free_pages)
 
-    def pages(self, slot: int, segment: int) -> list[int]:
-        return self.held[slot][segment]
+    def pages(self, slot: int, block: int) -> list[int]:
+        return self.held[slot][block]
 
-    def grow(self, slot: int, segment: int, tokens: int) -> bool:
-        """Give ``segment`` of ``slot`` pages for ``tokens`` tokens in all; False (nothing taken)
+    def grow(self, slot: int, block: int, tokens: int) -> bool:
+        """Give ``block`` of ``slot`` pages for ``tokens`` tokens in all; False (nothing taken)
         when the pool has too few free pages."""
-        have = self.held[slot][segment]
+        have = self.held[slot][block]
         missing = pages_for(tokens, self.page_size) - len(have)
         if missing <= 0:
             return True
@@ -90,24 +97,24 @@ class PagePool:
             return False
         for _ in range(missing):
             page = self.free_pages.pop()
-            self._pending.append((slot, segment, len(have), page))
+            self._pending.append((slot, block, len(have), page))
             have.append(page)
         self.stats.peak_pages = max(self.stats.peak_pages, self.num_used)
         return True
 
-    def shrink(self, slot: int, segment: int, tokens: int) -> None:
-        """Free the pages of ``segment`` beyond ``tokens`` tokens (pages taken ahead of a path
+    def shrink(self, slot: int, block: int, tokens: int) -> None:
+        """Free the pages of ``block`` beyond ``tokens`` tokens (pages taken ahead of a path
         that turned out to have ended)."""
-        have = self.held[slot][segment]
+        have = self.held[slot][block]
         keep = pages_for(tokens, self.page_size)
         self.free_pages.extend(reversed(have[keep:]))
         del have[keep:]
 
     def release(self, slot: int) -> None:
         """Free every page the slot holds (its request ended or was preempted)."""
-        for segment in self.held[slot]:
-            self.free_pages.extend(reversed(segment))
-            segment.clear()
+        for pages in self.held[slot]:
+            self.free_pages.extend(reversed(pages))
+            pages.clear()
         self._pending = [p for p in self._pending if p[0] != slot]
 
     def note_tokens(self, tokens: int) -> None:
@@ -119,6 +126,6 @@ class PagePool:
         """Copy the page lists' changes since the last flush into ``table`` (one write)."""
         if not self._pending:
             return
-        slot, segment, index, page = (torch.tensor(c, device=self.table.device) for c in zip(*self._pending))
-        self.table[slot, segment, index] = page
+        slot, block, index, page = (torch.tensor(c, device=self.table.device) for c in zip(*self._pending))
+        self.table[slot, block, index] = page
         self._pending.clear()

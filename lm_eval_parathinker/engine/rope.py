@@ -4,7 +4,7 @@ The released engine runs long per-path budgets with YaRN (``protocol.Compat.rope
 transformers computes a model's inverse frequencies and cos/sin scale once, in its rotary
 embedding module, from ``config.rope_parameters``; :func:`rope_scaling` recomputes both with
 ``ROPE_INIT_FUNCTIONS`` for another rope configuration and restores them afterwards, so no
-modeling code is forked and the model is unchanged outside the ``with`` block.
+modeling code is forked and the model is unchanged outside the ``with`` statement.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ class TokenRules:
     ``</think k>``, or ``</summary>``) when one is given; ``stray`` tokens (another path's or the
     summary's opener) are rewritten to ``stray_replacement`` (the base model's ``<think>``), or
     banned when the model has none; enders are banned until a path has ``min_tokens`` tokens.
-    With ``pad_to_multiple_of`` (the official engine's KV blocks), a path that has ended is fed ``pad``
+    With ``pad_to_multiple_of`` (the official engine's KV page size, vLLM's block size), a path that has ended is fed ``pad``
     until its length is a multiple of ``pad_to_multiple_of``, and is done only then.
     """
 

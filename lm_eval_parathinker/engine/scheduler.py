@@ -6,7 +6,7 @@ Each slot holds one request at a time; its keys and values live in pages of a sh
 
 * admits a waiting request into a free slot when the pool has the pages its prompt and the first
   token of each path need (one eager prefill of its prompt into its pages);
-* before each step, gives every segment whose next token opens a page that page; when the pool is
+* before each step, gives every block whose next token opens a page that page; when the pool is
   empty, it *preempts* the most recently admitted request (frees its pages, puts it back at the
   head of the queue, admits nothing new until a request ends), which later starts again from its
   prompt and decodes step by step: its random streams depend only on its seed, so it produces
@@ -37,7 +37,6 @@ from .. import protocol
 from . import sampling
 from .attention import FreshReads, Kernel
 from .kv_cache import PagedKVCache
-from .options import EngineOptions
 from .pages import PagePool, pages_for
 from .recording import LogitsRecorder
 from .step import (
@@ -54,15 +53,17 @@ from .step import (
     fresh_forward,
     step_forward,
     step_inputs,
-    summary_segment,
 )
+from .stops import StopChecks
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """What one engine call runs with, besides the step's constants (:class:`step.Plan`)."""
 
-    options: EngineOptions  # resolved (``options.layout``): positions and summary_kv are read here
+    layout: protocol.Compat
+    flattened: bool  # positions=flattened
+    reprefill: bool  # summary_kv=reprefill
     kernel: Kernel
     num_slots: int
     first_tokens: list[int] | None  # parathinker: the forced <think k>; None: sampled
@@ -71,15 +72,6 @@ class SchedulerConfig:
     ragged: bool = False  # steps on the real tokens only (see the module docstring)
     stops: StopChecks | None = None
     recorder: LogitsRecorder | None = None  # ``output_logits``: files every step's logits
-
-
-@dataclass(frozen=True)
-class StopChecks:
-    """Host-side checks of the stop strings, run after each step: which paths' text ends in one
-    (plain samples), which summaries' text contains one."""
-
-    paths: Callable[[SlotState], torch.Tensor] | None = None
-    summary: Callable[[SlotState], torch.Tensor] | None = None
 
 
 @dataclass
@@ -163,9 +155,7 @@ class Scheduler:
     def __init__(self, model, plan: Plan, cache: PagedKVCache, config: SchedulerConfig):
         self.model, self.plan, self.cache, self.config = model, plan, cache, config
         self.device = next(model.parameters()).device
-        self.layout = config.options.layout
-        self.flattened = config.options.positions == "flattened"
-        self.reprefill = config.options.summary_kv == "reprefill"
+        self.layout, self.flattened, self.reprefill = config.layout, config.flattened, config.reprefill
         self.first_tokens = None if config.first_tokens is None else torch.tensor(config.first_tokens, device=self.device)
         self.template = torch.tensor(config.template, device=self.device)
         self.stops = config.stops or StopChecks()
@@ -231,10 +221,10 @@ class Scheduler:
             need = pages_for(len(self.prompts[waiting[0]]), self.pool.page_size) + self.plan.num_paths
             if need > self.pool.num_free:  # the queue's head waits for pages (first come, first served)
                 return
-            self._prefill(slot, waiting.popleft())
+            self.prefill(slot, waiting.popleft())
 
     def _reserve(self, waiting: deque) -> None:
-        """Pages for the tokens the next step writes, oldest request first: a segment gets a page
+        """Pages for the tokens the next step writes, oldest request first: a block gets a page
         when its next token opens one (a path only while it is not known to be done), and never
         beyond its limit: the host's counters run on while a late phase read (CUDA) has not yet
         shown that the device has finished the stage."""
@@ -245,22 +235,22 @@ class Scheduler:
                 continue
             if busy.summary is None:
                 offset, limit = busy.t, plan.budget
-                segments = [k + 1 for k, done in enumerate(busy.done) if not done]
+                blocks = [k + 1 for k, done in enumerate(busy.done) if not done]
             else:
                 offset, limit = plan.template_len + busy.summary, plan.template_len + plan.summary_tokens
-                segments = [summary_segment(plan.num_paths)]
+                blocks = [protocol.SUMMARY_BLOCK]
             if offset % ps or offset >= limit:
                 continue
-            for segment in segments:
-                if not self._grow(slot, segment, offset + 1, waiting):
+            for block in blocks:
+                if not self._grow(slot, block, offset + 1, waiting):
                     break
         self.pool.flush()
         self._note_peak()
 
-    def _grow(self, slot: int, segment: int, tokens: int, waiting: deque) -> bool:
-        """Pages for ``tokens`` tokens of a segment, preempting the most recent requests until the
+    def _grow(self, slot: int, block: int, tokens: int, waiting: deque) -> bool:
+        """Pages for ``tokens`` tokens of a block, preempting the most recent requests until the
         pool has them; False if ``slot`` itself had to be preempted."""
-        while not self.pool.grow(slot, segment, tokens):
+        while not self.pool.grow(slot, block, tokens):
             victim = max((s for s, b in enumerate(self.busy) if b is not None), key=lambda s: self.busy[s].order)
             self._preempt(victim, waiting)
             if victim == slot:
@@ -316,23 +306,24 @@ class Scheduler:
 
     # -- stage changes ----------------------------------------------------------------------
 
-    def _columns(self, slot: int, segment: int, offsets: torch.Tensor) -> torch.Tensor:
-        """Pool columns of the tokens at ``offsets`` of a segment (from the host's page lists)."""
-        pages = torch.tensor(self.pool.pages(slot, segment), device=self.device)
+    def _columns(self, slot: int, block: int, offsets: torch.Tensor) -> torch.Tensor:
+        """Pool columns of the tokens at ``offsets`` of a block (from the host's page lists)."""
+        pages = torch.tensor(self.pool.pages(slot, block), device=self.device)
         ps = self.pool.page_size
         return pages[offsets // ps] * ps + offsets % ps
 
-    def _prefill(self, slot: int, request: int) -> None:
-        """Admit ``request`` into ``slot``: prefill its prompt into its pages and set its state."""
+    def prefill(self, slot: int, request: int) -> None:
+        """Admit ``request`` into ``slot``: prefill its prompt into its pages and set its state
+        (subclasses that prepare a request override it)."""
         ids = self.prompts[request]
         n = len(ids)
         admitted = time.perf_counter()
         P = self.plan.num_paths
         self.pool.grow(slot, protocol.PROMPT_BLOCK, n)
         positions = torch.arange(n, device=self.device)
-        logits = fresh_forward(self.model, self.cache, torch.tensor([ids], device=self.device),
-                               self._columns(slot, protocol.PROMPT_BLOCK, positions)[None], positions[None],
-                               torch.zeros(1, n, dtype=torch.long, device=self.device), FreshReads(),
+        logits = fresh_forward(self.model, self.cache, torch.tensor([ids], device=self.device), positions[None],
+                               torch.zeros(1, n, dtype=torch.long, device=self.device),
+                               FreshReads(self._columns(slot, protocol.PROMPT_BLOCK, positions)),
                                self.plan.thought_embedding, last_only=True)
         seed = self.seeds[request]
         if self.first_tokens is not None:
@@ -363,16 +354,16 @@ class Scheduler:
         if self.reprefill:
             self._recompute_paths(slot, lp, lengths)
         n = self.template.numel()
-        segment = summary_segment(self.plan.num_paths)
-        if not self._grow(slot, segment, n, waiting):
+        if not self._grow(slot, protocol.SUMMARY_BLOCK, n, waiting):
             return
         context = [page for k in range(self.plan.num_paths + 1) for page in self.pool.pages(slot, k)]
         offsets = torch.arange(n, device=self.device)
         start = self.layout.summary_position(lp, lengths, self.flattened, stride=self.plan.budget)
-        reads = FreshReads(context=torch.tensor(context, device=self.device), fill=self.cache.fill,
+        reads = FreshReads(self._columns(slot, protocol.SUMMARY_BLOCK, offsets),
+                           context=torch.tensor(context, device=self.device), fill=self.cache.fill,
                            page_size=self.pool.page_size)
-        logits = fresh_forward(self.model, self.cache, self.template[None], self._columns(slot, segment, offsets)[None],
-                               (start + offsets)[None], torch.full((1, n), protocol.SUMMARY_BLOCK, device=self.device),
+        logits = fresh_forward(self.model, self.cache, self.template[None], (start + offsets)[None],
+                               torch.full((1, n), protocol.SUMMARY_BLOCK, device=self.device),
                                reads, self.plan.thought_embedding, last_only=self.recorder is None)
         if self.recorder is not None:
             self.recorder.template(busy.request, logits[0])
@@ -393,7 +384,7 @@ class Scheduler:
 
     def _recompute_paths(self, slot: int, prompt_len: int, lengths: list[int]) -> None:
         """``summary_kv="reprefill"``: recompute the prompt's and the paths' KV in one forward of
-        the packed sequence (the two-phase rule, the same positions and segments), overwriting
+        the packed sequence (the two-phase rule, the same positions and segment ids), overwriting
         their pages in place."""
         device = self.device
         layout = protocol.sequence_layout(prompt_len, lengths, 0, flattened=self.flattened,
@@ -402,9 +393,9 @@ class Scheduler:
         tokens = torch.cat([prompt, *(self.state.path_tokens[slot, k, :n] for k, n in enumerate(lengths))])
         columns = torch.cat([self._columns(slot, k, torch.arange(n, device=device))
                              for k, n in enumerate([prompt_len, *lengths])])
-        segments = [(protocol.PROMPT_BLOCK, prompt_len), *((k + 1, n) for k, n in enumerate(lengths))]
-        fresh_forward(self.model, self.cache, tokens[None], columns[None], layout.position_ids.to(device)[None],
-                      layout.block_ids.to(device)[None], FreshReads(segments=segments), self.plan.thought_embedding,
+        runs = [(protocol.PROMPT_BLOCK, prompt_len), *((k + 1, n) for k, n in enumerate(lengths))]
+        fresh_forward(self.model, self.cache, tokens[None], layout.position_ids.to(device)[None],
+                      layout.block_ids.to(device)[None], FreshReads(columns, runs=runs), self.plan.thought_embedding,
                       last_only=True)
 
     def _harvest(self, slot: int) -> None:

@@ -271,7 +271,7 @@ def _check_point(point: Point, where_run: str, tokenizer=None) -> None:
             engine = engine.resolve(tokenizer)
         elif options.method == "parathinker" and engine.compat in protocol.LAYOUTS:
             engine = engine.with_layout(protocol.LAYOUTS[engine.compat])
-        if isinstance(engine.compat, protocol.Compat):
+        if engine.layout is not None:
             engine.layout.check_budget(point.max_gen_toks, "max_gen_toks")
     except ValueError as e:
         raise ConfigError(f"{where_run} ({point.title}): {e}") from None
