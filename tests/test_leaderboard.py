@@ -102,8 +102,8 @@ def test_cost_is_visible_when_every_run_scores_zero(tmp_path):
 
 def test_official_compat_in_the_label():
     official, paper = (_row("parathinker", "pass_at_1", 0.0, compat=c) for c in ("official", "paper"))
-    assert leaderboard._run_label(official) == "embedded parathinker P=4 official"
-    assert leaderboard._run_label(paper) == "embedded parathinker P=4"
+    assert leaderboard.run_label(official) == "embedded parathinker P=4 official"
+    assert leaderboard.run_label(paper) == "embedded parathinker P=4"
 
 
 def test_atomic_write_leaves_no_partial_csv(tmp_path, monkeypatch):
