@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import NUM_CONTROL_PATHS, Bench, alternate, paths_filled, window
+from benchmarks.harness import NUM_CONTROL_PATHS, Bench, alternate, log_x, paths_filled, window
 from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.engine.kv_cache import cache_argument
 
@@ -59,7 +59,8 @@ def bench_width(b: Bench) -> Path:
 def plot_width(ax, rows: list[dict]) -> None:
     ax.plot([r["paths"] for r in rows], [r["ratio_to_p1"] for r in rows], "o-", label="engine")
     ax.plot([r["paths"] for r in rows], [r["paths"] for r in rows], "--", color="grey", label="P x (sequential)")
-    ax.set(xscale="log", xlabel="paths P", ylabel="think-stage seconds / seconds at P = 1")
+    log_x(ax, [r["paths"] for r in rows])
+    ax.set(xlabel="paths P", ylabel="think-stage seconds / seconds at P = 1")
 
 
 def bench_vs_hf(b: Bench) -> Path:
@@ -152,7 +153,8 @@ def plot_path_length(ax, rows: list[dict]) -> None:
     for paths in widths:
         ax.plot([r["tokens_per_path"] for r in rows], [1000 * r[f"s_per_token_p{paths}"] for r in rows], "o-",
                 label=f"P = {paths}")
-    ax.set(xscale="log", xlabel="tokens per path", ylabel="ms per generated token (think stage)")
+    log_x(ax, [r["tokens_per_path"] for r in rows])
+    ax.set(xlabel="tokens per path", ylabel="ms per generated token (think stage)")
 
 
 def bench_attention(b: Bench) -> Path:
@@ -183,7 +185,8 @@ def bench_attention(b: Bench) -> Path:
 def plot_attention(ax, rows: list[dict]) -> None:
     for kernel in [c.removesuffix("_ms_per_step") for c in rows[0] if c.endswith("_ms_per_step")]:
         ax.plot([r["tokens_per_path"] for r in rows], [r[f"{kernel}_ms_per_step"] for r in rows], "o-", label=kernel)
-    ax.set(xscale="log", xlabel="tokens per path", ylabel="ms per decode step")
+    log_x(ax, [r["tokens_per_path"] for r in rows])
+    ax.set(xlabel="tokens per path", ylabel="ms per decode step")
 
 
 def bench_summary(b: Bench) -> Path:
@@ -213,7 +216,8 @@ def plot_summary(ax, rows: list[dict]) -> None:
     for paths in dict.fromkeys(r["paths"] for r in rows):
         sel = [r for r in rows if r["paths"] == paths]
         ax.plot([r["tokens_per_path"] for r in sel], [r["speedup"] for r in sel], "o-", label=f"P={paths}")
-    ax.set(xscale="log", xlabel="tokens per path", ylabel="summary-stage seconds, reprefill / reuse")
+    log_x(ax, [r["tokens_per_path"] for r in rows])
+    ax.set(xlabel="tokens per path", ylabel="summary-stage seconds, reprefill / reuse")
 
 
 def bench_length(b: Bench) -> Path:
@@ -238,7 +242,8 @@ def bench_length(b: Bench) -> Path:
 def plot_length(ax, rows: list[dict]) -> None:
     ax.plot([r["context"] for r in rows], [r["engine_ms_per_step"] for r in rows], "o-", label="engine")
     ax.plot([r["context"] for r in rows], [r["hf_ms_per_step"] for r in rows], "s-", label="DynamicCache loop")
-    ax.set(xscale="log", xlabel="context (tokens)", ylabel="ms per decode step")
+    log_x(ax, [r["context"] for r in rows])
+    ax.set(xlabel="context (tokens)", ylabel="ms per decode step")
 
 
 def bench_decode_step(b: Bench) -> Path:

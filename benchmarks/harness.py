@@ -356,6 +356,16 @@ def draw(plot: Plot, rows: list[dict], path: Path, title: str) -> None:
     save_png(fig, path)
 
 
+def log_x(ax, values: Sequence[float]) -> None:
+    """A log x axis ticked at the grid's own values, written out (no minor labels to crowd it)."""
+    from matplotlib.ticker import NullLocator
+
+    ax.set_xscale("log")
+    ticks = sorted(set(values))
+    ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def print_table(name: str, rows: list[dict]) -> None:
     cols = list(rows[0])
     cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]

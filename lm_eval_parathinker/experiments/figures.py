@@ -161,6 +161,14 @@ CURVES = {
 }
 
 
+def _plain_log_labels(axis, base: int) -> None:
+    """A log axis labelled in plain numbers (20, not 2 x 10^1), minor ticks labelled where there is room."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.set_major_formatter(LogFormatter(base))
+    axis.set_minor_formatter(LogFormatter(base, labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+
+
 def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -177,9 +185,11 @@ def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]]
             ax = axes[i][j]
             _draw_lines(ax, lines, task, curves.x_metric, metric, curves.along, ratio=metric == curves.ratio)
             ax.set_xscale("log", base=curves.x_log_base)
+            _plain_log_labels(ax.xaxis, curves.x_log_base)
             ax.margins(x=0.15)  # room for the markers' labels
             if log_y:
                 ax.set_yscale("log")
+                _plain_log_labels(ax.yaxis, 10)
             if metric == "pass_at_1":
                 ax.set_ylim(0, 1)
             ax.set_xlabel(curves.x_label)

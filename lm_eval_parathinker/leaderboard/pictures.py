@@ -67,6 +67,7 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike, metric: str = MAIN
         ax.set_xlabel(unit, fontsize=8)
         ax.grid(alpha=0.3, axis="x")
         ax.set_xlim(0, 1.2 if not per_problem else 1.3 * right or 1.0)  # room for the labels
+    axes[0].set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])  # an accuracy: the room beyond 1 is for the labels
     axes[0].set_yticks(range(len(labels)))
     axes[0].set_yticklabels(labels, fontsize=8)
     axes[0].invert_yaxis()
