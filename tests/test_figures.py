@@ -162,3 +162,11 @@ def test_training_benchmark_picture(name, overlaps, tmp_path):
 def test_grading_picture(overlaps, tmp_path):
     grading.write_png(read_csv(RESULTS / "bench_grading.csv")[0], tmp_path / "grading.png")
     assert not overlaps
+
+
+def test_sft_loss_picture(overlaps, tmp_path):
+    from training.trainer import plot_loss
+
+    rows, _ = read_csv(RESULTS / "sft_loss.csv")
+    plot_loss(rows, tmp_path / "loss.png")
+    assert not overlaps
