@@ -32,7 +32,6 @@ import yaml
 from .. import protocol
 from ..checkpoint import adapter_tokenizer
 from ..embedded import resolve_pretrained
-from ..engine import EngineOptions
 from ..harness.model import ParaThinkerLM
 from ..scoring import judge
 from .config import ConfigError, Experiment, Point, check_point_layout, switchable
