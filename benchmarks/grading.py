@@ -33,7 +33,7 @@ from pathlib import Path
 
 from lm_eval_parathinker import data, scoring
 from lm_eval_parathinker.plotting import save_png
-from lm_eval_parathinker.tables import write_table
+from lm_eval_parathinker.tables import markdown_table, write_table
 
 BENCHMARKS = ("aime24", "aime25", "amc23", "math500")
 KINDS = ("sequential_box", "sequential_sentence", "parathinker", "no_answer")
@@ -211,13 +211,6 @@ def write_png(rows: Sequence[dict], path: Path) -> None:
     save_png(fig, path)
 
 
-def print_table(rows: Sequence[dict]) -> None:
-    cells = [COLUMNS] + [[str(r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    for row in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.grading", description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="24 responses: checks that it runs")
@@ -243,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     csv_path = args.output / "bench_grading.csv"
     write_table(rows, csv_path, COLUMNS)  # and bench_grading.md beside it
     write_png(rows, csv_path.with_suffix(".png"))
-    print_table(rows)
+    print(markdown_table(rows, COLUMNS))
     return csv_path
 
 

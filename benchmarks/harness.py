@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.engine.kv_cache import cache_argument, head_dim
 from lm_eval_parathinker.engine.scheduler import Scheduler
 from lm_eval_parathinker.plotting import save_png
-from lm_eval_parathinker.tables import write_table
+from lm_eval_parathinker.tables import markdown_table, write_table
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings
 
 NUM_CONTROL_PATHS = 16  # width goes up to P = 16
@@ -367,10 +366,5 @@ def log_x(ax, values: Sequence[float]) -> None:
 
 
 def print_table(name: str, rows: list[dict]) -> None:
-    cols = list(rows[0])
-    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    print(f"\n== {name}")
-    for line in [cols, *cells]:
-        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
-    sys.stdout.flush()
+    """The rows as their Markdown table, on the terminal."""
+    print(f"\n== {name}\n{markdown_table(rows, list(rows[0]))}", flush=True)
