@@ -122,7 +122,8 @@ def warm_up(lm: ParaThinkerLM) -> float:
         tokens = lm.compat.pad_to_multiple_of or 2
     else:
         prompt, tokens = lm.tok_encode("warm up"), 2
-    lm.engine.generate([prompt] * slots, options.engine, max_new_tokens=tokens, num_slots=slots)
+    # seed=0: no draw from torch's global generator
+    lm.engine.generate([prompt] * slots, options.engine, max_new_tokens=tokens, num_slots=slots, seed=0)
     return time.perf_counter() - start
 
 
