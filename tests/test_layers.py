@@ -12,6 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lm_eval_parathinker"
 ALLOWED = {
     "engine": {"protocol"},
     "harness": {"engine", "protocol", "scoring", "embedded", "files", "checkpoint", "thought_embedding"},
+    # results files: read runs' outputs, never run a model
+    "leaderboard": {"stats", "data", "tables", "plotting", "files"},
+    "tables": {"files"},
+    "plotting": {"files"},
 }
 
 
@@ -91,3 +95,4 @@ def test_the_graph_is_read():
     assert "lm_eval_parathinker.engine.options" in graph["lm_eval_parathinker.harness.options"]
     assert "lm_eval_parathinker.protocol" in graph["lm_eval_parathinker.engine.generate"]
     assert "lm_eval_parathinker.harness.requests" in graph["lm_eval_parathinker.harness.model"]
+    assert "lm_eval_parathinker.tables" in graph["lm_eval_parathinker.leaderboard.rows"]
