@@ -124,3 +124,15 @@ def test_parse_model_args():
     assert leaderboard.parse_model_args("pretrained=a/b,num_paths=4") == {"pretrained": "a/b", "num_paths": "4"}
     assert leaderboard.parse_model_args({"x": 1}) == {"x": 1}
     assert leaderboard.parse_model_args(None) == {}
+
+
+def test_markdown_table_beside_the_csv(tmp_path):
+    """The CSV's rows again as a Markdown table (the docs include it): the reader's columns, numbers
+    rounded to 4 significant digits, whole from 1,000, integers as they are, the text escaped."""
+    rows = [{**_row("majority", "gen_tokens", 986.6666666666666), "n": 3, "latency_s": 1234.56, "pretrained": "a|b"}]
+    leaderboard.write_csv(rows, tmp_path / "lb.csv")
+    head, rule, line = (tmp_path / "lb.md").read_text().splitlines()
+    assert head == "| " + " | ".join(leaderboard.READER_COLUMNS) + " |"
+    cells = dict(zip(leaderboard.READER_COLUMNS, line.strip("| ").split(" | ")))
+    assert (cells["value"], cells["n"], cells["latency_s"], cells["pretrained"]) == ("986.7", "3", "1235", "a\\|b")
+    assert rule.split("|")[1:-1][leaderboard.READER_COLUMNS.index("value")] == "---:"  # numbers to the right
