@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 from lm_eval_parathinker import protocol
@@ -119,7 +119,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([protocol.SUMMARY_TEMPLATE], vocab_size=300, min_frequency=1,
                             special_tokens=["<pad>", "<eos>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<eos>", pad_token="<pad>")
 
 
 def ban_tokens(model: torch.nn.Module, token_ids: Sequence[int]) -> None:
