@@ -1,6 +1,6 @@
 """Grading speed: responses judged per second by ``lm_eval_parathinker.scoring``, against a baseline.
 
-    python -m benchmarks.grading                    # 600 responses, results/bench_grading.{csv,png}
+    python -m benchmarks.grading                    # 600 responses, results/bench_grading.{csv,md,png}
     python -m benchmarks.grading --smoke            # 24 responses: checks that it runs
 
 The responses are built deterministically from the golds of the offline benchmark data
@@ -23,7 +23,6 @@ Each grader judges every response in the same run:
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import re
 import sys
@@ -33,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lm_eval_parathinker import data, scoring
+from lm_eval_parathinker.plotting import save_png
+from lm_eval_parathinker.tables import markdown_table, write_table
 
 BENCHMARKS = ("aime24", "aime25", "amc23", "math500")
 KINDS = ("sequential_box", "sequential_sentence", "parathinker", "no_answer")
@@ -182,13 +183,6 @@ def _row(grader: str, kind: str, n: int, seconds: float, baseline_s: float, agre
     }  # fmt: skip
 
 
-def write_csv(rows: Sequence[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def write_png(rows: Sequence[dict], path: Path) -> None:
     """Responses judged per second (left) and agreement with the built verdicts (right), per kind."""
     import matplotlib
@@ -214,15 +208,7 @@ def write_png(rows: Sequence[dict], path: Path) -> None:
     fig.suptitle(f"grading {total['responses']} responses: scorer {total['seconds']:.1f} s", fontsize=10)
     fig.legend(*speed.get_legend_handles_labels(), loc="upper right", fontsize=8, ncol=2)
     fig.tight_layout(rect=(0, 0, 1, 0.93))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def print_table(rows: Sequence[dict]) -> None:
-    cells = [COLUMNS] + [[str(r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    for row in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+    save_png(fig, path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -248,9 +234,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     rows = result_rows(responses)
     args.output.mkdir(parents=True, exist_ok=True)
     csv_path = args.output / "bench_grading.csv"
-    write_csv(rows, csv_path)
+    write_table(rows, csv_path, COLUMNS)  # and bench_grading.md beside it
     write_png(rows, csv_path.with_suffix(".png"))
-    print_table(rows)
+    print(markdown_table(rows, COLUMNS))
     return csv_path
 
 

@@ -4,7 +4,8 @@
     python -m benchmarks.training --device cuda --dtype bfloat16 --only training_step,training_throughput,training_attention
     python -m benchmarks.training --smoke              # tiny shapes, CPU, seconds (what the tests run)
 
-Each benchmark writes ``results/bench_<name>[_<device>].csv`` and ``.png`` and prints its table:
+Each benchmark writes ``results/bench_<name>[_<device>].csv`` (with its Markdown table, ``.md``) and ``.png``
+and prints its table:
 
 * ``training_attention``: the two-phase mask of one row of ``L`` tokens (28,672: the official
   cutoff) holding a prompt, P paths and a summary: memory of the dense mask (boolean, as the
@@ -38,7 +39,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from benchmarks.engine import SHAPES, build_tokenizer, write_results
+from benchmarks.harness import SHAPES, build_tokenizer, write_results
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings, thought_embedding_tables
 from lm_eval_parathinker.upstream import torch as upstream_torch
@@ -138,9 +139,9 @@ def bench_training_attention(b: Bench) -> Path:
         _, first_call_s = b.timed(lambda: protocol.two_phase_block_mask(blocks, docs))  # compiles at a new length
         block_mask = protocol.two_phase_block_mask(blocks, docs)
         dense = protocol.two_phase_dense_mask(blocks, docs)
-        n = p.attention_length // protocol.FLEX_BLOCK_SIZE
+        n = p.attention_length // protocol.FLEX_TILE
         # the BlockMask's block map must be the dense mask's: a block is computed iff any pair in it attends
-        tiles = dense.view(1, 1, n, protocol.FLEX_BLOCK_SIZE, n, protocol.FLEX_BLOCK_SIZE).any(dim=(3, 5))
+        tiles = dense.view(1, 1, n, protocol.FLEX_TILE, n, protocol.FLEX_TILE).any(dim=(3, 5))
         assert torch.equal(block_mask.to_dense().bool(), tiles), "BlockMask and dense mask disagree"
         computed = int(tiles.sum())
         rows.append({
@@ -157,16 +158,17 @@ def bench_training_attention(b: Bench) -> Path:
         })
         del dense, tiles
 
-    def plot(ax):
-        x = [r["paths"] for r in rows]
-        ax.plot(x, [r["blocks_computed"] for r in rows], marker="o", label="blocks computed (of all)")
-        ax.plot(x, [r["of_causal_blocks"] for r in rows], marker="s", label="blocks computed (of causal)")
-        ax.set(xlabel="paths P", ylabel="fraction of 128x128 blocks", ylim=(0, 1))
-        mem = rows[0]
-        ax.text(0.02, 0.04, f"mask memory: dense bool {mem['dense_bool_mib']:.0f} MiB, fp32 "
-                f"{mem['dense_fp32_mib']:.0f} MiB, BlockMask {mem['block_mask_mib']:.2f} MiB", transform=ax.transAxes, fontsize=7)
+    return b.write("training_attention", rows, plot_training_attention, f"training mask, L = {p.attention_length}")
 
-    return b.write("training_attention", rows, plot, f"training mask, L = {p.attention_length}")
+
+def plot_training_attention(ax, rows: list[dict]) -> None:
+    x = [r["paths"] for r in rows]
+    ax.plot(x, [r["blocks_computed"] for r in rows], marker="o", label="blocks computed (of all)")
+    ax.plot(x, [r["of_causal_blocks"] for r in rows], marker="s", label="blocks computed (of causal)")
+    ax.set(xlabel="paths P", ylabel="fraction of 128x128 blocks", ylim=(0, 1))
+    mem = rows[0]
+    ax.text(0.02, 0.04, f"mask memory: dense bool {mem['dense_bool_mib']:.0f} MiB, fp32 "
+            f"{mem['dense_fp32_mib']:.0f} MiB, BlockMask {mem['block_mask_mib']:.2f} MiB", transform=ax.transAxes, fontsize=7)
 
 
 # -- training_step ---------------------------------------------------------------------------
@@ -193,7 +195,7 @@ def _step_batch(length: int, paths: int, vocab: int, device) -> dict[str, torch.
     blocks = layout.block_ids
     ex = pack(ids[blocks == 0].tolist(), [ids[blocks == k].tolist() for k in range(1, paths + 1)],
               ids[blocks == protocol.SUMMARY_BLOCK].tolist(), trained=[True] * int((blocks != 0).sum()))
-    batch = Collator(0, pad_to_multiple_of=protocol.FLEX_BLOCK_SIZE)([(ex,)])
+    batch = Collator(0, pad_to_multiple_of=protocol.FLEX_TILE)([(ex,)])
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -236,17 +238,18 @@ def bench_training_step(b: Bench) -> Path:
     del model
     rows.append(_gradient_check(b, flex_backward))
 
-    def plot(ax):
-        steps = [r for r in rows if r["check"] == "step"]
-        for attention in ("sdpa", "flex_attention"):
-            mine = [r for r in steps if r["attention"] == attention]
-            ax.plot([r["length"] for r in mine], [r["seconds"] for r in mine], marker="o", label=f"{attention} ({mine[0]['pass']})")
-        ax.set(xlabel="row length (tokens)", ylabel="seconds per step")
-        check = rows[-1]
-        ax.text(0.02, 0.9, f"{check['pass']} check at L={check['length']}: max rel diff {check['max_rel_diff']:.1e}",
-                transform=ax.transAxes, fontsize=7)
+    return b.write("training_step", rows, plot_training_step, f"training step, {p.step_shape}, {str(b.dtype)[6:]}")
 
-    return b.write("training_step", rows, plot, f"training step, {p.step_shape}, {str(b.dtype)[6:]}")
+
+def plot_training_step(ax, rows: list[dict]) -> None:
+    steps = [r for r in rows if r["check"] == "step"]
+    for attention in ("sdpa", "flex_attention"):
+        mine = [r for r in steps if r["attention"] == attention]
+        ax.plot([r["length"] for r in mine], [r["seconds"] for r in mine], marker="o", label=f"{attention} ({mine[0]['pass']})")
+    ax.set(xlabel="row length (tokens)", ylabel="seconds per step")
+    check = rows[-1]
+    ax.text(0.02, 0.9, f"{check['pass']} check at L={check['length']}: max rel diff {check['max_rel_diff']:.1e}",
+            transform=ax.transAxes, fontsize=7)
 
 
 def _gradient_check(b: Bench, backward: bool) -> dict:
@@ -329,11 +332,12 @@ def bench_training_throughput(b: Bench) -> Path:
         r["runs"] = b.preset.repeats
         r["ratio_to_unpacked"] = r["tokens_per_s"] / rows[0]["tokens_per_s"]
 
-    def plot(ax):
-        ax.bar(["one record per row", "packed"], [r["tokens_per_s"] for r in rows])
-        ax.set(ylabel="real tokens / s (best of runs)")
+    return b.write("training_throughput", rows, plot_training_throughput, f"SFT on maj8, {b.preset.throughput_shape}")
 
-    return b.write("training_throughput", rows, plot, f"SFT on maj8, {b.preset.throughput_shape}")
+
+def plot_training_throughput(ax, rows: list[dict]) -> None:
+    ax.bar(["one record per row", "packed"], [r["tokens_per_s"] for r in rows])
+    ax.set(ylabel="real (non-pad) tokens per second (best of runs)")
 
 
 RUNNERS = {"training_attention": bench_training_attention, "training_throughput": bench_training_throughput,

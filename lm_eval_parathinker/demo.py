@@ -5,9 +5,9 @@
 Runs ``python -m lm_eval --model parathinker`` three times (``method=sequential``, ``majority`` and
 ``parathinker``, the last two with ``--num-paths`` paths) on the first ``--limit`` AIME 2024
 problems of the offline data in DIR (one sample per problem, ``--max-gen-toks`` tokens per path,
-``--min-new-tokens`` for every method, ``--apply_chat_template``, ``--log_samples``), then writes ``OUTPUT/leaderboard.csv`` and ``OUTPUT/leaderboard.png`` and prints
+``--min-new-tokens`` for every method, ``--apply_chat_template``, ``--log_samples``), then writes ``OUTPUT/leaderboard.csv`` (its Markdown table beside it, ``.md``) and ``OUTPUT/leaderboard.png`` and prints
 the pass@1 table with its 95% intervals; then compares the three runs pairwise on their problems
-(``leaderboard --compare``) into ``OUTPUT/comparisons.csv`` and ``OUTPUT/comparisons.png``.
+(``leaderboard --compare``) into ``OUTPUT/comparisons.csv`` (and ``.md``) and ``OUTPUT/comparisons.png``.
 Run outputs (results JSON, sample logs) go to ``OUTPUT/runs/demo/<method>/``.
 The embedded SmolLM2-135M-Instruct is a tiny general chat model run training-free: the demo shows
 the pipeline, not ParaThinker's accuracy.

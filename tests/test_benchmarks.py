@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import CPU_KERNELS
 
+from benchmarks import batching, harness
 from benchmarks import engine as bench
+from lm_eval_parathinker import protocol
+from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.upstream import torch as upstream_torch
 
 COLUMNS = {
@@ -53,13 +57,15 @@ def test_smoke_writes_csv_and_png(smoke_run, name):
         expected = [c for c in expected if "flex" not in c]
     assert list(rows[0]) == expected
     assert (out / f"bench_{name}.png").read_bytes()[:4] == b"\x89PNG"
+    table = (out / f"bench_{name}.md").read_text().splitlines()  # the same rows, for the docs
+    assert table[0] == "| " + " | ".join(expected) + " |" and len(table) == 2 + len(rows)
     numbers = [float(v) for r in rows for k, v in r.items() if k not in TEXT_COLUMNS and v != ""]
     assert all(v >= 0 for v in numbers) and all(v == v for v in numbers)  # no negatives, no NaN
 
 
 def test_smoke_grids_and_forced_lengths(smoke_run):
     out, _ = smoke_run
-    smoke = bench.PRESETS["smoke"]
+    smoke = harness.PRESETS["smoke"]
     width = read(out / "bench_width.csv")
     assert [int(r["paths"]) for r in width] == list(smoke.width_paths)
     assert float(width[0]["ratio_to_p1"]) == 1.0
@@ -70,13 +76,13 @@ def test_smoke_grids_and_forced_lengths(smoke_run):
     for r in vs_hf:  # short paths whole, long ones a window of their middle
         length = int(r["tokens_per_path"])
         whole = length <= smoke.vs_hf_whole
-        start, tokens = (0, length) if whole else bench.window(length, smoke.window)
+        start, tokens = (0, length) if whole else harness.window(length, smoke.window)
         assert (r["timed"] == "whole run") == whole and whole == (length == smoke.path_lengths[0])
         assert (int(r["window_start"]), int(r["window_tokens"])) == (start, tokens)
         assert float(r["speedup"]) == pytest.approx(float(r["hf_s"]) / float(r["engine_s"]))
-    tok = bench.build_tokenizer()
-    tok.add_tokens(bench.protocol.control_tokens(bench.NUM_CONTROL_PATHS), special_tokens=True)
-    template = len(tok(bench.protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
+    tok = harness.build_tokenizer()
+    tok.add_tokens(protocol.control_tokens(harness.NUM_CONTROL_PATHS), special_tokens=True)
+    template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
     # EOS and </summary> are banned, so the summary runs to its budget after the template
     assert int(vs_hf[-1]["summary_tokens"]) == template + smoke.e2e_summary
     memory = read(out / "bench_memory.csv")
@@ -93,13 +99,13 @@ def test_smoke_grids_and_forced_lengths(smoke_run):
 
 def test_eval_workload_forces_long_tailed_think_lengths(smoke_run):
     out, _ = smoke_run
-    smoke = bench.PRESETS["smoke"]
+    smoke = harness.PRESETS["smoke"]
     rows = read(out / "bench_eval_workload.csv")
     assert [r["scheduling"] for r in rows] == ["static", "continuous"]
-    lengths = bench.workload_lengths(smoke)  # the run asserted that every request thought exactly this long
+    lengths = batching.workload_lengths(smoke)  # the run asserted that every request thought exactly this long
     assert float(rows[0]["mean_think_len"]) == pytest.approx(sum(lengths) / len(lengths))
     assert len(set(lengths)) > 2 and max(lengths) <= smoke.workload_budget
-    big = bench.workload_lengths(bench.PRESETS["cpu"])
+    big = batching.workload_lengths(harness.PRESETS["cpu"])
     assert max(big) > 3 * sorted(big)[len(big) // 2]  # a long tail: the longest is several medians
 
 
@@ -108,7 +114,7 @@ def test_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
     import sys
 
     proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--smoke", "--output", str(tmp_path)], capture_output=True,
-                          text=True, cwd=bench.Path(__file__).resolve().parents[1], timeout=600,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
                           env={**__import__("os").environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = read(tmp_path / "bench_decode_step.csv")
@@ -123,7 +129,7 @@ def test_timed_calls_compile_nothing(tmp_path, monkeypatch):
     counters = upstream_torch.compile_counters()
 
     warming, compiled = [], []  # compiled: frames compiled by each engine call outside a warm-up
-    warm_up, generate = bench.Bench.warm_up, bench.ParaThinkerEngine.generate
+    warm_up, generate = harness.Bench.warm_up, ParaThinkerEngine.generate
 
     def marked_warm_up(self, fn):
         warming.append(fn)
@@ -139,16 +145,16 @@ def test_timed_calls_compile_nothing(tmp_path, monkeypatch):
             compiled.append(counters["frames"]["ok"] - before)
         return outputs
 
-    monkeypatch.setattr(bench.Bench, "warm_up", marked_warm_up)
-    monkeypatch.setattr(bench.ParaThinkerEngine, "generate", counted_generate)
+    monkeypatch.setattr(harness.Bench, "warm_up", marked_warm_up)
+    monkeypatch.setattr(ParaThinkerEngine, "generate", counted_generate)
     bench.main(["--smoke", "--compile", "--only", "decode_step,path_length,vs_hf", "--output", str(tmp_path)])
     assert compiled and not any(compiled), compiled
 
 
 def test_memory_theory_is_the_kv_of_prompt_plus_paths(smoke_run):
     out, _ = smoke_run
-    smoke = bench.PRESETS["smoke"]
-    _, shape = bench.SHAPES[smoke.shape]
+    smoke = harness.PRESETS["smoke"]
+    _, shape = harness.SHAPES[smoke.shape]
     head_dim = shape["hidden_size"] // shape["num_attention_heads"]
     for r in read(out / "bench_memory.csv")[:-1]:  # the P rows (the last: the oversubscribed run)
         tokens = smoke.prompt_len + int(r["paths"]) * int(r["tokens_per_path"])
@@ -160,8 +166,8 @@ def test_memory_theory_is_the_kv_of_prompt_plus_paths(smoke_run):
 
 
 def test_banned_tokens_are_never_generated():
-    model = bench.build_model("tiny", "cpu", torch.float32)
-    bench.ban_tokens(model, [1, 5])
+    model = harness.build_model("tiny", "cpu", torch.float32)
+    harness.ban_tokens(model, [1, 5])
     logits = model(torch.tensor([[7, 8, 9]])).logits
     assert torch.isinf(logits[..., [1, 5]]).all() and torch.isfinite(logits[..., 6]).all()
 

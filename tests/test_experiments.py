@@ -23,6 +23,7 @@ from tiny import save_tiny_checkpoint
 from lm_eval_parathinker import leaderboard, protocol
 from lm_eval_parathinker.experiments import config, figures, runner
 from lm_eval_parathinker.experiments.__main__ import main
+from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.harness.model import ParaThinkerLM
 from lm_eval_parathinker.upstream import lm_eval as upstream_lm_eval
 
@@ -105,11 +106,28 @@ def sweep(ckpt, tmp_path_factory):
         loads.append(self)
         return create(self, *args, **kwargs)
 
+    calls = []  # every engine call in order: (in a warm-up, mode, paths, slots)
+    warming = []
+    generate, warm_up = ParaThinkerEngine.generate, runner.warm_up
+
+    def recorded(self, prompts, options, *args, **kwargs):
+        calls.append((bool(warming), options.mode, options.num_paths, kwargs.get("num_slots")))
+        return generate(self, prompts, options, *args, **kwargs)
+
+    def marked(lm):
+        warming.append(True)
+        try:
+            return warm_up(lm)
+        finally:
+            warming.pop()
+
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ParaThinkerLM, "_create_model", counted)
+        patch.setattr(ParaThinkerEngine, "generate", recorded)
+        patch.setattr(runner, "warm_up", marked)
         counts = runner.run(experiment, report=lambda line: None)
     return SimpleNamespace(experiment=experiment, counts=counts, loads=len(loads), written=figures.write(experiment),
-                           root=root)
+                           root=root, calls=calls)
 
 
 def _point(experiment, sweep_name: str, title: str) -> config.Point:
@@ -128,6 +146,15 @@ def test_one_weight_load_and_the_leaderboard_reads_every_point(sweep):
                        p.model_args.get("termination", "first") if p.method == "parathinker" else "")
                       for p in experiment.points)
     assert found == expected
+
+
+def test_each_point_warms_up_at_its_shapes(sweep):
+    """Before each point, one untimed engine call at the point's mode, paths and slots (the timed
+    calls that follow then pay no first call at a new shape)."""
+    warm_ups = [i for i, call in enumerate(sweep.calls) if call[0]]
+    assert len(warm_ups) == NUM_POINTS
+    for i in warm_ups:
+        assert not sweep.calls[i + 1][0] and sweep.calls[i][1:] == sweep.calls[i + 1][1:], sweep.calls[i : i + 2]
 
 
 def test_per_run_state_is_reset_for_every_point(sweep):
@@ -191,7 +218,7 @@ def test_three_outputs(sweep):
     out = sweep.experiment.output_path
     assert sorted(p.name for p in sweep.written) == sorted(f"{s}{e}" for s in ("ablations", "scaling", "width")
                                                            for e in (".csv", ".md", ".png", "_comparisons.csv",
-                                                                     "_comparisons.png"))
+                                                                     "_comparisons.md", "_comparisons.png"))
     for name, points in sweep.experiment.sweeps().items():
         assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         rows = list(csv.DictReader((out / f"{name}.csv").open()))

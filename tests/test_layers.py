@@ -14,6 +14,10 @@ ALLOWED = {
     "upstream": set(),
     "engine": {"protocol", "upstream"},
     "harness": {"engine", "protocol", "scoring", "embedded", "files", "checkpoint", "thought_embedding", "upstream"},
+    # results files: read runs' outputs, never run a model
+    "leaderboard": {"stats", "data", "tables", "plotting", "files"},
+    "tables": {"files"},
+    "plotting": {"files"},
 }
 
 
@@ -94,3 +98,4 @@ def test_the_graph_is_read():
     assert "lm_eval_parathinker.protocol" in graph["lm_eval_parathinker.engine.generate"]
     assert "lm_eval_parathinker.harness.requests" in graph["lm_eval_parathinker.harness.model"]
     assert "lm_eval_parathinker.upstream.torch" in graph["lm_eval_parathinker.engine.attention"]
+    assert "lm_eval_parathinker.tables" in graph["lm_eval_parathinker.leaderboard.rows"]

@@ -102,8 +102,8 @@ def test_cost_is_visible_when_every_run_scores_zero(tmp_path):
 
 def test_official_compat_in_the_label():
     official, paper = (_row("parathinker", "pass_at_1", 0.0, compat=c) for c in ("official", "paper"))
-    assert leaderboard._run_label(official) == "embedded parathinker P=4 official"
-    assert leaderboard._run_label(paper) == "embedded parathinker P=4"
+    assert leaderboard.run_label(official) == "embedded parathinker P=4 official"
+    assert leaderboard.run_label(paper) == "embedded parathinker P=4"
 
 
 def test_atomic_write_leaves_no_partial_csv(tmp_path, monkeypatch):
@@ -124,3 +124,15 @@ def test_parse_model_args():
     assert leaderboard.parse_model_args("pretrained=a/b,num_paths=4") == {"pretrained": "a/b", "num_paths": "4"}
     assert leaderboard.parse_model_args({"x": 1}) == {"x": 1}
     assert leaderboard.parse_model_args(None) == {}
+
+
+def test_markdown_table_beside_the_csv(tmp_path):
+    """The CSV's rows again as a Markdown table (the docs include it): the reader's columns, numbers
+    rounded to 4 significant digits, whole from 1,000, integers as they are, the text escaped."""
+    rows = [{**_row("majority", "gen_tokens", 986.6666666666666), "n": 3, "latency_s": 1234.56, "pretrained": "a|b"}]
+    leaderboard.write_csv(rows, tmp_path / "lb.csv")
+    head, rule, line = (tmp_path / "lb.md").read_text().splitlines()
+    assert head == "| " + " | ".join(leaderboard.READER_COLUMNS) + " |"
+    cells = dict(zip(leaderboard.READER_COLUMNS, line.strip("| ").split(" | ")))
+    assert (cells["value"], cells["n"], cells["latency_s"], cells["pretrained"]) == ("986.7", "3", "1235", "a\\|b")
+    assert rule.split("|")[1:-1][leaderboard.READER_COLUMNS.index("value")] == "---:"  # numbers to the right

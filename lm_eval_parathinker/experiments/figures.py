@@ -33,6 +33,8 @@ from typing import Any
 from .. import leaderboard, stats
 from ..files import atomic_write
 from ..leaderboard import as_number
+from ..plotting import label_points, save_png
+from ..tables import markdown_table, write_csv
 from .config import SHORT, Experiment, Point
 
 OPTIONS = ("termination", "thought_embedding", "positions", "summary_kv")
@@ -118,9 +120,8 @@ def _draw_lines(ax, lines: dict, task: str, x_metric: str | None, y_metric: str,
         if not xs:
             continue
         ax.errorbar(xs, ys, yerr=list(zip(*errors)), marker="o", capsize=3, label=name)
-        for x, y, mark in zip(xs, ys, marks):
-            text = f"{mark} ({y / ys[0]:.2f}x)" if ratio and ys[0] else mark
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        label_points(ax, [(x, y, f"{mark} ({y / ys[0]:.2f}x)" if ratio and ys[0] else mark)
+                          for x, y, mark in zip(xs, ys, marks)])
 
 
 def _error_bar(row: dict, metric: str, value: float) -> tuple[float, float]:
@@ -160,6 +161,14 @@ CURVES = {
 }
 
 
+def _plain_log_labels(axis, base: int) -> None:
+    """A log axis labelled in plain numbers (20, not 2 x 10^1), minor ticks labelled where there is room."""
+    from matplotlib.ticker import LogFormatter
+
+    axis.set_major_formatter(LogFormatter(base))
+    axis.set_minor_formatter(LogFormatter(base, labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+
+
 def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]], path: Path) -> None:
     import matplotlib
 
@@ -169,27 +178,33 @@ def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]]
     flat = [r for p in points for r in rows[id(p)]]
     tasks = _tasks(flat)
     lines = _lines(points, rows, curves.along)
-    fig, axes = plt.subplots(len(curves.panels), len(tasks), figsize=(5.5 * len(tasks), 3.6 * len(curves.panels)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(curves.panels), len(tasks), figsize=(max(7.0, 5.5 * len(tasks)),
+                                                                       3.6 * len(curves.panels) + 0.8), squeeze=False)
     for j, task in enumerate(tasks):
         for i, (metric, label, log_y) in enumerate(curves.panels):
             ax = axes[i][j]
             _draw_lines(ax, lines, task, curves.x_metric, metric, curves.along, ratio=metric == curves.ratio)
             ax.set_xscale("log", base=curves.x_log_base)
+            _plain_log_labels(ax.xaxis, curves.x_log_base)
             ax.margins(x=0.15)  # room for the markers' labels
             if log_y:
                 ax.set_yscale("log")
+                _plain_log_labels(ax.yaxis, 10)
             if metric == "pass_at_1":
                 ax.set_ylim(0, 1)
             ax.set_xlabel(curves.x_label)
             ax.set_ylabel(label)
             ax.set_title(f"{task}: {label}", fontsize=10)
             ax.grid(alpha=0.3, which="both")
-        axes[0][j].legend(fontsize=7)
+    # one legend for the figure, below its panels: inside one it would cover points and their labels
+    handles, names = axes[0][0].get_legend_handles_labels()
+    columns = min(len(names), 3) or 1
+    legend_in = 0.25 + 0.18 * -(-len(names) // columns)
+    fig.legend(handles, names, loc="lower center", ncol=columns, fontsize=7)
     note = f"\n({ZERO_NOTE})" if _all_zero(flat) else ""
     fig.suptitle(curves.title + note, fontsize=10)
-    fig.tight_layout()
-    leaderboard.save_png(fig, path)
+    fig.tight_layout(rect=(0, legend_in / fig.get_figheight(), 1, 1))
+    save_png(fig, path)
 
 
 def _cell(row: dict | None, kind: str) -> str:
@@ -229,12 +244,12 @@ def markdown(sweep: str, kind: str, points: list[Point], rows: dict[int, list[di
     sweep's first point (``comparisons``)."""
     tasks = _tasks([r for p in points for r in rows[id(p)]])
     head = ["variant" if kind == "ablations" else "point", "method", "P", "tokens per path", *tasks]
-    lines = [f"**{sweep}** ({kind}): {CELL_UNITS[kind]}; intervals: {stats.METHOD}", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for point in points:
         by_task = {r["task"]: r for r in rows[id(point)]}
-        lines.append("| " + " | ".join([point.title, point.method, str(point.num_paths), str(point.max_gen_toks),
-                                          *(_cell(by_task.get(t), kind) for t in tasks)]) + " |")
+        table.append(dict(zip(head, [point.title, point.method, point.num_paths, point.max_gen_toks,
+                                     *(_cell(by_task.get(t), kind) for t in tasks)])))
+    lines = [f"**{sweep}** ({kind}): {CELL_UNITS[kind]}; intervals: {stats.METHOD}", "", markdown_table(table, head)]
     if _all_zero([r for p in points for r in rows[id(p)]]):
         lines += ["", f"Note: {ZERO_NOTE}."]
     if comparisons:
@@ -289,7 +304,7 @@ def write(experiment: Experiment) -> list[Path]:
         kind = done[0].kind
         out = experiment.output_path
         rows = {id(p): point_rows(p, out) for p in done}
-        leaderboard.write_csv([r for p in done for r in rows[id(p)]], out / f"{sweep}.csv", COLUMNS)
+        write_csv([r for p in done for r in rows[id(p)]], out / f"{sweep}.csv", COLUMNS)  # its .md: markdown()
         if kind == "ablations":
             plot_ablations(done, out / f"{sweep}.png")
         else:
@@ -297,13 +312,13 @@ def write(experiment: Experiment) -> list[Path]:
         comparisons, refusals = compare_with_first(done, out)
         for refusal in refusals:
             print(f"experiments: {sweep}: {refusal}", file=sys.stderr)
-        atomic_write(out / f"{sweep}.md", markdown(sweep, kind, done, rows, comparisons).encode("utf-8"))
+        atomic_write(out / f"{sweep}.md", markdown(sweep, kind, done, rows, comparisons))
         written += [out / f"{sweep}.{ext}" for ext in ("csv", "png", "md")]
         if comparisons:
-            leaderboard.write_csv(comparisons, out / f"{sweep}_comparisons.csv", leaderboard.COMPARISON_COLUMNS)
-            leaderboard.plot_comparisons(comparisons, out / f"{sweep}_comparisons.png",
-                                         title=f"{sweep}: each point minus {done[0].title}, 95% paired intervals")
-            written += [out / f"{sweep}_comparisons.{ext}" for ext in ("csv", "png")]
+            leaderboard.write_comparison_rows(comparisons, out / f"{sweep}_comparisons.csv",
+                                              out / f"{sweep}_comparisons.png",
+                                              title=f"{sweep}: each point minus {done[0].title}, 95% paired intervals")
+            written += [out / f"{sweep}_comparisons.{ext}" for ext in ("csv", "md", "png")]
     return written
 
 

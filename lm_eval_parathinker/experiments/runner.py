@@ -32,7 +32,6 @@ import yaml
 from .. import protocol
 from ..checkpoint import adapter_tokenizer
 from ..embedded import resolve_pretrained
-from ..engine import EngineOptions
 from ..harness.model import ParaThinkerLM
 from ..scoring import judge
 from .config import ConfigError, Experiment, Point, check_point_layout, switchable
@@ -110,17 +109,22 @@ def load_model(points: list[Point]) -> ParaThinkerLM:
     return get_model(cfg.model).create_from_arg_obj(cfg.model_args, extra)
 
 
-def warm_up(lm: ParaThinkerLM) -> None:
-    """Run the engine once per mode and start the grading worker before the first point, so that
-    their one-time start-up (lazy initialisation, the first forwards, compilation with
-    ``compile=true``, the math-verify worker process) is timed in no point's ``think_s`` or
-    ``latency_s``. The tokens of a request depend on its own seed only: no point changes."""
-    engine, options = lm.engine, lm.options
-    engine.generate([lm.tok_encode("warm up")], EngineOptions(mode="sequential"), max_new_tokens=2)
-    if options.method == "parathinker":  # built with a parathinker point's args (see load_model)
-        engine.generate([protocol.build_prompt("warm up", lm.tokenizer)], options.engine,
-                        max_new_tokens=lm.compat.pad_to_multiple_of or 2)
-    judge("1", "2")
+def warm_up(lm: ParaThinkerLM) -> float:
+    """Run the engine once at the shapes of the point ``lm`` is configured for (its mode, paths and
+    slots, each slot a prompt), untimed in the point, as the benchmarks warm up before each timed
+    call: the one-time costs of a shape (the first forwards at a batch size, compilation with
+    ``compile=true``) then land in no point's ``think_s`` or ``latency_s``. Returns its seconds.
+    The tokens of a request depend on its own seed only: no point changes."""
+    start = time.perf_counter()
+    options, slots = lm.options, lm.batch_size_per_gpu
+    if options.method == "parathinker":
+        prompt = protocol.build_prompt("warm up", lm.tokenizer)
+        tokens = lm.compat.pad_to_multiple_of or 2
+    else:
+        prompt, tokens = lm.tok_encode("warm up"), 2
+    # seed=0: no draw from torch's global generator
+    lm.engine.generate([prompt] * slots, options.engine, max_new_tokens=tokens, num_slots=slots, seed=0)
+    return time.perf_counter() - start
 
 
 def _tasks(cfg) -> list[str]:
@@ -140,13 +144,14 @@ def _task_manager(cfg):
     return TaskManager(include_path=cfg.include_path, metadata=cfg.metadata)
 
 
-def run_point(lm: ParaThinkerLM, point: Point) -> dict:
-    """Run one point on the shared model; returns its results (as saved)."""
+def run_point(lm: ParaThinkerLM, point: Point, report: Callable[[str], None] = print) -> dict:
+    """Run one point on the shared model, after a warm-up at its shapes (its seconds reported apart);
+    returns its results (as saved)."""
     partial = point.output_dir.with_name(point.output_dir.name + PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)  # left by a killed run
     cfg = evaluator_config(point, partial)
     lm.configure(**switchable(cfg.model_args), batch_size=cfg.batch_size)
-
+    report(f"  warm-up at the point's shapes: {warm_up(lm):.1f} s (not in its think_s or latency_s)")
     results = evaluate_like_the_cli(lm, cfg)
     os.replace(partial, point.output_dir)
     return results
@@ -216,12 +221,12 @@ def run(experiment: Experiment, report: Callable[[str], None] = print) -> dict[s
                f"point(s) ({len(points) - len(pending)} done before)")
         lm = load_model(points)
         counts["loads"] += 1
-        warm_up(lm)
+        judge("1", "2")  # the grading worker's start, in no point's time
         for point in pending:
             start = time.perf_counter()
             report(f"[{position[id(point)]}/{total}] {point.sweep}: {point.title}")
             try:
-                results = run_point(lm, point)
+                results = run_point(lm, point, report)
             except Exception:
                 report(f"experiments: the point {point.sweep}: {point.title} ({point.entry}) failed; the points done "
                        "so far are kept, and a rerun continues from here")
