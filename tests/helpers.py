@@ -9,16 +9,23 @@ from pathlib import Path
 import torch
 from tiny import DATA_DIR, save_tiny_checkpoint
 
+from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.engine.attention import flex_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-__all__ = ["CPU_KERNELS", "DATA_DIR", "REPO_ROOT", "journal_entries", "kill_when", "lm_eval_cmd", "offline_env", "run_lm_eval",
+__all__ = ["CPU_KERNELS", "DATA_DIR", "REPO_ROOT", "eager_engine", "journal_entries", "kill_when", "lm_eval_cmd", "offline_env", "run_lm_eval",
            "tiny_hf_aime24_run"]
 #: the attention kernels the engine runs on this CPU with this torch (compiled flex from torch 2.13)
 CPU_KERNELS = ["flex", "sdpa"] if flex_available(torch.device("cpu")) else ["sdpa"]
 #: subprocesses of tiny models: one thread (OpenMP spinning costs a lot on a busy shared box)
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def eager_engine(model, tokenizer, **kwargs) -> ParaThinkerEngine:
+    """The engine the tests use: the decode step eager, whatever the engine's default, so that only
+    the compile tests (marked slow) compile it, by asking for ``compile=True``."""
+    return ParaThinkerEngine(model, tokenizer, **{"compile": False, **kwargs})
 
 
 def lm_eval_cmd() -> list[str]:

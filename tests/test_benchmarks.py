@@ -46,6 +46,7 @@ def read(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", bench.BENCHMARKS)
 def test_smoke_writes_csv_and_png(smoke_run, name):
     out, paths = smoke_run
@@ -63,6 +64,7 @@ def test_smoke_writes_csv_and_png(smoke_run, name):
     assert all(v >= 0 for v in numbers) and all(v == v for v in numbers)  # no negatives, no NaN
 
 
+@pytest.mark.slow
 def test_smoke_grids_and_forced_lengths(smoke_run):
     out, _ = smoke_run
     smoke = harness.PRESETS["smoke"]
@@ -97,6 +99,7 @@ def test_smoke_grids_and_forced_lengths(smoke_run):
     assert [int(r["context"]) for r in read(out / "bench_length.csv")] == list(smoke.length_contexts)
 
 
+@pytest.mark.slow
 def test_eval_workload_forces_long_tailed_think_lengths(smoke_run):
     out, _ = smoke_run
     smoke = harness.PRESETS["smoke"]
@@ -109,6 +112,7 @@ def test_eval_workload_forces_long_tailed_think_lengths(smoke_run):
     assert max(big) > 3 * sorted(big)[len(big) // 2]  # a long tail: the longest is several medians
 
 
+@pytest.mark.slow
 def test_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
     import subprocess
     import sys
@@ -122,6 +126,7 @@ def test_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
     assert (tmp_path / "bench_path_length.png").is_file() and (tmp_path / "bench_vs_hf.png").is_file()
 
 
+@pytest.mark.slow
 def test_timed_calls_compile_nothing(tmp_path, monkeypatch):
     """Every timed engine call of gpu.sh's benchmarks runs at shapes its warm-up has met: nothing
     compiles inside a measured call (here the compiled step and flex's kernel, per batch size; on
@@ -151,6 +156,7 @@ def test_timed_calls_compile_nothing(tmp_path, monkeypatch):
     assert compiled and not any(compiled), compiled
 
 
+@pytest.mark.slow
 def test_memory_theory_is_the_kv_of_prompt_plus_paths(smoke_run):
     out, _ = smoke_run
     smoke = harness.PRESETS["smoke"]
@@ -200,6 +206,7 @@ def training_smoke(tmp_path_factory):
     return out, paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", TRAINING_COLUMNS)
 def test_training_smoke_writes_csv_and_png(training_smoke, name):
     out, paths = training_smoke
@@ -208,6 +215,7 @@ def test_training_smoke_writes_csv_and_png(training_smoke, name):
     assert (out / f"bench_{name}.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_training_attention_counts_the_blocks_of_the_two_phase_mask(training_smoke):
     from benchmarks import training
 
@@ -225,6 +233,7 @@ def test_training_attention_counts_the_blocks_of_the_two_phase_mask(training_smo
     assert float(rows[1]["blocks_computed"]) < float(rows[0]["blocks_computed"])  # more paths, more skipped blocks
 
 
+@pytest.mark.slow
 def test_training_step_and_throughput_smoke(training_smoke):
     out, _ = training_smoke
     step = read(out / "bench_training_step.csv")

@@ -78,6 +78,7 @@ def _check_row(row: dict, a: list[float], b: list[float]) -> None:
     assert float(row["repeats_for_halfwidth_estimate"]) >= 1 and float(row["halfwidth"]) == 0.02
 
 
+@pytest.mark.slow
 def test_compare_real_runs_against_the_samples(runs, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(runs, root)
@@ -109,6 +110,7 @@ def test_compare_real_runs_against_the_samples(runs, tmp_path):
     assert float(row["difference"]) == 0.375
 
 
+@pytest.mark.slow
 def test_compare_refuses_different_problem_sets(runs, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(runs, root)
@@ -144,6 +146,7 @@ def test_compare_refuses_different_problem_sets(runs, tmp_path):
     assert not (lone / "comparisons.csv").exists() and not (lone / "comparisons.png").exists()
 
 
+@pytest.mark.slow
 def test_leaderboard_rows_carry_intervals(runs, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(runs, root)

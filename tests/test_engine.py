@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 from safetensors import safe_open
-from helpers import CPU_KERNELS
+from helpers import CPU_KERNELS, eager_engine
 from scripted import Script
 from tiny import save_tiny_checkpoint, tiny_model, tiny_parathinker, tiny_tokenizer
 
@@ -42,7 +42,7 @@ def parathinker(request):
 @pytest.mark.parametrize("attention", CPU_KERNELS)
 def test_path_logits_equal_each_path_decoded_alone(parathinker, attention):
     model, tok = parathinker
-    outs = ParaThinkerEngine(model, tok).generate(
+    outs = eager_engine(model, tok).generate(
         PROMPTS, num_paths=3, max_new_tokens=10, termination="last", temperature=1.0, seed=0, output_logits=True,
         attention=attention, block_size=4,  # paths of several pages
     )
@@ -68,7 +68,7 @@ def test_sixteen_paths_on_a_checkpoint_with_sixteen_control_tokens():
     model, tok = tiny_parathinker("qwen2", num_control_paths=16)
     ids = ControlTokenIds.from_tokenizer(tok)
     assert protocol.num_control_paths(tok) == ids.num_control_paths == 16
-    (out,) = ParaThinkerEngine(model, tok).generate(
+    (out,) = eager_engine(model, tok).generate(
         PROMPTS[:1], num_paths=16, max_new_tokens=4, termination="last", temperature=1.0, seed=0, output_logits=True,
     )
     assert [path[0] for path in out.path_ids] == [tok.convert_tokens_to_ids(f"<think{k}>") for k in range(1, 17)]
@@ -99,8 +99,8 @@ def test_summary_with_kv_reuse_equals_full_sequence_and_reprefill(parathinker, t
     Script({3: {0: tok.eos_token_id}}).install(monkeypatch)  # path 1 ends early: its pages stop, the rest go on
     kwargs = dict(num_paths=3, max_new_tokens=12, termination=termination, summary_max_tokens=6,
                   temperature=1.0, seed=3, output_logits=True, attention=attention, block_size=4)
-    reuse = ParaThinkerEngine(model, tok).generate(PROMPTS, **kwargs)
-    reprefill = ParaThinkerEngine(model, tok).generate(PROMPTS, summary_kv="reprefill", **kwargs)
+    reuse = eager_engine(model, tok).generate(PROMPTS, **kwargs)
+    reprefill = eager_engine(model, tok).generate(PROMPTS, summary_kv="reprefill", **kwargs)
     for a, b in zip(reuse, reprefill):
         assert a.path_ids == b.path_ids
         n = len(a.summary_logits)
@@ -145,7 +145,7 @@ def test_reprefill_attends_in_linear_memory(monkeypatch):
     model, tok = tiny_parathinker("qwen2")
     enders = torch.tensor(ControlTokenIds.from_tokenizer(tok).path_enders([tok.eos_token_id]))
     model.lm_head.register_forward_hook(lambda m, a, logits: logits.index_fill(-1, enders, float("-inf")))
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     kwargs = dict(num_paths=8, max_new_tokens=1024, termination="last", summary_max_tokens=3, temperature=1.0, seed=0,
                   output_logits=True, attention="sdpa")
     threads = torch.get_num_threads()
@@ -165,7 +165,7 @@ def test_reprefill_attends_in_linear_memory(monkeypatch):
 @pytest.mark.parametrize("thought_embedding", [True, False])
 def test_flattened_positions_ablation_matches_full_sequence(thought_embedding):
     model, tok = tiny_parathinker("llama")
-    out = ParaThinkerEngine(model, tok).generate(
+    out = eager_engine(model, tok).generate(
         PROMPTS[:1], num_paths=3, max_new_tokens=6, termination="last", summary_max_tokens=4, temperature=1.0,
         seed=1, positions="flattened", thought_embedding=thought_embedding, output_logits=True,
     )[0]
@@ -253,7 +253,7 @@ def scripted_engine(monkeypatch):
 
     def run(paths=None, **kwargs):
         Script(paths, path_default=w, summary_default=ids.summary_close).install(monkeypatch)
-        return ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=3, **kwargs)[0]
+        return eager_engine(model, tok).generate(["Find x."], num_paths=3, **kwargs)[0]
 
     return run, ids, tok, w
 
@@ -302,7 +302,7 @@ def test_one_prefill_per_prompt_one_forward_per_step_one_cache(monkeypatch, ragg
         with_kwargs=True)
     real_cache = generate_mod.PagedKVCache
     monkeypatch.setattr(generate_mod, "PagedKVCache", lambda *a, **k: caches.append(1) or real_cache(*a, **k))
-    out = ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=4, max_new_tokens=6, termination="last",
+    out = eager_engine(model, tok).generate(PROMPTS, num_paths=4, max_new_tokens=6, termination="last",
                                                  summary_max_tokens=3, temperature=1.0, seed=0)
     template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
     assert len(caches) == 1
@@ -322,7 +322,7 @@ def test_one_prefill_per_prompt_one_forward_per_step_one_cache(monkeypatch, ragg
 
 def test_independent_and_sequential_modes(parathinker):
     model, tok = parathinker
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     seq = engine.generate(PROMPTS, mode="sequential", max_new_tokens=6)
     assert all(len(o.path_ids) == 1 and o.summary_ids == [] for o in seq)
     ind = engine.generate(PROMPTS, mode="independent", num_paths=4, max_new_tokens=6, temperature=1.0, seed=0)
@@ -386,21 +386,21 @@ def test_control_tokens_get_the_official_ids():
 def test_bad_arguments_name_the_argument_and_limit(kwargs, message):
     model, tok = tiny_parathinker("qwen2")
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        ParaThinkerEngine(model, tok).generate(["Find x."], **kwargs)
+        eager_engine(model, tok).generate(["Find x."], **kwargs)
 
 
 def test_bad_prompts_and_segment_limit():
     model, tok = tiny_parathinker("qwen2")
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
         engine.generate(["Find x.", ""])
     small, tok2 = tiny_model("qwen2"), tiny_tokenizer()
     add_control_tokens(small, tok2)
     attach_thought_embeddings(small, max_segments=4)
     with pytest.raises(ValueError, match="max_segments=4"):
-        ParaThinkerEngine(small, tok2).generate(["Find x."], num_paths=4)
+        eager_engine(small, tok2).generate(["Find x."], num_paths=4)
     with pytest.raises(ValueError, match="lacks the ParaThinker control tokens"):
-        ParaThinkerEngine(tiny_model("qwen2"), tiny_tokenizer()).generate(["Find x."])
+        eager_engine(tiny_model("qwen2"), tiny_tokenizer()).generate(["Find x."])
 
 
 
@@ -410,7 +410,7 @@ def test_summary_stop_tokens_become_summary_close_and_strays_are_rewritten(monke
     w = tok.convert_tokens_to_ids("x")
     # every path ends at once; the summary: a stray <think1>, a word, then a path's closer
     Script(path_default=tok.eos_token_id, summary=[ids.think_open[0], w, ids.think_close[2]]).install(monkeypatch)
-    out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=4)[0]
+    out = eager_engine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=4)[0]
     template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
     assert out.summary_ids == template + [ids.think, w, ids.summary_close]
     assert out.transcript.count("<summary>") == 1
@@ -426,7 +426,7 @@ def test_min_new_tokens_keeps_paths_from_ending_early(mode):
         return logits
 
     model.lm_head.register_forward_hook(prefer_eos)
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     kwargs = dict(mode=mode, num_paths=3, max_new_tokens=8, termination="last")
     eager = engine.generate(["Find x."], **kwargs)[0]
     patient = engine.generate(["Find x."], min_new_tokens=4, **kwargs)[0]

@@ -175,6 +175,7 @@ def _alone(point: config.Point, root: Path) -> tuple[config.Point, subprocess.Po
     return alone, proc
 
 
+@pytest.mark.slow
 def test_points_equal_their_own_lm_eval_runs(sweep, tmp_path):
     """A baseline on the shared model (control tokens added, their new rows banned) and a ParaThinker
     point with other engine options than the model was built with, each against `lm_eval` alone."""
@@ -255,6 +256,7 @@ def _experiments_cmd(path: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "lm_eval_parathinker.experiments", str(path), "--output-path", str(out)]
 
 
+@pytest.mark.slow
 def test_killed_sweep_rerun_ends_with_identical_results(sweep, ckpt, tmp_path):
     out = tmp_path / "out"
     cmd = _experiments_cmd(_config(tmp_path, ckpt), out)
@@ -285,6 +287,7 @@ def test_killed_sweep_rerun_ends_with_identical_results(sweep, ckpt, tmp_path):
     assert not glob.glob(str(out / "points" / "*" / f"*{runner.PARTIAL}"))
 
 
+@pytest.mark.slow
 def test_configure_switches_options_without_reloading(ckpt):
     lm = ParaThinkerLM(pretrained=str(ckpt), device="cpu", dtype="float32", num_paths=2, resume=False)
     engine = lm.engine

@@ -11,6 +11,7 @@ from helpers import DATA_DIR
 from benchmarks import grading
 
 
+@pytest.mark.slow
 def test_smoke_writes_csv_and_png(tmp_path):
     csv_path = grading.main(["--smoke", "--data-dir", str(DATA_DIR), "--output", str(tmp_path)])
     assert csv_path == tmp_path / "bench_grading.csv"
@@ -37,6 +38,7 @@ def test_responses_are_deterministic_and_cover_every_kind():
     assert widths <= set(range(2, 9)) and len(widths) > 1
 
 
+@pytest.mark.slow
 def test_missing_data_exits_with_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r"aime24.*not found"):
         grading.main(["--smoke", "--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "out")])

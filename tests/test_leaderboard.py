@@ -32,6 +32,7 @@ def _parathinker_result(path: Path, num_paths: int, value: float, model_args, co
     path.write_text(json.dumps(data))
 
 
+@pytest.mark.slow
 def test_leaderboard_end_to_end(tmp_path_factory, tmp_path):
     out, _ = tiny_hf_aime24_run(tmp_path_factory.mktemp("hf"))
     root = tmp_path / "runs"

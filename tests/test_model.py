@@ -106,6 +106,7 @@ def _check_run(method: str, res: dict, texts: list[str]) -> None:
         assert info["termination_reasons"].keys() <= {"finished", "budget"}
 
 
+@pytest.mark.slow
 def test_cli_parathinker(ckpt, tmp_path):
     """Plain `lm_eval --model parathinker` (start-up hook), results JSON and logged transcripts."""
     model_args = ",".join(f"{k}={v}" for k, v in _tiny_run_args("parathinker", ckpt).items())
@@ -286,6 +287,7 @@ def test_bad_model_args_fail_before_loading(kwargs, message, ckpt, monkeypatch):
         ParaThinkerLM(**args)
 
 
+@pytest.mark.slow
 def test_cli_bad_input_exits_nonzero_without_results(ckpt, tmp_path):
     """Through the explicit wrapper (`python -m lm_eval_parathinker`, which implies `run`)."""
     cmd = [

@@ -8,13 +8,12 @@ import math
 
 import pytest
 import torch
-from helpers import run_lm_eval
+from helpers import eager_engine, run_lm_eval
 from scripted import Script
 from tiny import save_tiny_checkpoint, tiny_parathinker
 from transformers import Qwen2Config, Qwen2Model
 
 from lm_eval_parathinker import protocol
-from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.protocol import OFFICIAL, PAPER, ControlTokenIds
 from lm_eval_parathinker.engine.rope import rope_scaling
 
@@ -88,7 +87,7 @@ def test_token_stream_pads_after_the_closer_and_keeps_eos(official, monkeypatch)
     Script(script, [eos, ids.think_open[0], w, ids.think_close[1]], path_default=w).install(monkeypatch)
     template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
     seen, handle = summary_forward_positions(model, template[0])
-    out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=3, max_new_tokens=48, compat="official")[0]
+    out = eager_engine(model, tok).generate(["Find x."], num_paths=3, max_new_tokens=48, compat="official")[0]
     handle.remove()
     assert out.path_ids[0] == [ids.think_open[0], w, w, w, ids.think_close[0]] + [pad] * 11
     assert out.path_ids[1] == [ids.think_open[1], w, eos] + [w] * 13  # EOS is an ordinary token
@@ -107,7 +106,7 @@ def test_closer_on_a_block_boundary_needs_no_pad(official, monkeypatch):
     w = tok.convert_tokens_to_ids("x")
     # token 15 of path 2: length 16 with the closer
     Script({15: {1: ids.summary_close}}, [ids.summary_close], path_default=w).install(monkeypatch)
-    out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=48, compat="official")[0]
+    out = eager_engine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=48, compat="official")[0]
     assert out.path_ids[1] == [ids.think_open[1]] + [w] * 14 + [ids.think_close[1]]
     assert [len(p) for p in out.path_ids] == [16, 16]
 
@@ -121,7 +120,7 @@ def test_half_and_last_termination_keep_block_aligned_paths(official, monkeypatc
         monkeypatch)
     template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
     seen, handle = summary_forward_positions(model, template[0])
-    out = ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=3, max_new_tokens=48, termination="last",
+    out = eager_engine(model, tok).generate(["Find x."], num_paths=3, max_new_tokens=48, termination="last",
                                                  compat="official")[0]
     handle.remove()
     assert [len(p) for p in out.path_ids] == [16, 32, 48]  # closed at 3 and 21 tokens; path 3 at the budget
@@ -135,8 +134,8 @@ def test_summary_cap_counts_the_template(official, monkeypatch):
     template = tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"]
     Script({1: {0: tok.convert_tokens_to_ids("</think1>")}}, summary_default=w).install(monkeypatch)
     kwargs = dict(num_paths=2, max_new_tokens=16, summary_max_tokens=len(template) + 3)
-    official_out = ParaThinkerEngine(model, tok).generate(["Find x."], compat="official", **kwargs)[0]
-    paper_out = ParaThinkerEngine(model, tok).generate(["Find x."], compat="paper", **kwargs)[0]
+    official_out = eager_engine(model, tok).generate(["Find x."], compat="official", **kwargs)[0]
+    paper_out = eager_engine(model, tok).generate(["Find x."], compat="paper", **kwargs)[0]
     assert len(official_out.summary_ids) == len(template) + 3
     assert len(paper_out.summary_ids) == len(template) + len(template) + 3
 
@@ -168,7 +167,7 @@ def test_engine_logits_equal_an_explicit_full_sequence_forward(official, monkeyp
     ids = ControlTokenIds.from_tokenizer(tok)
     # path 2 closes as token 5 (then pads to 16), path 1 writes EOS as token 3
     Script({5: {1: ids.think_close[1]}, 3: {0: tok.eos_token_id}}).install(monkeypatch)
-    outs = ParaThinkerEngine(model, tok).generate(
+    outs = eager_engine(model, tok).generate(
         PROMPTS, num_paths=3, max_new_tokens=32, summary_max_tokens=70, compat="official",
         temperature=temperature, seed=5, output_logits=True,
     )
@@ -188,8 +187,8 @@ def test_reprefill_agrees_in_official_mode(official):
     model, tok = official
     kwargs = dict(num_paths=2, max_new_tokens=16, summary_max_tokens=66, compat="official", temperature=1.0, seed=2,
                   output_logits=True)
-    reuse = ParaThinkerEngine(model, tok).generate(PROMPTS, **kwargs)
-    again = ParaThinkerEngine(model, tok).generate(PROMPTS, summary_kv="reprefill", **kwargs)
+    reuse = eager_engine(model, tok).generate(PROMPTS, **kwargs)
+    again = eager_engine(model, tok).generate(PROMPTS, summary_kv="reprefill", **kwargs)
     for a, b in zip(reuse, again):
         assert a.path_ids == b.path_ids
         m = min(len(a.summary_logits), len(b.summary_logits))
@@ -250,7 +249,7 @@ def test_engine_runs_long_official_budgets_with_yarn(monkeypatch):
     for compat, scale in (("official", 0.1 * math.log(2.0) + 1), ("paper", 1.0)):  # vLLM's mscale at factor 2
         scales.clear()
         Script({3: {0: ids.think_close[0]}}, [ids.summary_close]).install(monkeypatch)
-        ParaThinkerEngine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=16384, compat=compat)
+        eager_engine(model, tok).generate(["Find x."], num_paths=2, max_new_tokens=16384, compat=compat)
         assert len(scales) > 3 and all(s == pytest.approx(scale, rel=1e-3) for s in scales)  # every forward
 
 
@@ -279,12 +278,12 @@ def test_auto_picks_official_when_the_tokenizer_has_the_pad(official):
 def test_bad_official_arguments(official, kwargs, message):
     model, tok = official
     with pytest.raises(ValueError, match=message):
-        ParaThinkerEngine(model, tok).generate(["Find x."], **{"max_new_tokens": 16, **kwargs})
+        eager_engine(model, tok).generate(["Find x."], **{"max_new_tokens": 16, **kwargs})
 
 
 def test_official_keeps_the_released_engines_eight_paths_whatever_the_tokenizer_has():
     model, tok = tiny_parathinker("qwen2", official=True, num_control_paths=16)
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     for compat in ("official", "auto"):  # auto: the tokenizer has <vllm_pad>
         with pytest.raises(ValueError, match=r"num_paths=9 is beyond the released engine's 8 paths \(<think1>..<think8>\), "
                                              r"which compat=official reproduces: use compat=paper"):
@@ -296,10 +295,10 @@ def test_official_keeps_the_released_engines_eight_paths_whatever_the_tokenizer_
 def test_official_needs_the_released_tokenizer_and_aligned_ids(official):
     model, tok = tiny_parathinker("qwen2")
     with pytest.raises(ValueError, match=r"compat=official needs the released checkpoint's tokenizer.*<vllm_pad>"):
-        ParaThinkerEngine(model, tok).generate(["Find x."], max_new_tokens=16, compat="official")
+        eager_engine(model, tok).generate(["Find x."], max_new_tokens=16, compat="official")
     model, tok = official
     with pytest.raises(ValueError, match=r"prompts\[0\] has 5 token ids"):
-        ParaThinkerEngine(model, tok).generate([[1, 2, 3, 4, 5]], max_new_tokens=16, compat="official")
+        eager_engine(model, tok).generate([[1, 2, 3, 4, 5]], max_new_tokens=16, compat="official")
 
 
 # ------------------------------------------------------------------------------ lm_eval
@@ -310,6 +309,7 @@ def official_ckpt(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("official") / "ckpt", "qwen2", official=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compat", ["auto", "paper"])
 def test_lm_eval_runs_both_modes_and_records_the_one_used(official_ckpt, tmp_path, compat):
     args = f"pretrained={official_ckpt},num_paths=2,dtype=float32,compat={compat},summary_max_tokens=66"

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 from torch.torch_version import TorchVersion
-from helpers import CPU_KERNELS
+from helpers import CPU_KERNELS, eager_engine
 from tiny import tiny_parathinker
 
 import lm_eval_parathinker.engine.scheduler as scheduler_mod
-from lm_eval_parathinker.engine import EngineOptions, ParaThinkerEngine, step
+from lm_eval_parathinker.engine import EngineOptions, step
 from lm_eval_parathinker.engine.pages import SCRATCH_PAGE
 from lm_eval_parathinker.upstream import torch as upstream_torch
 
@@ -74,7 +74,7 @@ def test_each_query_reads_exactly_the_pages_it_may_see(tiny, monkeypatch, attent
     recorder = Recorder(monkeypatch)
     hook = _eos_sometimes(model, tok)
     try:
-        outs = ParaThinkerEngine(model, tok).generate(
+        outs = eager_engine(model, tok).generate(
             PROMPTS, num_paths=3, max_new_tokens=24, termination="last", summary_max_tokens=6, temperature=1.0,
             seed=1, num_slots=2, block_size=PAGE, attention=attention)
     finally:
@@ -111,7 +111,7 @@ def _check_released(scheduler) -> None:
 def test_preempted_requests_give_the_large_pool_results_and_no_page_leaks(tiny, monkeypatch):
     model, tok = tiny
     recorder = Recorder(monkeypatch)
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     template = len(tok("<summary>By analyzing multiple reasoning processes above, I concluded that: The final answer is",
                        add_special_tokens=False)["input_ids"])
     kwargs = dict(num_paths=3, max_new_tokens=16, summary_max_tokens=5, termination="last", output_logits=True,
@@ -141,7 +141,7 @@ def test_a_failed_run_leaves_no_page_held(tiny, monkeypatch):
         raise RuntimeError("the caller failed")
 
     with pytest.raises(RuntimeError, match="the caller failed"):
-        ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=2, max_new_tokens=8, num_slots=2, block_size=PAGE,
+        eager_engine(model, tok).generate(PROMPTS, num_paths=2, max_new_tokens=8, num_slots=2, block_size=PAGE,
                                                on_output=fail)
     assert recorder.schedulers[0].pool.stats.peak_pages > 0  # it held pages when it failed
     _check_released(recorder.schedulers[0])
@@ -149,7 +149,7 @@ def test_a_failed_run_leaves_no_page_held(tiny, monkeypatch):
 
 def test_peak_pages_hold_the_tokens_within_a_page_per_segment(tiny):
     model, tok = tiny
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     engine.generate(PROMPTS, num_paths=3, max_new_tokens=20, termination="last", num_slots=2, block_size=PAGE)
     stats = engine.last_stats
     segments = 2 * (3 + 2)  # two slots of prompt + 3 paths + summary
@@ -160,12 +160,12 @@ def test_peak_pages_hold_the_tokens_within_a_page_per_segment(tiny):
 def test_a_request_larger_than_the_pool_is_refused_before_decoding(tiny):
     model, tok = tiny
     with pytest.raises(ValueError, match=r"needs up to \d+ KV pages of 4 tokens .* the pool holds 5 \(num_blocks=6\)"):
-        ParaThinkerEngine(model, tok).generate(PROMPTS, num_paths=3, max_new_tokens=16, block_size=PAGE, num_blocks=6)
+        eager_engine(model, tok).generate(PROMPTS, num_paths=3, max_new_tokens=16, block_size=PAGE, num_blocks=6)
 
 
 def test_the_pool_is_kept_across_calls_until_released(tiny):
     model, tok = tiny
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     kwargs = dict(num_paths=2, max_new_tokens=8, block_size=PAGE, temperature=1.0, seed=3)
     first = engine.generate(PROMPTS[:2], **kwargs)
     pool = engine.pool
@@ -184,7 +184,7 @@ def test_the_steps_static_inputs_keep_their_addresses_across_calls(tiny, monkeyp
     freed table's memory cannot be handed out again at the same address."""
     model, tok = tiny
     recorder = Recorder(monkeypatch)
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     kwargs = dict(num_paths=2, max_new_tokens=8, block_size=PAGE, temperature=1.0, seed=3)
     first = engine.generate(PROMPTS[:2], **kwargs)
     second = engine.generate(PROMPTS[:2], **kwargs)
@@ -276,6 +276,7 @@ def test_flex_on_cuda_reads_every_page_as_a_partial_block(monkeypatch):
                                atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_flex_past_its_recompile_limit_fails_rather_than_running_uncompiled(monkeypatch):
     """Uncompiled, flex applies its mask to the whole pool and ignores which pages a query lists
     (wrong attention). An eager step's flex calls compile once per batch size: past the limit (one

@@ -8,11 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import eager_engine
 from scripted import Script
 from tiny import tiny_parathinker
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
 import lm_eval_parathinker.engine.scheduler as scheduler_mod
+
 from lm_eval_parathinker.engine import ParaThinkerEngine, Scheduler, StaticScheduler, step
 from lm_eval_parathinker.engine import attention
 from lm_eval_parathinker.engine.sampling import Draw, SamplingParams, request_seeds, sample
@@ -40,7 +42,7 @@ def _tokens(outs):
 def test_greedy_continuous_batching_equals_each_prompt_alone(tiny, monkeypatch):
     model, tok = tiny
     ids = ControlTokenIds.from_tokenizer(tok)
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     kwargs = dict(num_paths=3, max_new_tokens=16, summary_max_tokens=5, output_logits=True)
     Script(by_request={i: _closing(ids, i) for i in range(len(PROMPTS))}).install(monkeypatch)
     batch = engine.generate(PROMPTS, num_slots=2, **kwargs)
@@ -65,7 +67,7 @@ def test_sampled_tokens_depend_on_the_request_only(tiny, mode):
 
     hook = model.lm_head.register_forward_hook(likelier_eos)
     try:
-        _check_sampling_is_per_request(ParaThinkerEngine(model, tok), mode)
+        _check_sampling_is_per_request(eager_engine(model, tok), mode)
     finally:
         hook.remove()
 
@@ -112,7 +114,7 @@ def test_no_slot_idles_while_requests_wait(tiny, monkeypatch, mode):
     counts = {}
     for scheduling, scheduler_class in (("continuous", Scheduler), ("static", StaticScheduler)):
         phases, admitted = _record_steps(monkeypatch)
-        outs = ParaThinkerEngine(model, tok, scheduler_class=scheduler_class).generate(PROMPTS, **kwargs)
+        outs = eager_engine(model, tok, scheduler_class=scheduler_class).generate(PROMPTS, **kwargs)
         counts[scheduling] = (len(phases), _tokens(outs))
         if scheduling == "continuous":
             # until the last request is admitted every slot computes a token it keeps
@@ -131,7 +133,7 @@ def test_a_step_never_waits_for_the_host(tiny, monkeypatch):
     captured = {}
     run = scheduler_mod.Scheduler.run
     monkeypatch.setattr(scheduler_mod.Scheduler, "run", lambda self, *args: captured.setdefault("s", self) and run(self, *args))
-    ParaThinkerEngine(model, tok).generate(PROMPTS[:2], num_paths=3, max_new_tokens=6, temperature=1.0, seed=0)
+    eager_engine(model, tok).generate(PROMPTS[:2], num_paths=3, max_new_tokens=6, temperature=1.0, seed=0)
     scheduler = captured["s"]
     state, plan, cache = scheduler.state, scheduler.plan, scheduler.cache
     with torch.inference_mode():  # one slot thinking, one in its summary
@@ -153,9 +155,9 @@ def test_ragged_steps_give_the_rectangles_results(tiny, monkeypatch):
     model, tok = tiny
     kwargs = dict(num_paths=3, max_new_tokens=10, summary_max_tokens=4, termination="half", temperature=1.0, seed=2,
                   output_logits=True, num_slots=2)
-    ragged = ParaThinkerEngine(model, tok).generate(PROMPTS, **kwargs)
+    ragged = eager_engine(model, tok).generate(PROMPTS, **kwargs)
     monkeypatch.setattr(ParaThinkerEngine, "_ragged_steps", lambda self: False)
-    padded = ParaThinkerEngine(model, tok).generate(PROMPTS, **kwargs)
+    padded = eager_engine(model, tok).generate(PROMPTS, **kwargs)
     assert _tokens(ragged) == _tokens(padded)
     assert any(len({len(p) for p in o.path_ids}) > 1 for o in ragged)  # done paths left padding in their rows
     for a, b in zip(ragged, padded):
@@ -164,13 +166,14 @@ def test_ragged_steps_give_the_rectangles_results(tiny, monkeypatch):
         torch.testing.assert_close(a.summary_logits, b.summary_logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_compiled_step_gives_the_eager_logits(tiny):
     counters = upstream_torch.compile_counters()
     model, tok = tiny
     kwargs = dict(num_paths=2, max_new_tokens=6, summary_max_tokens=3, output_logits=True, num_slots=2)
-    eager = ParaThinkerEngine(model, tok).generate(PROMPTS[:3], **kwargs)
+    eager = eager_engine(model, tok).generate(PROMPTS[:3], **kwargs)
     counters.clear()
-    engine = ParaThinkerEngine(model, tok, compile=True)
+    engine = eager_engine(model, tok, compile=True)
     compiled = engine.generate(PROMPTS[:3], **kwargs)
     if engine.last_stats["attention"] == "flex":  # sdpa (CPU torch < 2.13) gathers pages after a host read
         assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1  # the whole step, one graph
@@ -247,7 +250,7 @@ def test_late_phase_reads_reserve_no_page_beyond_a_limit(monkeypatch, layout):
         summary_len = 4 * (template // 4 + 2)  # template + generated tokens: whole pages
         kwargs = dict(max_new_tokens=16, block_size=4, summary_max_tokens=summary_len - template)
     kwargs.update(prompts=PROMPTS[:2], num_paths=3, output_logits=True, num_slots=2)
-    engine = ParaThinkerEngine(model, tok)
+    engine = eager_engine(model, tok)
     on_time = _run_checking_page_tables(monkeypatch, engine, late=False, **kwargs)
     late = _run_checking_page_tables(monkeypatch, engine, late=True, **kwargs)
     assert all(len(o.summary_ids) == summary_len for o in on_time)  # every summary ran to its limit
@@ -283,6 +286,7 @@ def test_phase_snapshots_are_timed_on_the_models_device(monkeypatch):
     assert view.pull() == [(1, [[step.THINK, 0, 3], [step.DONE, 1, 4]])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prompts, paths", [(1, 1), (2, 3)])
 def test_the_compiled_steps_flex_call_has_a_static_batch(tiny, monkeypatch, prompts, paths):
     """torch's flex decoding kernel (one query block per KV head, work split over the pages read)
@@ -300,12 +304,13 @@ def test_the_compiled_steps_flex_call_has_a_static_batch(tiny, monkeypatch, prom
 
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: compile_(fn, backend=record, **kwargs))
-    ParaThinkerEngine(model, tok, compile=True).generate(PROMPTS[:prompts], mode="independent", num_paths=paths,
+    eager_engine(model, tok, compile=True).generate(PROMPTS[:prompts], mode="independent", num_paths=paths,
                                                          max_new_tokens=3, attention="flex")
     assert batches and all(type(b) is int for b in batches), batches
     assert set(batches) == {prompts * paths}
 
 
+@pytest.mark.slow
 def test_a_step_past_its_recompile_limit_fails_rather_than_running_uncompiled(tiny, monkeypatch):
     """Uncompiled, flex computes the scores over the whole KV pool: a compiled step that meets
     more shapes than its recompile limit stops with dynamo's error (the limit set to one more
@@ -315,7 +320,7 @@ def test_a_step_past_its_recompile_limit_fails_rather_than_running_uncompiled(ti
     monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **kwargs: compile_(fn, backend="eager", **kwargs))
     limit = upstream_torch.compilations(step.decode_forward) + 1
     monkeypatch.setattr(attention, "RECOMPILE_LIMIT", limit)
-    engine = ParaThinkerEngine(model, tok, compile=True)
+    engine = eager_engine(model, tok, compile=True)
     kwargs = dict(mode="independent", max_new_tokens=3, attention="flex")
     with upstream_torch.dynamo_config(recompile_limit=limit):
         engine.generate(PROMPTS[:1], num_paths=2, **kwargs)

@@ -213,6 +213,7 @@ def test_is_equiv(pred, gold, expected):
     assert is_equiv(pred, gold) is expected
 
 
+@pytest.mark.slow
 def test_math_verify_stays_out_of_the_evaluation_process():
     code = (
         "import sys; from lm_eval_parathinker import scoring; "

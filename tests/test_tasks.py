@@ -27,6 +27,7 @@ def test_tasks_dir_editable_layout():
         assert (d / f"{t}.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_autoload_is_light():
     # the .pth hook runs at every Python start: it must not pull in lm_eval or torch
     code = "import sys, lm_eval_parathinker._autoload as a; print('lm_eval' in sys.modules, 'torch' in sys.modules)"
@@ -51,6 +52,7 @@ def test_ours_win_over_builtin_and_builtins_kept():
     assert "parathinker" in model_registry
 
 
+@pytest.mark.slow
 def test_model_is_registered_lazily():
     # in a fresh process: importing lm_eval's models registers the name without importing our model
     code = (
@@ -166,6 +168,7 @@ def test_lm_eval_hf_tiny_model(tmp_path_factory):
     assert "No aggregation function defined" not in log
 
 
+@pytest.mark.slow
 def test_lm_eval_dummy_group(tmp_path):
     # (`lm_eval ls tasks` builds the same TaskManager() as test_ours_win_over_builtin_and_builtins_kept)
     _, res = run_lm_eval(
