@@ -19,7 +19,7 @@ export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast docs docs-serve demo bench lock test-min test-latest wheelhouse gpu-smoke clean
+.PHONY: setup test test-fast test-times docs docs-serve demo bench lock test-min test-latest wheelhouse gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test: $(STAMP) docs
 # compile or training loop); docs/development.md lists what each tier holds.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# Both tiers timed, by file: results/test_times.{csv,md}, which docs/development.md includes (idle machine).
+test-times: $(STAMP)
+	$(PY) -m benchmarks.test_times
 
 # The docs (mkdocs.yml, docs/): strict, so a broken link or anchor, or a page missing from the nav,
 # fails `make test` in seconds, before the suite. The site goes under the venv (git-ignored).

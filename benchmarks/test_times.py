@@ -1,7 +1,7 @@
 """How long the test suite takes, by file and tier: what docs/development.md quotes.
 
     python -m benchmarks.test_times            # both tiers: results/test_times.{csv,md}
-    python -m benchmarks.test_times --smoke    # one small file, into a temp folder: checks that it runs
+    python -m benchmarks.test_times --smoke    # one small file (into a temp folder): checks that it runs
 
 Runs the fast tier (``pytest -m "not slow"``, what ``make test-fast`` runs) and then the slow tier in
 separate pytest processes, each timed on the wall clock, and sums every test's phases (setup, call,
@@ -13,8 +13,6 @@ stretches every figure.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import subprocess
@@ -24,7 +22,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from lm_eval_parathinker.files import atomic_write
+from lm_eval_parathinker.tables import write_table
 
 COLUMNS = ["file", "tier", "tests", "seconds", "minutes"]
 TIERS = {"fast": "not slow", "slow": "slow"}
@@ -55,11 +53,11 @@ def rows_by_file(records: list[dict], tier: str) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", default="results", help="folder for test_times.csv and .md")
-    parser.add_argument("--smoke", action="store_true", help="time tests/test_stats.py only, into a temp folder")
+    parser.add_argument("--output", help="folder for test_times.csv and .md (default: results/; --smoke: a temp folder)")
+    parser.add_argument("--smoke", action="store_true", help="time tests/test_stats.py only")
     args = parser.parse_args(argv)
     targets = ["tests/test_stats.py"] if args.smoke else ["tests"]
-    output = Path(tempfile.mkdtemp()) if args.smoke else Path(args.output)
+    output = Path(args.output or (tempfile.mkdtemp() if args.smoke else "results"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for tier, marker in TIERS.items():
@@ -70,12 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             rows += file_rows
             rows.append({"file": WALL, "tier": tier, "tests": sum(r["tests"] for r in file_rows),
                          "seconds": round(wall, 1), "minutes": round(wall / 60, 2)})
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write(output / "test_times.csv", buffer.getvalue())
+    write_table(rows, output / "test_times.csv", COLUMNS)
     print(f"wrote {output / 'test_times.csv'}")
 
 

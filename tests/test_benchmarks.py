@@ -244,3 +244,27 @@ def test_training_step_and_throughput_smoke(training_smoke):
     assert unpacked["packing"] == "False" and packed["packing"] == "True"
     assert unpacked["tokens"] == packed["tokens"] and int(packed["rows"]) < int(unpacked["rows"]) == int(unpacked["records"])
     assert float(packed["ratio_to_unpacked"]) == pytest.approx(float(packed["tokens_per_s"]) / float(unpacked["tokens_per_s"]))
+
+
+@pytest.mark.slow
+def test_test_times_smoke_counts_each_file_and_tier(tmp_path):
+    """benchmarks.test_times --smoke: one row per tier for tests/test_stats.py (all fast) plus the
+    wall-clock rows, and the per-file seconds no more than the tier's wall clock."""
+    import csv
+    import subprocess
+    import sys
+
+    from helpers import REPO_ROOT, offline_env
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.test_times", "--smoke", "--output", str(tmp_path)],
+                          cwd=REPO_ROOT, env=offline_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "test_times.csv")))
+    files = [r for r in rows if r["file"] != "(wall clock)"]
+    assert [(r["file"], r["tier"]) for r in files] == [("tests/test_stats.py", "fast")]
+    wall = {r["tier"]: float(r["seconds"]) for r in rows if r["file"] == "(wall clock)"}
+    assert set(wall) == {"fast", "slow"} and 0 < float(files[0]["seconds"]) <= wall["fast"]
+    tests = (REPO_ROOT / "tests/test_stats.py").read_text().count("\ndef test_")  # none parametrized
+    assert int(files[0]["tests"]) == tests
+    assert (tmp_path / "test_times.md").read_text().startswith("| file")
+
