@@ -1,6 +1,7 @@
 """``lm_eval --model parathinker``: ParaThinker and its fair baselines as an lm-eval model.
 
-:class:`ParaThinkerLM` subclasses lm-eval's ``HFLM`` (tokenization, dtype, device, batch size,
+:class:`ParaThinkerLM` subclasses lm-eval's ``HFLM`` (through
+:class:`~lm_eval_parathinker.upstream.lm_eval.HFLMShim`: tokenization, dtype, device, batch size,
 PEFT adapters, ``accelerate launch`` data parallelism, loglikelihood) and answers
 ``generate_until`` with :class:`~lm_eval_parathinker.engine.ParaThinkerEngine`:
 
@@ -30,16 +31,17 @@ from typing import Any
 import lm_eval.models  # noqa: F401  (registers the built-ins first: see the registry pitfall in the docs)
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
 
 from .. import embedded, protocol
 from ..checkpoint import ParaThinkerParts, adapter_tokenizer, add_parathinker_parts, has_control_tokens
 from ..engine import ParaThinkerEngine
 from ..thought_embedding import local_dir, quiet_unexpected_tables, thought_embedding_tables
+from ..upstream.lm_eval import HFLMShim
 from . import journal
 from .generator import Generator, ParaThinkerResponse
 from .options import RunOptions, check_hflm_args, slots
 from .progress import LiveProgress
+from .ranks import Ranks, warn_node_local_journal
 from .requests import RequestRunner
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ _NOT_OUTPUT_ARGS = frozenset({
 
 
 @register_model("parathinker")
-class ParaThinkerLM(HFLM):
+class ParaThinkerLM(HFLMShim):
     """lm-eval model ``parathinker`` (see the module docstring and docs/model-args.md)."""
 
     def __init__(self, pretrained: str | None = embedded.EMBEDDED_NAME, **kwargs: Any) -> None:
@@ -66,6 +68,9 @@ class ParaThinkerLM(HFLM):
         self.parts = ParaThinkerParts([], [], None)
         self._pretrained_name = embedded.resolve_pretrained(pretrained)
         super().__init__(pretrained=self._pretrained_name, **kwargs)
+        self.ranks = Ranks(self.rank, self.world_size)
+        if self.options.resume:
+            warn_node_local_journal(self.options.journal_dir, self.world_size)
         self._engine: ParaThinkerEngine | None = None
         self._files_identity: dict | None = None  # checkpoint, adapter, tokenizer, versions: computed once
         self.reset_run_state()
@@ -163,20 +168,31 @@ class ParaThinkerLM(HFLM):
         refilled at once, and every response is journaled as it finishes and reused by a rerun."""
         if not requests:
             return []
+        self.note_padding(requests)
         opened = journal.ResponseJournal.open(self.options.journal_dir, self.journal_fingerprint(),
-                                              self._process_index()) if self.options.resume else nullcontext()
-
-        def progress(total: int, reused: int) -> LiveProgress:
-            return LiveProgress(total, reused, f"parathinker {self.options.method}",
-                                disable=disable_tqdm or self.rank != 0)
-
+                                              self.rank) if self.options.resume else nullcontext()
         runner = RequestRunner(self.generator, lambda text: len(self.tok_encode(text)), self._respond)
-        with opened as store:
+        before = self.termination_reasons.copy()
+        with opened as store, self.ranks.watched() as heartbeat:
+
+            def progress(total: int, reused: int) -> LiveProgress:
+                """Rank 0's bar; with the journal it counts every rank's responses (see :mod:`.ranks`)."""
+                follow = store is not None and heartbeat is not None
+                if follow:
+                    total, reused = map(sum, zip(*self.ranks.gather((total, reused))))
+                return LiveProgress(total, reused, f"parathinker {self.options.method}",
+                                    disable=disable_tqdm or self.rank != 0,
+                                    others=store.others_new if follow and self.rank == 0 else None,
+                                    finished=heartbeat.finish_here if heartbeat is not None else None)
+
             outcome = runner.run(requests, store, progress)
+        # the results file (written by rank 0) reports the whole run: every rank's counts
+        counts = self.ranks.gather((outcome.reused, outcome.generated, self.termination_reasons - before))
+        self.termination_reasons = before + sum((reasons for _, _, reasons in counts), Counter())
         self.journal_report = {
             "dir": str(store.folder) if store is not None else None,
-            "reused": self.journal_report["reused"] + outcome.reused,
-            "generated": self.journal_report["generated"] + outcome.generated,
+            "reused": self.journal_report["reused"] + sum(reused for reused, _, _ in counts),
+            "generated": self.journal_report["generated"] + sum(generated for _, generated, _ in counts),
         }
         return outcome.responses
 
@@ -201,11 +217,6 @@ class ParaThinkerLM(HFLM):
         self.termination_reasons[response.meta["termination"]] += 1
         self.cache_hook.add_partial("generate_until", (request.args[0], gen_kwargs), response)
         return response
-
-    def _process_index(self) -> int:
-        """This process's global rank, which names its journal file (HFLM's ``rank`` is the node-local one)."""
-        accelerator = getattr(self, "accelerator", None)
-        return accelerator.process_index if accelerator is not None else self.rank
 
     # -- identity and reporting ------------------------------------------------------------
 

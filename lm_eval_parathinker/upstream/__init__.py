@@ -1,0 +1,1 @@
+"""The lm-eval internals the package relies on, in one place (see :mod:`.lm_eval`)."""
