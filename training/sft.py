@@ -28,7 +28,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from lm_eval_parathinker.protocol import FLEX_BLOCK_SIZE, ControlTokenIds, resolve_compat
+from lm_eval_parathinker.protocol import FLEX_BLOCK_SIZE, ControlTokenIds
 from lm_eval_parathinker.thought_embedding import (
     add_control_tokens,
     attach_thought_embeddings,
@@ -38,7 +38,7 @@ from lm_eval_parathinker.thought_embedding import (
     thought_embedding_tables,
 )
 
-from .arguments import parse_args
+from .arguments import parse_args, training_layout
 from .batching import Collator, SFTDataset
 from .data import DataError, run_cli
 from .released import TokenizedBuilder
@@ -128,8 +128,9 @@ def build_builder(args: argparse.Namespace, tokenizer, form: Form, *, extrapolat
         logger.info("sequence layout: sequential (each path a plain sample)")
         return SequentialBuilder(tokenizer, max_path_tokens=args.max_path_tokens, max_length=args.max_length,
                                  max_paths=args.max_paths)
-    compat = resolve_compat(args.compat, tokenizer)
-    logger.info("sequence layout: parathinker, compat=%s", compat.name)
+    compat = training_layout(args, tokenizer)
+    logger.info("sequence layout: parathinker, compat=%s, <summary> at %s", compat.name,
+                "2 Lp + max Lk" if compat.summary_after_prompt_twice else "Lp + max Lk")
     prob = args.extrapolate_prob if extrapolate else 0.0
     if form is Form.TOKENIZED:
         if args.max_path_tokens is not None:
