@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import DATA_DIR, REPO_ROOT, offline_env, run_lm_eval  # noqa: E402
+from helpers import DATA_DIR, REPO_ROOT, free_port, offline_env, run_lm_eval  # noqa: E402
 from tiny import tiny_model, tiny_official_tokenizer  # noqa: E402
 
 from lm_eval_parathinker import protocol  # noqa: E402
@@ -389,6 +389,23 @@ def test_recipe_official_keeps_64_rows_per_step_on_any_world(monkeypatch, caplog
     assert ta.gradient_accumulation_steps == 3
 
 
+@pytest.mark.slow
+def test_recipe_official_on_two_cpu_processes_steps_on_64_rows(base, tmp_path):
+    """accelerate launch, 2 CPU processes: accumulation 32 derived and logged, and the trainer's own
+    world size times batch times accumulation is 64."""
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run([*launch, "-m", "training.sft", "--model", str(base), "--data", str(data), "--output",
+                           str(tmp_path / "out"), "--recipe", "official", "--no-bf16", "--max-steps", "1"],
+                          capture_output=True, text=True, env=offline_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"),
+                          cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gradient accumulation 32 = round(64 rows / (2 processes x batch 1)): 64 rows" in proc.stderr
+    assert "effective batch: 64 rows per optimizer step (2 processes x batch 1 x accumulation 32)" in proc.stderr
+
+
 def test_recipe_official_without_bf16_names_no_bf16(capsys):
     argv = ["--model", "m", "--data", "d", "--output", "o", "--recipe", "official"]
     _, ta = parse_args([*argv, "--no-bf16", "--no-gradient-checkpointing"])
@@ -450,6 +467,7 @@ def test_recipe_official_trains_on_every_form_with_the_jsonl_loss_and_lm_eval_ru
                     "--training-args", str(overrides), "--max-steps", "1", "--seed", "0")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert '"gradient_accumulation_steps": 64' in proc.stderr and '"learning_rate": 1e-05' in proc.stderr
+        assert "effective batch: 64 rows per optimizer step (1 processes x batch 1 x accumulation 64)" in proc.stderr
         losses[name] = _first_loss(out)
     assert all(loss == pytest.approx(losses["jsonl"], abs=1e-6) for loss in losses.values()), losses
     # every form trains the same weights, so lm_eval's run of one checkpoint stands for all four

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import REPO_ROOT, TIMED_METRICS, journal_entries, offline_env, samples_by_doc
+from helpers import REPO_ROOT, TIMED_METRICS, free_port, journal_entries, offline_env, samples_by_doc
 from tiny import save_tiny_checkpoint
 
 from lm_eval_parathinker.harness import ranks
@@ -34,12 +33,6 @@ GEN = "max_gen_toks=24,min_new_tokens=24,do_sample=true,temperature=5.0,seed=7"
 DRIVER = str(REPO_ROOT / "tests" / "lm_eval_our_tasks.py")
 ENV = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 TIMEOUT = 240  # seconds any one launch may take
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _launch(processes: int, port: int, machines: int = 1, machine_rank: int = 0) -> list[str]:
@@ -116,7 +109,7 @@ def _alive(pid: int) -> bool:
 
 
 def _launches(ckpt: Path, journal_dir: Path, out: Path, processes: int, machines: int = 1, **env: str) -> list[Run]:
-    port = _free_port()
+    port = free_port()
     return [Run(_launch(processes, port, machines, node) + _eval_args(ckpt, journal_dir, out),
                 out.with_name(f"{out.name}_node{node}"), **env) for node in range(machines)]
 

@@ -241,6 +241,10 @@ def build_trainer(args: argparse.Namespace, training_args: TrainingArguments) ->
         model=model, args=training_args, data_collator=collator, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, callbacks=[EpochCallback(train_set), LossLogCallback(out)],
     )
+    logger.info("effective batch: %d rows per optimizer step (%d processes x batch %d x accumulation %d)",
+                training_args.world_size * training_args.per_device_train_batch_size
+                * training_args.gradient_accumulation_steps, training_args.world_size,
+                training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps)
     return trainer, checkpoint
 
 
