@@ -13,7 +13,7 @@ from lm_eval_parathinker.engine.attention import flex_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-__all__ = ["CPU_KERNELS", "DATA_DIR", "REPO_ROOT", "TIMED_METRICS", "by_doc", "free_port", "journal_entries", "kill_when", "lm_eval_cmd",
+__all__ = ["CPU_KERNELS", "DATA_DIR", "REPO_ROOT", "TIMED_METRICS", "by_doc", "journal_entries", "kill_when", "lm_eval_cmd",
            "offline_env", "run_lm_eval", "samples_by_doc", "tiny_hf_aime24_run"]
 #: the attention kernels the engine runs on this CPU with this torch (compiled flex from torch 2.13)
 CPU_KERNELS = ["flex", "sdpa"] if flex_available(torch.device("cpu")) else ["sdpa"]
@@ -81,15 +81,6 @@ def samples_by_doc(out: str | os.PathLike) -> dict[str, dict]:
         task = Path(path).name.split("_")[1]
         found[task] = by_doc([json.loads(line) for line in Path(path).read_text().splitlines()])
     return found
-
-
-def free_port() -> int:
-    """A TCP port free on the loopback now (for a launch's rendezvous)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kill_when(cmd: list[str], ready, what: str, timeout: float = 300) -> None:

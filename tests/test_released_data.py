@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from helpers import DATA_DIR, REPO_ROOT, free_port, offline_env, run_lm_eval  # noqa: E402
+from helpers import DATA_DIR, REPO_ROOT, offline_env, run_lm_eval  # noqa: E402
 from tiny import tiny_model, tiny_official_tokenizer  # noqa: E402
 
 from lm_eval_parathinker import protocol  # noqa: E402
@@ -393,10 +393,12 @@ def test_recipe_official_keeps_64_rows_per_step_on_any_world(monkeypatch, caplog
 def test_recipe_official_on_two_cpu_processes_steps_on_64_rows(base, tmp_path):
     """accelerate launch, 2 CPU processes: accumulation 32 derived and logged, and the trainer's own
     world size times batch times accumulation is 64."""
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
     data = tmp_path / "records.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-              "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+              "--main_process_port", str(get_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = subprocess.run([*launch, "-m", "training.sft", "--model", str(base), "--data", str(data), "--output",
                            str(tmp_path / "out"), "--recipe", "official", "--no-bf16", "--max-steps", "1"],
                           capture_output=True, text=True, env=offline_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"),

@@ -8,11 +8,10 @@ Every run is the same command (tiny random model, one thread per process, sample
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from torch.distributed.elastic.utils.distributed import get_free_port
 
-from helpers import REPO_ROOT, TIMED_METRICS, free_port, journal_entries, offline_env, samples_by_doc
+from helpers import REPO_ROOT, TIMED_METRICS, journal_entries, offline_env, samples_by_doc
 from tiny import save_tiny_checkpoint
 
 from lm_eval_parathinker.harness import ranks
@@ -57,13 +57,12 @@ def _eval_args(ckpt: Path, journal_dir: Path, out: Path) -> list[str]:
 
 
 class Run:
-    """One launch (a process group of its own) whose output goes to ``<out>.log``."""
+    """One launch whose output goes to ``<out>.log``."""
 
     def __init__(self, cmd: list[str], out: Path, **env: str) -> None:
         self.out, self.log_path = out, out.with_suffix(".log")
         self.log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, env=offline_env(**ENV, **env), stdout=self.log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env=offline_env(**ENV, **env), stdout=self.log_file, stderr=subprocess.STDOUT)
         self.started = time.monotonic()
 
     def wait(self, timeout: float = TIMEOUT) -> int:
@@ -73,12 +72,15 @@ class Run:
             self.kill()
 
     def kill(self) -> None:
-        """SIGKILL the launch and every process it started."""
-        if self.proc.poll() is None or _alive(self.proc.pid):
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """SIGKILL the launch and every process under it (torchrun starts its workers in sessions of their own)."""
+        try:
+            launch = psutil.Process(self.proc.pid)
+            tree = [launch, *launch.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            tree = []
+        for process in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         self.proc.wait()
         self.log_file.close()
 
@@ -100,16 +102,8 @@ class Run:
         raise AssertionError(f"no worker of rank {rank} under {self.proc.args}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def _launches(ckpt: Path, journal_dir: Path, out: Path, processes: int, machines: int = 1, **env: str) -> list[Run]:
-    port = free_port()
+    port = get_free_port()
     return [Run(_launch(processes, port, machines, node) + _eval_args(ckpt, journal_dir, out),
                 out.with_name(f"{out.name}_node{node}"), **env) for node in range(machines)]
 
@@ -192,7 +186,7 @@ def test_killed_two_process_run_resumes_with_one_process(ckpt, one_process, tmp_
     journal_dir = tmp_path / "journal"
     (run,) = _launches(ckpt, journal_dir, tmp_path / "killed", processes=2)
     _kill_when([run], lambda: journal_entries(journal_dir), "journaling a response")
-    run.kill()  # SIGKILL to the launch and its workers
+    run.kill()  # SIGKILL to the launch and its workers, as a scheduler ends a job
     journaled = len(journal_entries(journal_dir))
     assert 1 <= journaled < TOTAL, f"the kill came too late: {journaled} of {TOTAL}"
     _finish(_launches(ckpt, journal_dir, tmp_path / "resumed", processes=1))
