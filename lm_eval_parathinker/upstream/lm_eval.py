@@ -39,15 +39,17 @@ class HFLMShim(HFLM):
         appends their responses to that request's ``resps``: its sample would log (and score) more
         responses than its ``repeats``. The request methods call this with their requests.
         """
+        if self.world_size == 1:  # no padding
+            return
         copies = Counter(id(request) for request in requests)
         unique = {id(request): request for request in requests}.values()
-        self._padded = [request for request in unique if copies[id(request)] > request.repeats]
+        self._padded = [request for request in unique if copies[id(request)] > (request.repeats or 1)]
 
     def barrier(self) -> None:
         """lm-eval's barrier after each request type's responses are in: drop the padding's responses
         (see :meth:`note_padding`), so a sample holds its ``repeats`` responses as on one process."""
         for request in self._padded:
-            del request.resps[request.repeats:]
+            del request.resps[request.repeats or 1:]
         self._padded = []
         super().barrier()
 
