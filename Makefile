@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.engine --threads 2
 	$(PY) -m benchmarks.grading
 	$(PY) -m benchmarks.training --threads 2
+	$(PY) -m benchmarks.scale_out
 
 # Resolve the newest versions the ranges allow into the lock (review the diff, then `make test`).
 lock: $(STAMP)

@@ -14,8 +14,8 @@ from lm_eval_parathinker.engine.attention import flex_available
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
-__all__ = ["CPU_KERNELS", "DATA_DIR", "REPO_ROOT", "eager_engine", "journal_entries", "kill_when", "lm_eval_cmd", "offline_env", "run_lm_eval",
-           "tiny_hf_aime24_run"]
+__all__ = ["CPU_KERNELS", "DATA_DIR", "REPO_ROOT", "TIMED_METRICS", "by_doc", "eager_engine", "journal_entries", "kill_when",
+           "lm_eval_cmd", "offline_env", "run_lm_eval", "samples_by_doc", "tiny_hf_aime24_run"]
 #: the attention kernels the engine runs on this CPU with this torch (compiled flex from torch 2.13)
 CPU_KERNELS = ["flex", "sdpa"] if flex_available(torch.device("cpu")) else ["sdpa"]
 #: subprocesses of tiny models: one thread (OpenMP spinning costs a lot on a busy shared box)
@@ -61,6 +61,33 @@ def journal_entries(root: str | os.PathLike) -> list[dict]:
             except ValueError:
                 continue
     return entries
+
+
+#: wall-clock statistics: excluded when runs are compared
+TIMED_METRICS = ("latency_s", "think_s")
+
+
+def by_doc(samples_of_task: list[dict]) -> dict[str, dict]:
+    """doc_hash -> what must not change: the responses and the metrics (wall-clock ones excluded)."""
+    return {
+        s["doc_hash"]: {
+            "resps": [[str(r) for r in rs] for rs in s["resps"]],
+            "metrics": {m: s[m] for m in s["metrics"] if not m.startswith(TIMED_METRICS)},
+        }
+        for s in samples_of_task
+    }
+
+
+def samples_by_doc(out: str | os.PathLike) -> dict[str, dict]:
+    """task -> :func:`by_doc` of the samples files an lm_eval run wrote under ``out``."""
+    import glob
+    import json
+
+    found = {}
+    for path in glob.glob(str(Path(out) / "**" / "samples_*.jsonl"), recursive=True):
+        task = Path(path).name.split("_")[1]
+        found[task] = by_doc([json.loads(line) for line in Path(path).read_text().splitlines()])
+    return found
 
 
 def kill_when(cmd: list[str], ready, what: str, timeout: float = 300) -> None:

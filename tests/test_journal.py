@@ -15,7 +15,7 @@ import pytest
 import torch
 from lm_eval.api.model import LM
 
-from helpers import journal_entries, kill_when, lm_eval_cmd, run_lm_eval
+from helpers import TIMED_METRICS, by_doc, journal_entries, kill_when, lm_eval_cmd, run_lm_eval, samples_by_doc
 from tiny import save_tiny_checkpoint
 
 from lm_eval_parathinker import scoring
@@ -30,7 +30,6 @@ REPEATS = 2
 CLI_GEN = "max_gen_toks=48,min_new_tokens=48,do_sample=true,temperature=5.0,seed=7"
 CLI_TOTAL = 2 * 2 * REPEATS  # two tasks, --limit 2
 ENV = {"OMP_NUM_THREADS": "1"}
-TIMED = ("latency_s", "think_s")  # wall-clock statistics: excluded when runs are compared
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_offline")
@@ -56,19 +55,8 @@ def _evaluate(lm, tasks, gen=SAMPLED, **kwargs) -> dict:
     )  # fmt: skip
 
 
-def _by_doc(samples_of_task: list[dict]) -> dict[str, dict]:
-    """doc_hash -> what must not change: the responses and the metrics (wall-clock ones excluded)."""
-    return {
-        s["doc_hash"]: {
-            "resps": [[str(r) for r in rs] for rs in s["resps"]],
-            "metrics": {m: s[m] for m in s["metrics"] if not m.startswith(TIMED)},
-        }
-        for s in samples_of_task
-    }
-
-
 def _metrics(res: dict) -> dict:
-    return {task: {k: v for k, v in m.items() if not k.startswith(TIMED)} for task, m in res["results"].items()}
+    return {task: {k: v for k, v in m.items() if not k.startswith(TIMED_METRICS)} for task, m in res["results"].items()}
 
 
 # --------------------------------------------------------------------------- sample keys
@@ -106,7 +94,7 @@ def key_runs(ckpt, tmp_path_factory):
         "samples": _evaluate(three_slots, ["aime24"], samples={"aime24": [3, 1]}),
     }
     assert not unused.exists()  # resume=false: no journal is read or written
-    return {name: {task: _by_doc(s) for task, s in res["samples"].items()} for name, res in runs.items()}
+    return {name: {task: by_doc(s) for task, s in res["samples"].items()} for name, res in runs.items()}
 
 
 def test_same_samples_whatever_else_runs(key_runs):
@@ -134,14 +122,6 @@ def _cli_args(ckpt: Path, journal_dir: Path, out: Path, gen: str = CLI_GEN) -> l
         "--gen_kwargs", gen, "--metadata", json.dumps({"repeats": REPEATS}), "--device", "cpu",
         "--batch_size", "1", "--log_samples", "--output_path", str(out),
     ]  # fmt: skip
-
-
-def _cli_samples(out: Path) -> dict[str, dict]:
-    found = {}
-    for path in glob.glob(str(out / "**" / "samples_*.jsonl"), recursive=True):
-        task = Path(path).name.split("_")[1]
-        found[task] = _by_doc([json.loads(line) for line in Path(path).read_text().splitlines()])
-    return found
 
 
 def _kill_after_first_response(args: list[str], journal_dir: Path) -> int:
@@ -176,7 +156,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(cli_runs):
     assert (report["reused"], report["generated"]) == (journaled, CLI_TOTAL - journaled)  # only the missing ones
     assert (whole_report["reused"], whole_report["generated"]) == (0, CLI_TOTAL)
     assert f"reusing {journaled} of {CLI_TOTAL} responses" in runs["resume_log"] and report["dir"] in runs["resume_log"]
-    assert _cli_samples(runs["root"] / "resumed") == _cli_samples(runs["root"] / "whole")
+    assert samples_by_doc(runs["root"] / "resumed") == samples_by_doc(runs["root"] / "whole")
     assert _metrics(runs["resumed"]) == _metrics(runs["whole"])
     whole_info, resumed_info = runs["whole"]["config"]["parathinker"], runs["resumed"]["config"]["parathinker"]
     assert resumed_info["termination_reasons"] == whole_info["termination_reasons"]  # rebuilt from the journal
@@ -192,7 +172,7 @@ def test_torn_journal_line_is_skipped_with_a_warning_and_cut(cli_runs):
 
 def test_journal_doc_hashes_are_lm_evals(cli_runs):
     entries = journal_entries(cli_runs["killed_journal"])
-    logged = {task: set(docs) for task, docs in _cli_samples(cli_runs["root"] / "whole").items()}
+    logged = {task: set(docs) for task, docs in samples_by_doc(cli_runs["root"] / "whole").items()}
     assert {(e["task"], e["doc_hash"]) for e in entries} == {(t, h) for t, hs in logged.items() for h in hs}
 
 
@@ -208,12 +188,12 @@ def test_changed_temperature_reuses_nothing(ckpt, cli_runs):
     lm = _lm(ckpt, batch_size=1, journal_dir=str(cli_runs["killed_journal"]))
     same = _evaluate(lm, ["amc23", "aime24"], gen=CLI_GEN, limit=2)
     assert same["config"]["parathinker"]["journal"]["reused"] == CLI_TOTAL
-    assert {t: _by_doc(s) for t, s in same["samples"].items()} == _cli_samples(cli_runs["root"] / "whole")
+    assert {t: by_doc(s) for t, s in same["samples"].items()} == samples_by_doc(cli_runs["root"] / "whole")
     lm.reset_run_state()
     hotter = _evaluate(lm, ["amc23", "aime24"], gen=CLI_GEN.replace("temperature=5.0", "temperature=6.0"), limit=2)
     report = hotter["config"]["parathinker"]["journal"]
     assert (report["reused"], report["generated"]) == (0, CLI_TOTAL)
-    assert {t: _by_doc(s) for t, s in hotter["samples"].items()} != _cli_samples(cli_runs["root"] / "whole")
+    assert {t: by_doc(s) for t, s in hotter["samples"].items()} != samples_by_doc(cli_runs["root"] / "whole")
 
 
 # --------------------------------------------------------------------------- data-parallel ranks
@@ -235,7 +215,7 @@ def test_resume_with_one_rank_reuses_what_two_ranks_wrote(ckpt, tmp_path, key_ru
         shares.append(list(task.instances))
     torch.manual_seed(1234)  # the seed lm-eval gives torch by default
     for rank, share in enumerate(shares):
-        lm._rank, lm._world_size = rank, 2
+        lm._rank = rank  # names the journal file (a world of 2 would need a process group)
         padding = max(map(len, shares)) - len(share)
         requests = [req for req in share for _ in range(req.repeats)] + [share[-1]] * (padding * share[-1].repeats)
         out = lm.generate_until(requests)
@@ -244,11 +224,11 @@ def test_resume_with_one_rank_reuses_what_two_ranks_wrote(ckpt, tmp_path, key_ru
     lines = {name: (folder / name).read_text().splitlines() for name in ("rank0.jsonl", "rank1.jsonl")}
     assert (len(lines["rank0.jsonl"]), len(lines["rank1.jsonl"])) == (2 * REPEATS, REPEATS)  # padding not journaled
 
-    lm._rank, lm._world_size = 0, 1
+    lm._rank = 0
     lm.reset_run_state()
     res = _evaluate(lm, ["aime24"], limit=3)
     assert res["config"]["parathinker"]["journal"] == {"dir": str(folder), "reused": 3 * REPEATS, "generated": 0}
-    resumed = _by_doc(res["samples"]["aime24"])
+    resumed = by_doc(res["samples"]["aime24"])
     assert len(resumed) == 3 and all(key_runs["limit4"]["aime24"][h] == doc for h, doc in resumed.items())
 
 

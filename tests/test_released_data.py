@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +21,12 @@ from tiny import tiny_model, tiny_official_tokenizer  # noqa: E402
 
 from lm_eval_parathinker import protocol  # noqa: E402
 from lm_eval_parathinker.protocol import OFFICIAL, PAPER, ControlTokenIds  # noqa: E402
-from training.arguments import parse_args  # noqa: E402
+from training.arguments import parse_args, recipe_accumulation, training_layout  # noqa: E402
 from training.batching import Collator, SFTDataset  # noqa: E402
 from training.data import DataError  # noqa: E402
 from training.released import TokenizedBuilder, parse_row  # noqa: E402
 from training.sequence import IGNORE_INDEX, SequenceBuilder  # noqa: E402
-from training.sft import load_base  # noqa: E402
+from training.sft import build_builder, load_base  # noqa: E402
 from training.sources import Form, open_source, read_items  # noqa: E402
 
 RECORDS = [
@@ -348,14 +349,18 @@ def test_parquet_files_and_dataset_dict_splits(base, tmp_path):
 # ------------------------------------------------------------------ --recipe official
 
 
-def test_recipe_official_sets_the_official_values_and_yields_to_explicit_ones(tmp_path):
+def test_recipe_official_sets_the_official_values_and_yields_to_explicit_ones(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # one process
+    caplog.set_level(logging.INFO, logger="training.arguments")
     # use_cpu: bf16 TrainingArguments are refused on a machine without a bf16 GPU unless told to use the CPU
     args, ta = parse_args(["--model", "m", "--data", "d", "--output", "o", "--recipe", "official", "--use_cpu", "true"])
     assert (args.full, args.compat, args.max_length, args.extrapolate_prob) == (True, "official", 28672, 0.3)
     assert (ta.learning_rate, ta.lr_scheduler_type.value, ta.warmup_steps, ta.weight_decay, ta.max_grad_norm) == \
         (1e-5, "constant", 0.1, 0.05, 0.5)
+    # the authors' 4 GPUs x batch 1 x accumulation 16 = 64 rows per step, here on one process
     assert (ta.num_train_epochs, ta.per_device_train_batch_size, ta.gradient_accumulation_steps, ta.bf16) == \
-        (3, 1, 16, True)
+        (3, 1, 64, True)
+    assert "gradient accumulation 64 = round(64 rows / (1 processes x batch 1)): 64 rows" in caplog.text
     assert getattr(ta, "activation_checkpointing", None) or ta.gradient_checkpointing
     file = tmp_path / "ta.json"
     file.write_text(json.dumps({"gradient_accumulation_steps": 4, "bf16": False}))
@@ -365,6 +370,75 @@ def test_recipe_official_sets_the_official_values_and_yields_to_explicit_ones(tm
         (False, "paper", 2e-5, 4, False)
     args, ta = parse_args(["--model", "m", "--data", "d", "--output", "o"])  # no recipe: the plain defaults
     assert (args.full, args.compat, args.max_length, ta.gradient_accumulation_steps) == (False, "auto", None, 1)
+
+
+@pytest.mark.parametrize("world, batch, accumulation", [(1, 1, 64), (2, 1, 32), (4, 1, 16), (8, 1, 8), (8, 2, 4),
+                                                        (3, 1, 21), (128, 1, 1)])
+def test_recipe_official_keeps_64_rows_per_step_on_any_world(monkeypatch, caplog, world, batch, accumulation):
+    """The accumulation for a world size (torchrun's WORLD_SIZE); where the world does not divide
+    64 the nearest whole accumulation, with a warning naming the effective batch."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    caplog.set_level(logging.INFO, logger="training.arguments")
+    argv = ["--model", "m", "--data", "d", "--output", "o", "--recipe", "official", "--no-bf16"]
+    _, ta = parse_args([*argv, "--batch-size", str(batch)])
+    assert ta.gradient_accumulation_steps == accumulation == recipe_accumulation(64, world, batch)
+    effective = world * batch * accumulation
+    assert f"gradient accumulation {accumulation} = round(64 rows / ({world} processes x batch {batch}))" in caplog.text
+    assert (f"the effective batch is {effective} rows" in caplog.text) == (effective != 64)
+    _, ta = parse_args([*argv, "--gradient-accumulation-steps", "3"])  # an explicit value wins
+    assert ta.gradient_accumulation_steps == 3
+
+
+@pytest.mark.slow
+def test_recipe_official_on_two_cpu_processes_steps_on_64_rows(base, tmp_path):
+    """accelerate launch, 2 CPU processes: accumulation 32 derived and logged, and the trainer's own
+    world size times batch times accumulation is 64."""
+    from torch.distributed.elastic.utils.distributed import get_free_port
+
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+              "--main_process_port", str(get_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run([*launch, "-m", "training.sft", "--model", str(base), "--data", str(data), "--output",
+                           str(tmp_path / "out"), "--recipe", "official", "--no-bf16", "--max-steps", "1"],
+                          capture_output=True, text=True, env=offline_env(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1"),
+                          cwd=REPO_ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "gradient accumulation 32 = round(64 rows / (2 processes x batch 1)): 64 rows" in proc.stderr
+    assert "effective batch: 64 rows per optimizer step (2 processes x batch 1 x accumulation 32)" in proc.stderr
+
+
+def test_recipe_official_without_bf16_names_no_bf16(capsys):
+    argv = ["--model", "m", "--data", "d", "--output", "o", "--recipe", "official"]
+    _, ta = parse_args([*argv, "--no-bf16", "--no-gradient-checkpointing"])
+    assert not ta.bf16 and not (getattr(ta, "activation_checkpointing", None) or ta.gradient_checkpointing)
+    try:
+        bf16 = parse_args(argv)[1].bf16  # a machine with bf16 training takes the recipe as it is
+    except SystemExit as e:
+        assert e.code == 2 and "add --no-bf16" in capsys.readouterr().err
+    else:
+        assert bf16
+
+
+def test_recipe_official_trains_at_the_official_collators_positions(base, tmp_path):
+    """--recipe official on released rows and on JSONL records: the official tokens (pads, double
+    BOS), and the positions and segments of the official collator (summary at Lp + max Lk, not the
+    released engine's 2 Lp + max Lk)."""
+    tok = _tokenizer(base, OFFICIAL)
+    ids = ControlTokenIds.from_tokenizer(tok)
+    think_token_ids = [*ids.think_open, ids.summary_open]
+    args, _ = parse_args(["--model", "m", "--data", "d", "--output", "o", "--recipe", "official", "--no-bf16"])
+    layout = training_layout(args, tok)
+    assert layout.pad_to_multiple_of == 16 and layout.extra_bos and not layout.summary_after_prompt_twice
+    for form, builder in ((Form.TOKENIZED, build_builder(args, tok, Form.TOKENIZED, extrapolate=False)),
+                          (Form.RECORDS, build_builder(args, tok, Form.RECORDS, extrapolate=False))):
+        for record in RECORDS:
+            row = released_row(record, tok, OFFICIAL)
+            unit = parse_row(row, ids, len(tok)) if form is Form.TOKENIZED else builder.encode(record)
+            ex = builder.build(unit)
+            assert ex.input_ids.tolist() == row["input_ids"]  # the official tokens
+            positions, segments = _official_collator_positions(ex.input_ids.tolist(), think_token_ids)
+            assert (ex.layout.position_ids.tolist(), ex.layout.segment_ids.tolist()) == (positions, segments)
 
 
 def _first_loss(out: Path) -> float:
@@ -394,7 +468,8 @@ def test_recipe_official_trains_on_every_form_with_the_jsonl_loss_and_lm_eval_ru
         proc = _sft("--model", str(base), "--data", str(data), "--output", str(out), "--recipe", "official",
                     "--training-args", str(overrides), "--max-steps", "1", "--seed", "0")
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert '"gradient_accumulation_steps": 16' in proc.stderr and '"learning_rate": 1e-05' in proc.stderr
+        assert '"gradient_accumulation_steps": 64' in proc.stderr and '"learning_rate": 1e-05' in proc.stderr
+        assert "effective batch: 64 rows per optimizer step (1 processes x batch 1 x accumulation 64)" in proc.stderr
         losses[name] = _first_loss(out)
     assert all(loss == pytest.approx(losses["jsonl"], abs=1e-6) for loss in losses.values()), losses
     # every form trains the same weights, so lm_eval's run of one checkpoint stands for all four

@@ -56,6 +56,8 @@ GUARDED: dict[str, tuple[str, ...] | None] = {
 #: private attributes of upstream objects that are set at run time, each checked by the test named
 RUN_TIME: dict[str, str] = {
     "_model": "test_hflm_shim_names_hflms_internals",
+    "_rank": "test_hflm_shim_names_hflms_internals",
+    "_world_size": "test_hflm_shim_names_hflms_internals",
     "__wrapped__": "test_kernels_routing_wrapper_wraps_the_forward",
 }
 
@@ -98,7 +100,8 @@ def test_the_task_index_warns_through_the_logger_we_filter():
 
 def test_hflm_shim_names_hflms_internals():
     """HFLM loads the tokenizer through the shim's ``create_tokenizer``, keeps the model in
-    ``_model`` (``set_model`` replaces it, HFLM's ``model`` reads it)."""
+    ``_model`` (``set_model`` replaces it, HFLM's ``model`` reads it), and its ``rank`` and
+    ``world_size`` read ``_rank`` and ``_world_size`` (the shim sets them for data parallelism)."""
     from lm_eval_parathinker.upstream.lm_eval import HFLMShim
 
     calls = []
@@ -114,6 +117,10 @@ def test_hflm_shim_names_hflms_internals():
     assert lm.model is model, "HFLM no longer keeps the model it was given"
     lm.set_model(other)
     assert lm.model is other, "HFLM's model does not read _model"
+    # the shim's data parallelism sets these two under accelerate launch (tests/test_scale_out.py)
+    assert (lm.rank, lm.world_size) == (0, 1)
+    lm._rank, lm._world_size = 1, 2
+    assert (lm.rank, lm.world_size) == (1, 2), "HFLM's rank and world_size no longer read _rank and _world_size"
 
 
 def test_kernels_routing_wrapper_wraps_the_forward():

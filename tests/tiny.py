@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -11,7 +12,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerF
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings, thought_embedding_tables
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the offline benchmark data: $PARATHINKER_DATA_DIR, else shared/data beside the checkout
+DATA_DIR = Path(os.environ.get("PARATHINKER_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 SPECIAL = ["<pad>", "<eos>", protocol.THINK_OPEN, protocol.THINK_CLOSE]
 # Byte-level BPE (lossless on any text; transformers rebuilds Qwen checkpoints' tokenizers as

@@ -12,12 +12,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from lm_eval_parathinker.protocol import COMPAT_CHOICES, DEFAULT_MAX_SEGMENTS, DEFAULT_NUM_CONTROL_PATHS
+from lm_eval_parathinker.protocol import (
+    COMPAT_CHOICES,
+    DEFAULT_MAX_SEGMENTS,
+    DEFAULT_NUM_CONTROL_PATHS,
+    Compat,
+    resolve_compat,
+)
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 LAYOUTS = ("parathinker", "sequential")
@@ -59,14 +69,20 @@ FIXED_FIELDS = {
 RENAMED_FIELDS = {"gradient_checkpointing": "activation_checkpointing",
                   "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"} if _NEW_NAMES else {}
 # --recipe NAME: project flags (dest -> value) and TrainingArguments fields it sets where the user
-# sets neither. official: MobileLLM/ParaThinker train/scripts/ds-1.5b-full.sh (+ train_script.py's
-# resize_vocab; the control tokens are always added, growing the vocabulary when it is full).
+# sets neither; the rows per optimizer step it keeps on any number of processes (the gradient
+# accumulation is derived: recipe_accumulation); the layout fields it changes (protocol.Compat).
+# official: MobileLLM/ParaThinker train/scripts/ds-1.5b-full.sh on 4 GPUs x batch 1 x accumulation 16
+# (+ train_script.py's resize_vocab; the control tokens are always added, growing the vocabulary when
+# it is full), in the official token format (prompt, pads, double BOS) with <summary> where the
+# authors' collator puts it, at Lp + max Lk (the released engine serves at 2 Lp + max Lk).
 RECIPES = {
     "official": {
         "flags": {"full": True, "bf16": True, "gradient_checkpointing": True, "learning_rate": 1e-5,
                   "warmup_ratio": 0.1, "weight_decay": 0.05, "max_grad_norm": 0.5, "epochs": 3,
-                  "max_length": 28672, "batch_size": 1, "gradient_accumulation_steps": 16, "compat": "official"},
+                  "max_length": 28672, "batch_size": 1, "compat": "official"},
         "fields": {"lr_scheduler_type": "constant"},
+        "effective_batch": 64,
+        "layout": {"summary_after_prompt_twice": False},
     },
 }
 # defaults of this command that differ from TrainingArguments' (a user's value wins)
@@ -138,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-adapter", action="store_true", help="save a PEFT adapter instead of merged weights")
     p.add_argument("--save-steps", type=int, default=None, help="checkpoint every N optimizer steps (0, default: only at the end)")
     p.add_argument("--save-total-limit", type=int, default=None, help="checkpoints kept, default 2")
-    p.add_argument("--bf16", action="store_true", default=None, help="bf16 mixed precision")
-    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bf16 mixed precision")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps (0, default: all epochs)")
     return p
 
@@ -156,6 +172,38 @@ def _apply_recipe(args: argparse.Namespace, user_set: set[str]) -> dict:
     args.full = bool(args.full)
     args.compat = args.compat or "auto"
     return {name: value for name, value in recipe["fields"].items() if name not in user_set}
+
+
+def recipe_accumulation(effective_batch: int, world_size: int, batch_size: int) -> int:
+    """The gradient accumulation that keeps ``effective_batch`` rows per optimizer step on
+    ``world_size`` processes of ``batch_size`` rows each (the nearest whole number, at least 1)."""
+    return max(1, round(effective_batch / (world_size * batch_size)))
+
+
+def _derive_accumulation(args: argparse.Namespace, values: dict, user_set: set[str]) -> None:
+    """``--recipe``'s rows per optimizer step on this launch's processes (``WORLD_SIZE``), unless the
+    accumulation is given: logged, with a warning where the world size does not divide it."""
+    recipe = RECIPES.get(args.recipe, {})
+    wanted = recipe.get("effective_batch")
+    if wanted is None or args.gradient_accumulation_steps is not None or "gradient_accumulation_steps" in user_set:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch = args.batch_size if args.batch_size is not None else values["per_device_train_batch_size"]
+    args.gradient_accumulation_steps = recipe_accumulation(wanted, world, batch)
+    effective = world * batch * args.gradient_accumulation_steps
+    logger.info("--recipe %s: gradient accumulation %d = round(%d rows / (%d processes x batch %d)): %d rows per "
+                "optimizer step", args.recipe, args.gradient_accumulation_steps, wanted, world, batch, effective)
+    if effective != wanted:
+        logger.warning("--recipe %s: %d processes x batch %d do not divide its %d rows per optimizer step: the "
+                       "effective batch is %d rows (give --gradient-accumulation-steps to choose another)",
+                       args.recipe, world, batch, wanted, effective)
+
+
+def training_layout(args: argparse.Namespace, tokenizer) -> Compat:
+    """The layout rows are built in: ``--compat`` resolved, with ``--recipe``'s layout changes (the
+    official recipe: <summary> at the authors' collator's Lp + max Lk, the official tokens kept)."""
+    compat = resolve_compat(args.compat, tokenizer)
+    return dataclasses.replace(compat, **RECIPES.get(args.recipe, {}).get("layout", {}))
 
 
 def _check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -236,6 +284,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, T
     values = vars(namespace)
     values.update(_apply_recipe(args, user_set))
     _check_flags(p, args)
+    _derive_accumulation(args, values, user_set)
 
     for old, new in RENAMED_FIELDS.items():
         if old in user_set:
@@ -272,5 +321,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, T
     try:
         training_args = TrainingArguments(**values)
     except (ValueError, TypeError) as e:
-        p.error(f"TrainingArguments: {e}")
+        hint = ""
+        if values["bf16"] and "bf16" in str(e) and args.bf16:
+            hint = (f" (--bf16{' from --recipe ' + args.recipe if args.recipe else ''}: this machine has no bf16 "
+                    "training; add --no-bf16 to train in float32, e.g. a smoke run on a laptop)")
+        p.error(f"TrainingArguments: {e}{hint}")
     return args, training_args

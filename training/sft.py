@@ -33,7 +33,6 @@ from lm_eval_parathinker.protocol import (
     FLEX_TILE,
     ControlTokenIds,
     num_control_paths,
-    resolve_compat,
 )
 from lm_eval_parathinker.thought_embedding import (
     add_control_tokens,
@@ -44,7 +43,7 @@ from lm_eval_parathinker.thought_embedding import (
     thought_embedding_tables,
 )
 
-from .arguments import parse_args
+from .arguments import parse_args, training_layout
 from .batching import Collator, SFTDataset
 from .data import DataError, run_cli
 from .released import TokenizedBuilder
@@ -136,9 +135,10 @@ def build_builder(args: argparse.Namespace, tokenizer, form: Form, *, extrapolat
         logger.info("sequence layout: sequential (each path a plain sample)")
         return SequentialBuilder(tokenizer, max_path_tokens=args.max_path_tokens, max_length=args.max_length,
                                  max_paths=args.max_paths)
-    compat = resolve_compat(args.compat, tokenizer)
+    compat = training_layout(args, tokenizer)
     paths = num_control_paths(tokenizer)
-    logger.info("sequence layout: parathinker, compat=%s, control tokens <think1>..<think%d>", compat.name, paths)
+    logger.info("sequence layout: parathinker, compat=%s, control tokens <think1>..<think%d>, <summary> at %s", compat.name,
+                paths, "2 Lp + max Lk" if compat.summary_after_prompt_twice else "Lp + max Lk")
     if compat.max_paths is not None and paths > compat.max_paths:
         raise DataError(f"the tokenizer has {paths} control paths, but compat={compat.name} decodes at most the released "
                         f"engine's {compat.max_paths}: train with --compat paper")
@@ -255,6 +255,10 @@ def build_trainer(args: argparse.Namespace, training_args: TrainingArguments) ->
         model=model, args=training_args, data_collator=collator, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, callbacks=[EpochCallback(train_set), LossLogCallback(out)],
     )
+    logger.info("effective batch: %d rows per optimizer step (%d processes x batch %d x accumulation %d)",
+                training_args.world_size * training_args.per_device_train_batch_size
+                * training_args.gradient_accumulation_steps, training_args.world_size,
+                training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps)
     return trainer, checkpoint
 
 

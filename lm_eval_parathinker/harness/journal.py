@@ -4,9 +4,10 @@ Layout: ``<journal_dir>/<fingerprint hash>/`` holds ``fingerprint.json`` (everyt
 output: the checkpoint's identity, adapter, tokenizer and chat template, output-changing model args,
 dtype, device type, package versions) and one JSONL file per data-parallel rank (``rank0.jsonl``,
 ...), so ranks never write the same file. Every file of the folder is read on resume, whatever the
-number of ranks was. A line is one response, keyed by :func:`entry_key` (the generation settings,
-the prompt and the sample's key); each is written with one ``write`` and made durable (``fsync``)
-before the next one starts.
+number of ranks was; rank 0's progress bar follows the others' files
+(:meth:`ResponseJournal.others_new`). A line is one response, keyed by :func:`entry_key` (the
+generation settings, the prompt and the sample's key); each is written with one ``write`` and made
+durable (``fsync``) before the next one starts.
 
 Faults: a torn last line (a kill mid-write) is skipped with a warning and cut off by the next writer
 of that file; a failed write is cut back off, so the file never holds a partial line of ours; a
@@ -181,10 +182,14 @@ def check_writable(folder: Path) -> None:
         raise _fail(folder, "write there", e) from None
 
 
-def _read_lines(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of a journal file; unreadable lines are skipped with a warning."""
+def _read_from(path: Path, start: int) -> bytes:
     with open(path, "rb") as f:
-        data = f.read()
+        f.seek(start)
+        return f.read()
+
+
+def _records(path: Path, data: bytes) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of a journal file's ``data``; unreadable lines are skipped with a warning."""
     lines = data.split(b"\n")
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -207,13 +212,14 @@ class ResponseJournal:
     this rank's file for appending, proves the folder takes a probe record, and closes the file at the end.
     """
 
-    def __init__(self, folder: Path, writer: Path, entries: dict[str, dict], files_read: list[Path]) -> None:
+    def __init__(self, folder: Path, writer: Path, entries: dict[str, dict], read_up_to: dict[Path, int]) -> None:
         self.folder = folder
         self.writer = writer
         self.entries = entries
-        self.files_read = files_read
+        self.files_read = list(read_up_to)
         self.written = 0
         self._fd: int | None = None
+        self._read_up_to = read_up_to  # per file, the end of its last whole line read
 
     @classmethod
     def open(cls, root: Path, fingerprint: dict, rank: int) -> ResponseJournal:
@@ -225,11 +231,13 @@ class ResponseJournal:
         except OSError as e:
             raise _fail(folder, "create the journal folder", e) from None
         entries: dict[str, dict] = {}
-        files = sorted(folder.glob("rank*.jsonl"))
-        for path in files:
-            for _, record in _read_lines(path):
+        read_up_to = {}
+        for path in sorted(folder.glob("rank*.jsonl")):
+            data = _read_from(path, 0)
+            for _, record in _records(path, data):
                 entries[record["key"]] = record
-        journal = cls(folder, folder / f"rank{rank}.jsonl", entries, files)
+            read_up_to[path] = data.rfind(b"\n") + 1  # a torn last line is cut by its writer
+        journal = cls(folder, folder / f"rank{rank}.jsonl", entries, read_up_to)
         journal._open_writer()
         return journal
 
@@ -267,6 +275,20 @@ class ResponseJournal:
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
+
+    def others_new(self) -> list[dict]:
+        """The records the other ranks' files gained since the last call (or since :meth:`open` read
+        them): whole lines only, a line being written is read at the next call."""
+        found = []
+        for path in sorted(self.folder.glob("rank*.jsonl")):
+            if path == self.writer:
+                continue
+            start = self._read_up_to.get(path, 0)
+            data = _read_from(path, start)
+            end = data.rfind(b"\n") + 1
+            self._read_up_to[path] = start + end
+            found += [record for _, record in _records(path, data[:end])]
+        return found
 
     def append(self, key: str, record: dict) -> None:
         """Journal one finished response durably (one line, one write, fsync)."""

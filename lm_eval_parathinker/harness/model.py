@@ -41,6 +41,7 @@ from . import journal
 from .generator import Generator, ParaThinkerResponse
 from .options import RunOptions, check_hflm_args, slots
 from .progress import LiveProgress
+from .ranks import Ranks, warn_node_local_journal
 from .requests import RequestRunner
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class ParaThinkerLM(HFLMShim):
         self.parts = ParaThinkerParts([], [], None)
         self._pretrained_name = embedded.resolve_pretrained(pretrained)
         super().__init__(pretrained=self._pretrained_name, **kwargs)
+        self.ranks = Ranks(self.rank, self.world_size)
+        if self.options.resume:
+            warn_node_local_journal(self.options.journal_dir, self.world_size)
         self._engine: ParaThinkerEngine | None = None
         self._files_identity: dict | None = None  # checkpoint, adapter, tokenizer, versions: computed once
         self.reset_run_state()
@@ -164,20 +168,31 @@ class ParaThinkerLM(HFLMShim):
         refilled at once, and every response is journaled as it finishes and reused by a rerun."""
         if not requests:
             return []
+        self.note_padding(requests)
         opened = journal.ResponseJournal.open(self.options.journal_dir, self.journal_fingerprint(),
-                                              self._process_index()) if self.options.resume else nullcontext()
-
-        def progress(total: int, reused: int) -> LiveProgress:
-            return LiveProgress(total, reused, f"parathinker {self.options.method}",
-                                disable=disable_tqdm or self.rank != 0)
-
+                                              self.rank) if self.options.resume else nullcontext()
         runner = RequestRunner(self.generator, lambda text: len(self.tok_encode(text)), self._respond)
-        with opened as store:
+        before = self.termination_reasons.copy()
+        with opened as store, self.ranks.watched() as heartbeat:
+
+            def progress(total: int, reused: int) -> LiveProgress:
+                """Rank 0's bar; with the journal it counts every rank's responses (see :mod:`.ranks`)."""
+                follow = store is not None and heartbeat is not None
+                if follow:
+                    total, reused = map(sum, zip(*self.ranks.gather((total, reused))))
+                return LiveProgress(total, reused, f"parathinker {self.options.method}",
+                                    disable=disable_tqdm or self.rank != 0,
+                                    others=store.others_new if follow and self.rank == 0 else None,
+                                    finished=heartbeat.finish_here if heartbeat is not None else None)
+
             outcome = runner.run(requests, store, progress)
+        # the results file (written by rank 0) reports the whole run: every rank's counts
+        counts = self.ranks.gather((outcome.reused, outcome.generated, self.termination_reasons - before))
+        self.termination_reasons = before + sum((reasons for _, _, reasons in counts), Counter())
         self.journal_report = {
             "dir": str(store.folder) if store is not None else None,
-            "reused": self.journal_report["reused"] + outcome.reused,
-            "generated": self.journal_report["generated"] + outcome.generated,
+            "reused": self.journal_report["reused"] + sum(reused for reused, _, _ in counts),
+            "generated": self.journal_report["generated"] + sum(generated for _, generated, _ in counts),
         }
         return outcome.responses
 
@@ -202,11 +217,6 @@ class ParaThinkerLM(HFLMShim):
         self.termination_reasons[response.meta["termination"]] += 1
         self.cache_hook.add_partial("generate_until", (request.args[0], gen_kwargs), response)
         return response
-
-    def _process_index(self) -> int:
-        """This process's global rank, which names its journal file (HFLM's ``rank`` is the node-local one)."""
-        accelerator = getattr(self, "accelerator", None)
-        return accelerator.process_index if accelerator is not None else self.rank
 
     # -- identity and reporting ------------------------------------------------------------
 

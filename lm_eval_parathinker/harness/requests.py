@@ -18,7 +18,7 @@ from lm_eval.models.utils import Collator
 
 from . import journal, samples
 from .generator import GenerationSettings, Generator, ParaThinkerResponse
-from .progress import LiveProgress
+from .progress import LiveProgress, gold_answer
 
 # A child of lm-eval's logger: the journal's reports appear with lm-eval's own messages (--verbosity).
 report = logging.getLogger("lm_eval.parathinker")
@@ -133,6 +133,7 @@ class RequestRunner:
                 store.append(job.journal_keys[j], {
                     "task": key.task, "doc_hash": key.doc_hash, "repeat": key.repeat, "seed": job.seeds[j],
                     "response": str(response), "meta": response.meta,
+                    "gold": gold_answer(requests[i].doc),  # rank 0's running pass@1 grades other ranks' lines
                 })
             responses[i] = self.respond(requests[i], job.gen_kwargs, response)
             bar.add(response, requests[i].doc)
