@@ -207,12 +207,15 @@ def test_a_dead_rank_ends_the_launch_and_is_named(ckpt, tmp_path, machines):
         _kill_when(runs, lambda: _rank_lines(journal_dir).get("rank1.jsonl"), "rank 1 journaling a response")
         rank1.kill()
         killed = time.monotonic()
-        codes = [run.proc.wait(timeout=60) for run in runs]
-        took = time.monotonic() - killed
+        codes = []
+        for run in runs:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # still running: None
+                run.proc.wait(timeout=max(0.0, killed + 60 - time.monotonic()))
+            codes.append(run.proc.returncode)
     finally:
         for run in runs:
             run.kill()
-    assert all(code != 0 for code in codes) and took < 60, (codes, took)
+    assert all(code not in (0, None) for code in codes), (codes, [run.log[-3000:] for run in runs])
     named = re.compile(r"rank 1 stopped answering|rank\s*:\s*1 \(local_rank")
     assert all(named.search(run.log) for run in runs), [run.log[-2000:] for run in runs]
 

@@ -122,11 +122,10 @@ class Heartbeat(threading.Thread):
         """Rank 0: every other rank's state in, the verdict out."""
         others = range(1, self.world_size)
         states = {r: torch.tensor([0]) for r in others}
-        receiving = {r: torch.distributed.irecv(states[r], src=r, group=self.group) for r in others}
         dead, cause = None, ""
         for r in others:
-            try:
-                receiving[r].wait(timedelta(seconds=HEARTBEAT_TIMEOUT))
+            try:  # gloo raises on posting the receive when the peer's connection has closed, else in the wait
+                torch.distributed.irecv(states[r], src=r, group=self.group).wait(timedelta(seconds=HEARTBEAT_TIMEOUT))
             except RuntimeError as e:
                 dead, cause = r, _first_line(e)
                 break
