@@ -54,9 +54,9 @@ def rows_by_file(records: list[dict], tier: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", help="folder for test_times.csv and .md (default: results/; --smoke: a temp folder)")
-    parser.add_argument("--smoke", action="store_true", help="time tests/test_stats.py only")
+    parser.add_argument("--smoke", action="store_true", help="time tests/test_layers.py only (a few quick tests)")
     args = parser.parse_args(argv)
-    targets = ["tests/test_stats.py"] if args.smoke else ["tests"]
+    targets = ["tests/test_layers.py"] if args.smoke else ["tests"]
     output = Path(args.output or (tempfile.mkdtemp() if args.smoke else "results"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ from lm_eval_parathinker.engine.attention import flex_available
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 __all__ = ["CPU_KERNELS", "DATA_DIR", "REPO_ROOT", "TIMED_METRICS", "by_doc", "eager_engine", "journal_entries", "kill_when",
-           "lm_eval_cmd", "offline_env", "run_lm_eval", "samples_by_doc", "tiny_hf_aime24_run"]
+           "lm_eval_cmd", "OUR_TASKS_LM_EVAL", "offline_env", "run_lm_eval", "run_lm_evals", "samples_by_doc", "tiny_hf_aime24_run"]
 #: the attention kernels the engine runs on this CPU with this torch (compiled flex from torch 2.13)
 CPU_KERNELS = ["flex", "sdpa"] if flex_available(torch.device("cpu")) else ["sdpa"]
 #: subprocesses of tiny models: one thread (OpenMP spinning costs a lot on a busy shared box)
@@ -28,8 +28,17 @@ def eager_engine(model, tokenizer, **kwargs) -> ParaThinkerEngine:
     return ParaThinkerEngine(model, tokenizer, **{"compile": False, **kwargs})
 
 
-def lm_eval_cmd() -> list[str]:
-    """The ``lm_eval`` console script of this environment (falls back to ``python -m lm_eval``)."""
+#: lm-eval's command line with our tasks only (lm-eval's index of its ~15,000 built-in task files
+#: costs every process about 10 s on 2 cores)
+OUR_TASKS_LM_EVAL = REPO_ROOT / "tests" / "lm_eval_our_tasks.py"
+
+
+def lm_eval_cmd(builtin_tasks: bool = False) -> list[str]:
+    """``lm_eval`` as a subprocess: with ``builtin_tasks``, the console script of this environment
+    (lm-eval's tasks indexed, as a user's run; falls back to ``python -m lm_eval``), else the same
+    command line with our tasks only (tests that check nothing about lm-eval's own tasks)."""
+    if not builtin_tasks:
+        return [sys.executable, str(OUR_TASKS_LM_EVAL)]
     exe = VENV_BIN / "lm_eval"
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "lm_eval"]
 
@@ -110,23 +119,51 @@ def kill_when(cmd: list[str], ready, what: str, timeout: float = 300) -> None:
         proc.wait()
 
 
-_RUN_CACHE: dict = {}
+def run_lm_eval(args: list[str], out_dir: str | os.PathLike, timeout: float = 300, builtin_tasks: bool = False,
+                **env: str):
+    """Run ``lm_eval`` (:func:`lm_eval_cmd`) in a subprocess with ``offline_env``; returns
+    (CompletedProcess, results dict)."""
+    (run,) = run_lm_evals([(args, out_dir)], timeout, builtin_tasks, **env)
+    return run
 
 
-def run_lm_eval(args: list[str], out_dir: str | os.PathLike, timeout: float = 300, **env: str):
-    """Run ``lm_eval`` in a subprocess with ``offline_env``; returns (CompletedProcess, results dict)."""
+def run_lm_evals(runs: list[tuple[list[str], str | os.PathLike]], timeout: float = 300, builtin_tasks: bool = False,
+                 **env: str) -> list:
+    """:func:`run_lm_eval` for each ``(args, out_dir)``, all at once: a tiny model's run is mostly
+    start-up on one core, so independent runs overlap on the second."""
     import glob
     import json
     import subprocess
+    import tempfile
 
-    cmd = lm_eval_cmd() + list(args) + ["--output_path", str(out_dir)]
-    proc = subprocess.run(cmd, env=offline_env(**env), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"lm_eval failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    files = sorted(glob.glob(os.path.join(str(out_dir), "**", "results_*.json"), recursive=True))
-    assert files, f"no results JSON under {out_dir}"
-    with open(files[-1], encoding="utf-8") as f:
-        return proc, json.load(f)
+    started = []
+    for args, out_dir in runs:
+        cmd = lm_eval_cmd(builtin_tasks) + list(args) + ["--output_path", str(out_dir)]
+        stdout, stderr = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        started.append((subprocess.Popen(cmd, env=offline_env(**env), stdout=stdout, stderr=stderr, text=True),
+                        stdout, stderr, out_dir))
+    results = []
+    try:
+        for proc, stdout, stderr, out_dir in started:
+            proc.wait(timeout=timeout)
+            stdout.seek(0), stderr.seek(0)
+            done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout.read(), stderr.read())
+            if done.returncode != 0:
+                raise AssertionError(f"lm_eval failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+            files = sorted(glob.glob(os.path.join(str(out_dir), "**", "results_*.json"), recursive=True))
+            assert files, f"no results JSON under {out_dir}"
+            with open(files[-1], encoding="utf-8") as f:
+                results.append((done, json.load(f)))
+    finally:
+        for proc, stdout, stderr, _ in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            stdout.close(), stderr.close()
+    return results
+
+
+_RUN_CACHE: dict = {}
 
 
 def tiny_hf_aime24_run(tmp_root: str | os.PathLike):
@@ -151,6 +188,7 @@ def tiny_hf_aime24_run(tmp_root: str | os.PathLike):
                 "--log_samples",
             ],
             out,
+            builtin_tasks=True,  # test_tasks checks that ours win over lm-eval's aime24
         )
         (out / "lm_eval.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
         _RUN_CACHE["hf"] = (out, res)

@@ -1,4 +1,4 @@
-"""``lm_eval``'s command line with our tasks only: the multi-process tests launch it many times, and
+"""``lm_eval``'s command line with our tasks only: most tests that run lm_eval in a subprocess use it, and
 indexing lm-eval's thousands of built-in task files would cost each process a long start.
 
 ``accelerate launch tests/lm_eval_our_tasks.py --model parathinker ...`` runs as ``-m lm_eval`` does.

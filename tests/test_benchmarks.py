@@ -248,7 +248,7 @@ def test_training_step_and_throughput_smoke(training_smoke):
 
 @pytest.mark.slow
 def test_test_times_smoke_counts_each_file_and_tier(tmp_path):
-    """benchmarks.test_times --smoke: one row per tier for tests/test_stats.py (all fast) plus the
+    """benchmarks.test_times --smoke: one row per tier for tests/test_layers.py (all fast) plus the
     wall-clock rows, and the per-file seconds no more than the tier's wall clock."""
     import csv
     import subprocess
@@ -261,10 +261,10 @@ def test_test_times_smoke_counts_each_file_and_tier(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = list(csv.DictReader(open(tmp_path / "test_times.csv")))
     files = [r for r in rows if r["file"] != "(wall clock)"]
-    assert [(r["file"], r["tier"]) for r in files] == [("tests/test_stats.py", "fast")]
+    assert [(r["file"], r["tier"]) for r in files] == [("tests/test_layers.py", "fast")]
     wall = {r["tier"]: float(r["seconds"]) for r in rows if r["file"] == "(wall clock)"}
     assert set(wall) == {"fast", "slow"} and 0 < float(files[0]["seconds"]) <= wall["fast"]
-    tests = (REPO_ROOT / "tests/test_stats.py").read_text().count("\ndef test_")  # none parametrized
+    tests = (REPO_ROOT / "tests/test_layers.py").read_text().count("\ndef test_")  # none parametrized
     assert int(files[0]["tests"]) == tests
     assert (tmp_path / "test_times.md").read_text().startswith("| file")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import offline_env, run_lm_eval
+from helpers import offline_env, run_lm_evals
 from tiny import save_tiny_checkpoint
 
 from lm_eval_parathinker import leaderboard
@@ -29,13 +29,15 @@ def runs(tmp_path_factory) -> Path:
     """Two real runs (`lm_eval --model parathinker`, --log_samples) of a tiny model on the same problems."""
     root = tmp_path_factory.mktemp("compare")
     ckpt = save_tiny_checkpoint(root / "tiny", "qwen2", parathinker=False)
+    runs = []
     for method in METHODS:
         model_args = f"pretrained={ckpt},method={method},dtype=float32" + (",num_paths=2" if method == "majority" else "")
-        run_lm_eval([
+        runs.append(([
             "--model", "parathinker", "--model_args", model_args, "--tasks", "aime24", "--limit", str(LIMIT),
             "--gen_kwargs", "max_gen_toks=8,temperature=5.0,do_sample=True", "--metadata", json.dumps({"repeats": REPEATS}),
             "--device", "cpu", "--batch_size", str(LIMIT), "--log_samples",
-        ], root / "runs" / method, OMP_NUM_THREADS="1")  # fmt: skip
+        ], root / "runs" / method))  # fmt: skip
+    run_lm_evals(runs, OMP_NUM_THREADS="1")
     return root / "runs"
 
 

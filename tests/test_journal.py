@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -135,19 +136,23 @@ def cli_runs(ckpt, tmp_path_factory):
     """An uninterrupted lm_eval run, and a run killed with SIGKILL mid-run whose journal then gets a
     torn line (a kill mid-write) and is resumed by rerunning the same command."""
     root = tmp_path_factory.mktemp("cli")
-    whole_proc, whole = run_lm_eval(_cli_args(ckpt, root / "journal_whole", root / "whole"), root / "whole", **ENV)
-    killed_journal = root / "journal_killed"
-    journaled = _kill_after_first_response(_cli_args(ckpt, killed_journal, root / "killed"), killed_journal)
-    (rank0,) = glob.glob(str(killed_journal / "*" / "rank0.jsonl"))
-    with open(rank0, "ab") as f:
-        f.write(b'{"key": "0123", "response": "<think1>cut off by a ki')
-    resume_proc, resumed = run_lm_eval(_cli_args(ckpt, killed_journal, root / "resumed"), root / "resumed", **ENV)
+    with ThreadPoolExecutor(1) as beside:  # the uninterrupted run on the second core
+        whole_run = beside.submit(run_lm_eval, _cli_args(ckpt, root / "journal_whole", root / "whole"), root / "whole",
+                                  **ENV)
+        killed_journal = root / "journal_killed"
+        journaled = _kill_after_first_response(_cli_args(ckpt, killed_journal, root / "killed"), killed_journal)
+        (rank0,) = glob.glob(str(killed_journal / "*" / "rank0.jsonl"))
+        with open(rank0, "ab") as f:
+            f.write(b'{"key": "0123", "response": "<think1>cut off by a ki')
+        resume_proc, resumed = run_lm_eval(_cli_args(ckpt, killed_journal, root / "resumed"), root / "resumed", **ENV)
+        whole_proc, whole = whole_run.result()
     return {
         "root": root, "whole": whole, "whole_log": whole_proc.stderr, "journaled": journaled,
         "resumed": resumed, "resume_log": resume_proc.stderr, "killed_journal": killed_journal,
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result(cli_runs):
     runs = cli_runs
     journaled = runs["journaled"]
@@ -163,6 +168,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(cli_runs):
     assert sum(whole_info["termination_reasons"].values()) == CLI_TOTAL
 
 
+@pytest.mark.slow
 def test_torn_journal_line_is_skipped_with_a_warning_and_cut(cli_runs):
     assert "skipped a torn last line" in cli_runs["resume_log"]
     (rank0,) = glob.glob(str(cli_runs["killed_journal"] / "*" / "rank0.jsonl"))
@@ -170,18 +176,21 @@ def test_torn_journal_line_is_skipped_with_a_warning_and_cut(cli_runs):
     assert len(lines) == CLI_TOTAL and all(json.loads(line)["key"] for line in lines)  # every line whole
 
 
+@pytest.mark.slow
 def test_journal_doc_hashes_are_lm_evals(cli_runs):
     entries = journal_entries(cli_runs["killed_journal"])
     logged = {task: set(docs) for task, docs in samples_by_doc(cli_runs["root"] / "whole").items()}
     assert {(e["task"], e["doc_hash"]) for e in entries} == {(t, h) for t, hs in logged.items() for h in hs}
 
 
+@pytest.mark.slow
 def test_progress_bar_shows_rate_time_left_and_running_pass_at_1(cli_runs):
     log = cli_runs["whole_log"]
     assert f"{CLI_TOTAL}/{CLI_TOTAL} [" in log and "resp/s" in log and " tok/s" in log
     assert f"pass@1 0.000 ({CLI_TOTAL} graded)" in log  # the tiny model answers nothing right
 
 
+@pytest.mark.slow
 def test_changed_temperature_reuses_nothing(ckpt, cli_runs):
     """In-process runs on the resumed run's journal: the same settings reuse every response (and give
     the same samples); another temperature reuses none."""

@@ -115,7 +115,7 @@ def test_cli_parathinker(ckpt, tmp_path):
         "--gen_kwargs", f"max_gen_toks=24,{HOT}", "--metadata", '{"repeats": 1}',
         "--device", "cpu", "--batch_size", "2", "--log_samples",
     ]  # fmt: skip
-    _, res = run_lm_eval(args, tmp_path, **ENV)
+    _, res = run_lm_eval(args, tmp_path, builtin_tasks=True, **ENV)
     samples = _samples(tmp_path)
     _check_run("parathinker", res, [s["resps"][0][0] for s in samples])
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import eager_engine, run_lm_eval
+from helpers import eager_engine, run_lm_evals
 from scripted import Script
 from tiny import save_tiny_checkpoint, tiny_parathinker
 from transformers import Qwen2Config, Qwen2Model
@@ -309,15 +309,24 @@ def official_ckpt(tmp_path_factory):
     return save_tiny_checkpoint(tmp_path_factory.mktemp("official") / "ckpt", "qwen2", official=True)
 
 
+COMPATS = ["auto", "paper"]
+
+
+@pytest.fixture(scope="module")
+def lm_eval_runs(official_ckpt, tmp_path_factory) -> dict[str, dict]:
+    """``lm_eval`` on the official checkpoint with each ``compat``, both at once: compat -> results."""
+    root = tmp_path_factory.mktemp("runs")
+    runs = [(["--model", "parathinker", "--model_args",
+              f"pretrained={official_ckpt},num_paths=2,dtype=float32,compat={compat},summary_max_tokens=66",
+              "--tasks", "aime24", "--limit", "1", "--gen_kwargs", "max_gen_toks=16", "--metadata", '{"repeats": 1}',
+              "--device", "cpu", "--log_samples"], root / compat) for compat in COMPATS]
+    return {compat: res for compat, (_, res) in zip(COMPATS, run_lm_evals(runs, OMP_NUM_THREADS="1"))}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("compat", ["auto", "paper"])
-def test_lm_eval_runs_both_modes_and_records_the_one_used(official_ckpt, tmp_path, compat):
-    args = f"pretrained={official_ckpt},num_paths=2,dtype=float32,compat={compat},summary_max_tokens=66"
-    _, res = run_lm_eval(
-        ["--model", "parathinker", "--model_args", args, "--tasks", "aime24", "--limit", "1",
-         "--gen_kwargs", "max_gen_toks=16", "--metadata", '{"repeats": 1}', "--device", "cpu", "--log_samples"],
-        tmp_path, OMP_NUM_THREADS="1",
-    )
+@pytest.mark.parametrize("compat", COMPATS)
+def test_lm_eval_runs_both_modes_and_records_the_one_used(lm_eval_runs, compat):
+    res = lm_eval_runs[compat]
     info = res["config"]["parathinker"]
     assert info["compat"] == ("official" if compat == "auto" else "paper")
     think_tokens = res["results"]["aime24"]["think_tokens,all"]

@@ -97,7 +97,7 @@ def test_readme_lm_eval_commands_run_and_compare(tmp_path):
         for i, argv in enumerate(runs):
             env = offline_env(OMP_NUM_THREADS="1", PARATHINKER_JOURNAL_DIR=str(tmp_path / "journal" / str(i)))
             with logs[i].open("w") as log:
-                procs.append(subprocess.Popen([*lm_eval_cmd(), *substituted(argv)[1:]], cwd=tmp_path, env=env,
+                procs.append(subprocess.Popen([*lm_eval_cmd(builtin_tasks=True), *substituted(argv)[1:]], cwd=tmp_path, env=env,
                                               stdout=log, stderr=subprocess.STDOUT))
         for argv, proc, log in zip(runs, procs, logs):
             assert proc.wait(timeout=600) == 0, f"README.md: {shlex.join(argv)}\n{log.read_text()[-3000:]}"

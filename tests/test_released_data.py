@@ -9,6 +9,7 @@ import json
 import logging
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -264,6 +265,7 @@ def _sft(*argv: str) -> subprocess.CompletedProcess:
                           env=offline_env(OMP_NUM_THREADS="1"), cwd=REPO_ROOT, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_bad_row_fails_naming_data_row_and_defect_or_is_skipped(base, tmp_path):
     tok = _tokenizer(base, PAPER)
     ids = ControlTokenIds.from_tokenizer(tok)
@@ -282,6 +284,7 @@ def test_a_bad_row_fails_naming_data_row_and_defect_or_is_skipped(base, tmp_path
     assert (len(kept), bad) == (5, 1)
 
 
+@pytest.mark.slow
 def test_data_tokenized_for_another_base_model_fails_before_training(base, tmp_path):
     """Rows holding the released ids (<think1> = 151665, DeepSeek-R1-Distill-Qwen's) against a
     model whose tokenizer numbers the control tokens otherwise."""
@@ -320,7 +323,13 @@ def test_hub_ids_go_to_load_dataset_with_their_split(monkeypatch):
     assert calls == [("Leslie04/parathinker-math-6K", "train"), ("Leslie04/parathinker-math-6K", "test")]
 
 
-def test_hub_id_offline_says_what_to_give_instead():
+def test_hub_id_offline_says_what_to_give_instead(monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # offline as HF_HUB_OFFLINE=1 makes it (read at import: these libraries are imported already)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError) as e:
         open_source("Leslie04/parathinker-math-6K", split="train")
     message = str(e.value)
@@ -446,6 +455,7 @@ def _first_loss(out: Path) -> float:
         return float(next(csv.DictReader(f))["loss"])
 
 
+@pytest.mark.slow
 def test_recipe_official_trains_on_every_form_with_the_jsonl_loss_and_lm_eval_runs_it(base, tmp_path):
     """`--recipe official` (bf16 off: CPU) on the same records as JSONL, a save_to_disk folder of
     released rows, `text` transcripts and `messages`: the same first-step loss and trained weights;
@@ -462,15 +472,17 @@ def test_recipe_official_trains_on_every_form_with_the_jsonl_loss_and_lm_eval_ru
         str(forms["messages"]))
     overrides = tmp_path / "cpu.json"
     overrides.write_text(json.dumps({"bf16": False}))
+    with ThreadPoolExecutor(2) as pool:  # two at a time: a run is mostly start-up on one core
+        procs = {name: pool.submit(_sft, "--model", str(base), "--data", str(data), "--output", str(tmp_path / f"out_{name}"),
+                                   "--recipe", "official", "--training-args", str(overrides), "--max-steps", "1", "--seed",
+                                   "0") for name, data in forms.items()}
     losses = {}
-    for name, data in forms.items():
-        out = tmp_path / f"out_{name}"
-        proc = _sft("--model", str(base), "--data", str(data), "--output", str(out), "--recipe", "official",
-                    "--training-args", str(overrides), "--max-steps", "1", "--seed", "0")
+    for name, run in procs.items():
+        proc = run.result()
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert '"gradient_accumulation_steps": 64' in proc.stderr and '"learning_rate": 1e-05' in proc.stderr
         assert "effective batch: 64 rows per optimizer step (1 processes x batch 1 x accumulation 64)" in proc.stderr
-        losses[name] = _first_loss(out)
+        losses[name] = _first_loss(tmp_path / f"out_{name}")
     assert all(loss == pytest.approx(losses["jsonl"], abs=1e-6) for loss in losses.values()), losses
     # every form trains the same weights, so lm_eval's run of one checkpoint stands for all four
     from safetensors.torch import load_file
@@ -489,6 +501,7 @@ def test_recipe_official_trains_on_every_form_with_the_jsonl_loss_and_lm_eval_ru
     assert "aime24" in res["results"]
 
 
+@pytest.mark.slow
 def test_released_first_step_loss_equals_jsonl_in_the_paper_layout(base, tmp_path):
     tok = _tokenizer(base, PAPER)
     jsonl = tmp_path / "records.jsonl"

@@ -21,7 +21,7 @@ import psutil
 import pytest
 from torch.distributed.elastic.utils.distributed import get_free_port
 
-from helpers import REPO_ROOT, TIMED_METRICS, journal_entries, offline_env, samples_by_doc
+from helpers import OUR_TASKS_LM_EVAL, TIMED_METRICS, journal_entries, offline_env, samples_by_doc
 from tiny import save_tiny_checkpoint
 
 from lm_eval_parathinker.harness import ranks
@@ -30,7 +30,6 @@ LIMIT, REPEATS = 3, 2  # 3 docs on 2 ranks: rank 1 gets a padding copy
 TOTAL = LIMIT * REPEATS
 # Every response runs to 24 tokens, so that a kill lands between responses.
 GEN = "max_gen_toks=24,min_new_tokens=24,do_sample=true,temperature=5.0,seed=7"
-DRIVER = str(REPO_ROOT / "tests" / "lm_eval_our_tasks.py")
 ENV = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
 TIMEOUT = 240  # seconds any one launch may take
 
@@ -50,7 +49,7 @@ def _eval_args(ckpt: Path, journal_dir: Path, out: Path) -> list[str]:
     model_args = (f"pretrained={ckpt},num_paths=2,summary_max_tokens=4,dtype=float32,attention=sdpa,"
                   f"journal_dir={journal_dir}")
     return [
-        DRIVER, "--model", "parathinker", "--model_args", model_args, "--tasks", "amc23", "--limit", str(LIMIT),
+        str(OUR_TASKS_LM_EVAL), "--model", "parathinker", "--model_args", model_args, "--tasks", "amc23", "--limit", str(LIMIT),
         "--gen_kwargs", GEN, "--metadata", json.dumps({"repeats": REPEATS}), "--batch_size", "1", "--log_samples",
         "--output_path", str(out),
     ]  # fmt: skip

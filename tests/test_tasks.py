@@ -175,6 +175,7 @@ def test_lm_eval_dummy_group(tmp_path):
         ["--model", "dummy", "--model_args", "pretrained=dummy", "--tasks", "parathinker_math", "--limit", "1",
          "--metadata", json.dumps({"repeats": 2, "data_dir": str(DATA_DIR)})],
         tmp_path,
+        builtin_tasks=True,
         PARATHINKER_DATA_DIR="/nonexistent",  # --metadata data_dir wins
     )
     for t in OUR_TASKS:

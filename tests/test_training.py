@@ -11,16 +11,17 @@ import random
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import eager_engine, lm_eval_cmd  # noqa: E402
 from tiny import DATA_DIR, save_tiny_checkpoint, tiny_parathinker, tiny_tokenizer  # noqa: E402
 
 from lm_eval_parathinker import protocol  # noqa: E402
-from lm_eval_parathinker.engine import ParaThinkerEngine  # noqa: E402
 from training import make_data  # noqa: E402
 from training.data import DataError, control_token_in, convert, load_records  # noqa: E402
 from training.batching import Collator, SFTDataset  # noqa: E402
@@ -33,7 +34,7 @@ from lm_eval_parathinker.upstream.transformers import attn_implementation  # noq
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-       "PARATHINKER_DATA_DIR": str(DATA_DIR)}
+       "PARATHINKER_DATA_DIR": str(DATA_DIR), "OMP_NUM_THREADS": "1"}  # tiny models: one thread per process
 
 RECORDS = [
     {"problem": f"What is {i} + 3?", "answer": str(i + 3),
@@ -73,7 +74,7 @@ def test_training_forward_matches_engine_logits(arch, compat):
     official = compat is protocol.OFFICIAL
     model, tok = tiny_parathinker(arch, official=official)
     template = len(tok(protocol.SUMMARY_TEMPLATE, add_special_tokens=False)["input_ids"])
-    out = ParaThinkerEngine(model, tok).generate(
+    out = eager_engine(model, tok).generate(
         ["What is 2+3?"], num_paths=3, max_new_tokens=16 if official else 7, termination="last",
         summary_max_tokens=template + 6 if official else 6, output_logits=True, temperature=1.0, seed=3,
         compat=compat.name,
@@ -343,6 +344,7 @@ def test_packed_row_loss_per_record_equals_each_record_alone(tiny):
     torch.testing.assert_close(packed_loss, total / count, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_flex_block_mask_forward_equals_sdpa():
     """The CUDA path (FlexAttention with the protocol's BlockMask, compiled) on the CPU in inference:
     same logits as SDPA with the dense mask, on a batch with a packed row and padding."""
@@ -385,6 +387,7 @@ def test_malformed_data_gives_file_line_errors(tmp_path):
             load_records(path)
 
 
+@pytest.mark.slow
 def test_sft_cli_rejects_bad_data_without_output(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"problem": "x", "answer": "1", "paths": "nope"}) + "\n")
@@ -464,7 +467,7 @@ def _initial_loss(base) -> float:
 
 
 def _lm_eval(model_args: str, tmp_path, max_gen_toks: int = 6, model: str = "parathinker", *extra: str) -> dict:
-    cmd = [str(Path(sys.executable).parent / "lm_eval"), "--model", model, "--model_args", model_args,
+    cmd = [*lm_eval_cmd(), "--model", model, "--model_args", model_args,
            "--tasks", "aime24", "--limit", "1", "--gen_kwargs", f"max_gen_toks={max_gen_toks}",
            "--metadata", json.dumps({"repeats": 1, "data_dir": str(DATA_DIR)}),
            "--output_path", str(tmp_path / "eval"), "--log_samples", *extra]
@@ -481,56 +484,72 @@ def base(tmp_path_factory, data_file):
     return save_tiny_checkpoint(d / "base", parathinker=False)
 
 
-def test_full_sft_lowers_loss_and_loads_in_lm_eval(base, data_file):
+#: the one-shot training runs the tests below check: name -> the flags of its run (output: tmp/name)
+SFT_RUNS = {
+    "full": ["--full", "--learning-rate", "3e-3", "--epochs", "2", "--extrapolate-prob", "0.5"],
+    "sixteen": ["--full", "--num-control-tokens", "16", "--max-steps", "1"],
+    "official": ["--full", "--compat", "official", "--max-steps", "2", "--max-path-tokens", "32"],
+    "lora": ["--lora-rank", "8", "--learning-rate", "1e-2", "--epochs", "2", "--save-adapter"],
+    "sequential": ["--layout", "sequential", "--full", "--learning-rate", "1e-3", "--max-steps", "3", "--packing",
+                   "--max-length", "256"],
+}
+
+
+@pytest.fixture(scope="module")
+def trained(base, data_file) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """The runs of :data:`SFT_RUNS`, two at a time (a run is mostly start-up on one core): name ->
+    (output folder, finished process)."""
+    tmp = data_file.parent
+    with ThreadPoolExecutor(2) as pool:
+        runs = {name: pool.submit(_sft, tmp, base, tmp / name, *flags) for name, flags in SFT_RUNS.items()}
+        return {name: (tmp / name, run.result()) for name, run in runs.items()}
+
+
+@pytest.mark.slow
+def test_full_sft_lowers_loss_and_loads_in_lm_eval(base, trained):
     from lm_eval_parathinker.thought_embedding import load_parathinker_model
     from transformers import AutoTokenizer
 
-    tmp = data_file.parent
-    out = tmp / "full"
-    _sft(tmp, base, out, "--full", "--learning-rate", "3e-3", "--epochs", "2", "--extrapolate-prob", "0.5")
+    out, _ = trained["full"]
     model = load_parathinker_model(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert protocol.control_tokens()[0] in tok.get_vocab() and model.config.max_segments == 32
     assert _dataset_loss(model, tok) < 0.8 * _initial_loss(base)
-    res = _lm_eval(f"pretrained={out},num_paths=2", tmp / "eval_full")
+    res = _lm_eval(f"pretrained={out},num_paths=2", out.parent / "eval_full")
     assert "aime24" in res["results"]
 
 
 @pytest.mark.slow
-def test_sft_with_sixteen_control_tokens_makes_a_checkpoint_that_decodes_sixteen_paths(base, data_file):
+def test_sft_with_sixteen_control_tokens_makes_a_checkpoint_that_decodes_sixteen_paths(trained):
     from lm_eval_parathinker.thought_embedding import load_parathinker_model
     from transformers import AutoTokenizer
 
-    tmp = data_file.parent
-    out = tmp / "sixteen"
-    _sft(tmp, base, out, "--full", "--num-control-tokens", "16", "--max-steps", "1")
+    out, _ = trained["sixteen"]
     tok = AutoTokenizer.from_pretrained(out)
     assert protocol.num_control_paths(tok) == 16
-    (result,) = ParaThinkerEngine(load_parathinker_model(out), tok).generate(["Find x."], num_paths=16, max_new_tokens=2)
+    (result,) = eager_engine(load_parathinker_model(out), tok).generate(["Find x."], num_paths=16, max_new_tokens=2)
     assert [path[0] for path in result.path_ids] == [tok.convert_tokens_to_ids(f"<think{k}>") for k in range(1, 17)]
 
 
-def test_official_layout_sft_makes_a_checkpoint_lm_eval_runs_as_official(base, data_file):
+@pytest.mark.slow
+def test_official_layout_sft_makes_a_checkpoint_lm_eval_runs_as_official(trained):
     from transformers import AutoTokenizer
 
-    tmp = data_file.parent
-    out = tmp / "official"
-    proc = _sft(tmp, base, out, "--full", "--compat", "official", "--max-steps", "2", "--max-path-tokens", "32")
+    out, proc = trained["official"]
     assert "compat=official" in proc.stderr
     assert protocol.PAD in AutoTokenizer.from_pretrained(out).get_vocab()
-    res = _lm_eval(f"pretrained={out},num_paths=2,summary_max_tokens=70", tmp / "eval_official", max_gen_toks=16)
+    res = _lm_eval(f"pretrained={out},num_paths=2,summary_max_tokens=70", out.parent / "eval_official", max_gen_toks=16)
     assert res["config"]["parathinker"]["compat"] == "official"  # auto: the checkpoint has <vllm_pad>
 
 
-def test_lora_adapter_lowers_loss_and_loads_with_peft(base, data_file):
+@pytest.mark.slow
+def test_lora_adapter_lowers_loss_and_loads_with_peft(base, trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lm_eval_parathinker.thought_embedding import add_control_tokens, load_thought_embeddings, thought_embedding_tables
 
-    tmp = data_file.parent
-    out = tmp / "lora"
-    _sft(tmp, base, out, "--lora-rank", "8", "--learning-rate", "1e-2", "--epochs", "2", "--save-adapter")
+    out, _ = trained["lora"]
     assert {"adapter_config.json", "adapter_model.safetensors", "thought_embeddings.safetensors"} <= {p.name for p in out.iterdir()}
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -542,23 +561,26 @@ def test_lora_adapter_lowers_loss_and_loads_with_peft(base, data_file):
     trained_rows = model.get_input_embeddings()(torch.tensor(tok.convert_tokens_to_ids(["<think1>", "<summary>"])))
     assert not torch.allclose(trained_rows, base_rows)  # control-token rows were trained
     assert _dataset_loss(model, tok) < 0.95 * _initial_loss(base)  # deterministic: same records, no dropout
-    res = _lm_eval(f"pretrained={base},peft={out},num_paths=2", tmp / "eval_lora")
+    res = _lm_eval(f"pretrained={base},peft={out},num_paths=2", out.parent / "eval_lora")
     assert "aime24" in res["results"]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_step(base, data_file):
     tmp = data_file.parent
     out = tmp / "resume"
     common = ["--lora-rank", "4", "--epochs", "2", "--save-steps", "4", "--learning-rate", "1e-3"]
-    _sft(tmp, base, out, *common, "--max-steps", "4")  # "interrupted" after step 4
-    first = list(csv.DictReader(open(out / "loss.csv")))
-    assert [int(r["step"]) for r in first] == [1, 2, 3, 4] and (out / "checkpoint-4" / "trainer_state.json").is_file()
-    _sft(tmp, base, out, *common, "--resume")
+    straight = tmp / "straight"
+    with ThreadPoolExecutor(1) as beside:  # the uninterrupted run on the second core
+        straight_run = beside.submit(_sft, tmp, base, straight, *common)
+        _sft(tmp, base, out, *common, "--max-steps", "4")  # "interrupted" after step 4
+        first = list(csv.DictReader(open(out / "loss.csv")))
+        assert [int(r["step"]) for r in first] == [1, 2, 3, 4] and (out / "checkpoint-4" / "trainer_state.json").is_file()
+        _sft(tmp, base, out, *common, "--resume")
+        straight_run.result()
     rows = list(csv.DictReader(open(out / "loss.csv")))
     assert [int(r["step"]) for r in rows] == list(range(1, 13))
     assert rows[:4] == first
-    straight = tmp / "straight"
-    _sft(tmp, base, straight, *common)
     reference = list(csv.DictReader(open(straight / "loss.csv")))
     for a, b in zip(rows, reference):  # same data order, RNG and optimizer state as an uninterrupted run
         assert abs(float(a["loss"]) - float(b["loss"])) < 1e-4, (a, b)
@@ -589,6 +611,7 @@ def scheduled_run(base, data_file):
     return out, _loss_csv(out)
 
 
+@pytest.mark.slow
 def test_cosine_schedule_with_warmup_shows_in_logged_lr(scheduled_run):
     _, rows = scheduled_run
     total, warmup = 8, 2  # warmup_ratio 0.25 of 8 steps
@@ -599,6 +622,7 @@ def test_cosine_schedule_with_warmup_shows_in_logged_lr(scheduled_run):
     assert [int(r["step"]) for r in rows] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_report_to_tensorboard_writes_event_files(scheduled_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -611,6 +635,7 @@ def test_report_to_tensorboard_writes_event_files(scheduled_run):
     assert [e.step for e in acc.Scalars("eval/loss")] == [4, 8]
 
 
+@pytest.mark.slow
 def test_eval_data_logs_eval_loss(scheduled_run):
     from transformers import AutoTokenizer
 
@@ -626,16 +651,20 @@ def test_eval_data_logs_eval_loss(scheduled_run):
     assert evaluated[8] == pytest.approx(sum(per_row) / len(per_row), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(base, data_file):
     tmp = data_file.parent
     common = ["--model", str(base), "--data", str(data_file), "--full", "--learning-rate", "1e-3", "--max-steps", "3",
               "--seed", "0"]
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "training.sft"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*torchrun, *common, "--output", str(tmp / "ddp")], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=300)
+    with ThreadPoolExecutor(1) as beside:  # the one-process run meanwhile (start-up dominates both)
+        single_run = beside.submit(_sft, tmp, base, tmp / "single", "--full", "--learning-rate", "1e-3", "--max-steps",
+                                   "3", "--batch-size", "2")
+        proc = subprocess.run([*torchrun, *common, "--output", str(tmp / "ddp")], capture_output=True, text=True,
+                              env=env, cwd=REPO, timeout=300)
+        single_run.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _sft(tmp, base, tmp / "single", "--full", "--learning-rate", "1e-3", "--max-steps", "3", "--batch-size", "2")
     ddp, single = _loss_csv(tmp / "ddp"), _loss_csv(tmp / "single")
     assert len(ddp) == 3 and float(ddp[-1]["epoch"]) == 1.0  # 6 rows, one per rank and step: one epoch
     for a, b in zip(ddp, single):  # rank r takes row r of each global batch: the same rows and gradients
@@ -644,14 +673,13 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(base, 
     assert (tmp / "ddp" / "config.json").is_file() and not list((tmp / "ddp").glob(".*.tmp"))
 
 
-def test_sequential_layout_checkpoint_is_evaluated_by_model_hf(base, data_file):
+@pytest.mark.slow
+def test_sequential_layout_checkpoint_is_evaluated_by_model_hf(trained):
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    tmp = data_file.parent
-    out = tmp / "sequential"
-    proc = _sft(tmp, base, out, "--layout", "sequential", "--full", "--learning-rate", "1e-3", "--max-steps", "3",
-                "--packing", "--max-length", "256")
+    out, proc = trained["sequential"]
+    tmp = out.parent
     assert "18 samples packed into" in proc.stderr  # 6 records x 3 paths
     tok = AutoTokenizer.from_pretrained(out)
     assert protocol.SUMMARY_OPEN not in tok.get_vocab()
@@ -728,6 +756,7 @@ def test_sequential_samples_are_the_evaluated_prompt_and_one_path():
     assert len(cut.input_ids) - n == 19 and eos not in cut.input_ids[n:].tolist()  # cut: no EOS to learn
 
 
+@pytest.mark.slow
 def test_an_interrupted_checkpoint_save_leaves_no_checkpoint(base, data_file, tmp_path, monkeypatch):
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -753,6 +782,7 @@ def test_an_interrupted_checkpoint_save_leaves_no_checkpoint(base, data_file, tm
     assert (out / "checkpoint-1" / "trainer_state.json").is_file()  # the complete one, from before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", [["--full"], ["--lora", "--save-adapter"]], ids=["full", "lora"])
 def test_fsdp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(base, data_file, mode):
     """The official recipe shards with ZeRO-3; here FSDP full shard through accelerate
@@ -768,10 +798,13 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_with_twice_the_batch(base,
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "training/configs/fsdp.yaml",
               "--num_processes", "2", "--mixed_precision", "no", "-m", "training.sft"]
     env = {**ENV, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*launch, *common, "--output", str(tmp / f"fsdp_{name}")], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=600)
+    with ThreadPoolExecutor(1) as beside:  # the one-process run meanwhile (start-up dominates both)
+        single_run = beside.submit(_sft, tmp, base, tmp / f"one_{name}", *mode, "--learning-rate", "1e-3", "--max-steps",
+                                   "2", "--batch-size", "2")
+        proc = subprocess.run([*launch, *common, "--output", str(tmp / f"fsdp_{name}")], capture_output=True,
+                              text=True, env=env, cwd=REPO, timeout=600)
+        single_run.result()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    _sft(tmp, base, tmp / f"one_{name}", *mode, "--learning-rate", "1e-3", "--max-steps", "2", "--batch-size", "2")
     sharded, single = _loss_csv(tmp / f"fsdp_{name}"), _loss_csv(tmp / f"one_{name}")
     assert len(sharded) == len(single) == 2
     for a, b in zip(sharded, single):  # rank r takes row r of each global batch
