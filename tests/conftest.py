@@ -50,7 +50,7 @@ def pytest_runtest_logreport(report):
     """Append each test phase's duration, file and tier to the JSON-lines file named by
     ``$PARATHINKER_TEST_TIMES`` (unset: nothing)."""
     path = os.environ.get(TIMES_ENV)
-    if path:
+    if path and "PYTEST_XDIST_WORKER" not in os.environ:  # under xdist the controller records its workers' reports
         record = {"file": report.nodeid.split("::")[0], "test": report.nodeid, "when": report.when,
                   "slow": "slow" in report.keywords, "seconds": report.duration, "outcome": report.outcome}
         with open(path, "a") as f:
