@@ -32,7 +32,8 @@ WALL = "(wall clock)"
 def run_tier(marker: str, targets: list[str], times: Path) -> float:
     """Run the tests selected by ``marker``; returns the wall-clock seconds. A failure stops here."""
     start = time.perf_counter()
-    env = {**os.environ, "PARATHINKER_TEST_TIMES": str(times)}
+    # its own pytest: not a worker of a pytest-xdist run that may have started it (the hook skips workers)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")} | {"PARATHINKER_TEST_TIMES": str(times)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", marker, *targets],
                           env=env)
     if proc.returncode not in (0, 5):  # 5: this tier selected no test
