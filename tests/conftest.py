@@ -1,17 +1,24 @@
 """Response journals of the tests go to temporary folders, never to the user's cache: one per test
 (a shared one would let a test reuse another's responses), and one per session for module-scoped
-fixtures, which run before any test's own. lm_eval subprocesses inherit the variable."""
+fixtures, which run before any test's own. The decode step runs eager unless a test asks for
+``compile`` (``$PARATHINKER_COMPILE=false``: the tiny models' verdict is to compile, which costs
+every lm_eval process half a minute), inductor's cache is the session's own, and torch runs one
+thread. lm_eval subprocesses inherit the variables."""
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import offline_env
 
+from lm_eval_parathinker.engine.compilation import COMPILE_ENV
 from lm_eval_parathinker.harness.journal import JOURNAL_ENV
 
 
@@ -19,6 +26,11 @@ from lm_eval_parathinker.harness.journal import JOURNAL_ENV
 def _session_journal(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(JOURNAL_ENV, str(tmp_path_factory.mktemp("journal")))
+        patch.setenv(COMPILE_ENV, "false")
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        # one torch thread in every test process: compiled CPU flex kernels are built for one count
+        # per process (attention.resolve_kernel refuses another), and tiny models gain nothing from more
+        torch.set_num_threads(1)
         yield
 
 
@@ -42,6 +54,21 @@ def one_thread_offline():
 
 
 # -- test times by file and tier (benchmarks/test_times.py sets the variable) --------------------
+
+TIMES_CSV = Path(__file__).resolve().parents[1] / "results" / "test_times.csv"
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, by the committed test times (both tiers; a file not timed yet
+    first of all): pytest-xdist's ``--dist loadfile`` hands files to its workers in this order, so
+    long files start early instead of meeting at the tail."""
+    seconds: dict[str, float] = {}
+    if TIMES_CSV.exists():
+        with open(TIMES_CSV, newline="") as f:
+            for row in csv.DictReader(f):
+                seconds[row["file"]] = seconds.get(row["file"], 0.0) + float(row["seconds"])
+    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], math.inf))
+
 
 TIMES_ENV = "PARATHINKER_TEST_TIMES"
 

@@ -18,7 +18,7 @@ import torch
 from helpers import offline_env, run_lm_eval
 from tiny import save_tiny_checkpoint
 
-from lm_eval_parathinker import _autoload, embedded, protocol
+from lm_eval_parathinker import _autoload, embedded, files, protocol
 from lm_eval_parathinker.__main__ import lm_eval_argv
 from lm_eval_parathinker.harness.generator import META_METRICS, ParaThinkerResponse
 from lm_eval_parathinker.harness.model import ParaThinkerLM
@@ -344,7 +344,7 @@ def test_training_free_above_eight_paths_fails_before_loading(plain_ckpt, monkey
 def test_embedded_gguf_discovery_and_cache_dir(monkeypatch, tmp_path):
     gguf = embedded.find_gguf()
     assert gguf.suffix == ".gguf" and gguf.is_file() and gguf.parent.name == embedded.PACKAGE
-    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path))
     assert embedded.cached_checkpoint_dir(gguf) == tmp_path / "embedded" / gguf.stem
     assert embedded.is_embedded(None) and embedded.is_embedded("embedded")
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -359,7 +359,7 @@ def test_embedded_missing_package_error(monkeypatch):
 
 
 def test_embedded_cache_is_written_once_and_atomically(monkeypatch, tmp_path):
-    monkeypatch.setenv(embedded.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(files.CACHE_ENV, str(tmp_path))
     calls = []
 
     def fake_convert(gguf, out_dir):

@@ -357,5 +357,5 @@ def test_compiled_cpu_flex_needs_torch_2_13(monkeypatch):
     with pytest.warns(UserWarning, match=r"compiled CPU FlexAttention needs torch >= 2.13 \(this is 2.11.0\+cu130\)"):
         assert attention.resolve_kernel("auto", cpu) is attention.SDPA
     with pytest.raises(ValueError, match=r"attention='flex' does not run on cpu with torch 2.11.0\+cu130 "
-                                         r"\(CUDA, or an x86 CPU with AVX2 and torch >= 2.13\)"):
+                                         r"\(CUDA, or an x86 CPU with AVX2 and torch >= 2.13; not with TORCH_COMPILE_DISABLE\)"):
         attention.resolve_kernel("flex", cpu)

@@ -30,6 +30,11 @@ GUARDED: dict[str, tuple[str, ...] | None] = {
     # torch: lm_eval_parathinker/upstream/torch.py
     "torch._dynamo.mark_static": ("t", "index"),
     "torch._dynamo.mark_static_address": ("t",),
+    "torch._dynamo.mark_dynamic": ("t", "index"),
+    "torch._dynamo.config.disable": None,
+    "torch._dynamo.exc.TorchDynamoException": None,
+    "torch._inductor.exc.CppCompileError": None,
+    "torch._inductor.exc.InvalidCxxCompiler": None,
     "torch._dynamo.config.recompile_limit": None,
     "torch._dynamo.config.fail_on_recompile_limit_hit": None,
     "torch._dynamo.config.patch": None,

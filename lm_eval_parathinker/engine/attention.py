@@ -47,12 +47,14 @@ FLEX_Q_TILE = 128  # flex's query tile: a query's heads fit one
 # Compiled CPU FlexAttention from the torch release the tests pass on: torch 2.11's CPU flex
 # kernels corrupted the heap in an lm_eval run (the official layout after SFT, tests/test_training.py)
 CPU_FLEX_MIN_TORCH = "2.13"
-FLEX_RUNS_ON = f"CUDA, or an x86 CPU with AVX2 and torch >= {CPU_FLEX_MIN_TORCH}"
+FLEX_RUNS_ON = f"CUDA, or an x86 CPU with AVX2 and torch >= {CPU_FLEX_MIN_TORCH}; not with TORCH_COMPILE_DISABLE"
 
 
 def flex_available(device: torch.device) -> bool:
     """Compiled FlexAttention runs on CUDA, and on x86 CPUs with AVX2 (inference only) from
-    torch :data:`CPU_FLEX_MIN_TORCH`."""
+    torch :data:`CPU_FLEX_MIN_TORCH`, in a process where torch.compile compiles."""
+    if not upstream_torch.compile_enabled():
+        return False
     if device.type == "cuda":
         return True
     if device.type != "cpu" or TorchVersion(torch.__version__) < CPU_FLEX_MIN_TORCH:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from .. import protocol
 from ..protocol import Compat, ControlTokenIds
 from . import step
 from .attention import paged_attention_for, resolve_kernel
-from .hub_kernels import bypass_kernel_routing
+from .compilation import DecodeStep, default_compile, parse_compile, resolve_compile
 from .kv_cache import PagedKVCache, bytes_per_token, head_dim, pool_pages
 from .options import CallSettings, EngineOptions
 from .pages import request_pages
@@ -60,21 +61,24 @@ class GenerationOutput:
 class ParaThinkerEngine:
     """Parallel decoding for a model and tokenizer (see the module docstring).
 
-    ``compile=True`` compiles the decode step with ``torch.compile`` (CUDA graphs on GPU,
-    ``mode="reduce-overhead"``; inductor's default mode elsewhere). ``scheduler_class`` runs the
-    calls (:class:`scheduler.StaticScheduler`: fixed batches, the benchmarks' baseline).
+    ``compile`` (``auto``, ``true``/True, ``false``/False; default ``$PARATHINKER_COMPILE``, else
+    ``auto``) compiles the decode step with ``torch.compile`` (CUDA graphs on GPU,
+    ``mode="reduce-overhead"``; inductor's default mode elsewhere); ``auto`` where the committed
+    verdicts measured it faster (:mod:`compilation`). ``scheduler_class`` runs the calls
+    (:class:`scheduler.StaticScheduler`: fixed batches, the benchmarks' baseline).
 
     >>> engine = ParaThinkerEngine(model, tokenizer)
     >>> out = engine.generate(["What is 2+3?"], num_paths=4, max_new_tokens=512)[0]
     >>> print(out.transcript)
     """
 
-    def __init__(self, model, tokenizer, *, compile: bool = False, scheduler_class: type[Scheduler] = Scheduler):
+    def __init__(self, model, tokenizer, *, compile: str | bool | None = None,
+                 scheduler_class: type[Scheduler] = Scheduler):
         self.model = model
         self.tokenizer = tokenizer
-        self.compile = compile
+        choice = default_compile() if compile is None else parse_compile(compile)
+        self.decode_step = DecodeStep(*resolve_compile(choice, model))
         self.scheduler_class = scheduler_class
-        self._compiled: Callable | None = None
         self._pool: PagedKVCache | None = None  # the KV pool, kept across calls
         self.last_stats: dict = {}
         eos = tokenizer.eos_token_id
@@ -109,16 +113,10 @@ class ParaThinkerEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def compiled_step(self) -> Callable | None:
-        """The compiled decode step (compiled once per engine), or None when compile is off."""
-        if self.compile and self._compiled is None:
-            cuda = self.device.type == "cuda"
-            bypass_kernel_routing(self.model)
-            # dynamic: one compilation serves any pool and page table; the batch (slots x P) is
-            # static (step.step_forward marks it: flex's decoding kernel needs it), one
-            # compilation each (CUDA graphs are recorded per shape)
-            self._compiled = torch.compile(step.decode_forward, mode="reduce-overhead" if cuda else None, dynamic=True)
-        return self._compiled
+    @property
+    def compile(self) -> bool:
+        """Whether the decode step runs compiled (False after a compile failure: see :mod:`compilation`)."""
+        return self.decode_step.compiled
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[str | Sequence[int]], options: EngineOptions | None = None,
@@ -151,10 +149,12 @@ class ParaThinkerEngine:
         prompt_ids, template = self.encode(prompts, opts.layout), self._template(opts)
         plan = self._plan(opts, call, ids, len(template))
         self._check_lengths(prompt_ids, opts, plan)
-        slots = min(call.num_slots or len(prompt_ids), len(prompt_ids))
+        slots = call.num_slots or len(prompt_ids)
+        if not self.compile:  # a compiled step keeps its rectangle (slots x P) for every call
+            slots = min(slots, len(prompt_ids))
         page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
-        config = self._scheduler_config(opts, call, ids, template, slots, page_size)
         cache = self._kv_pool(opts, plan, prompt_ids, slots, page_size)
+        config = self._scheduler_config(opts, call, ids, template, slots, page_size)
         outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
 
         def finished(done: Finished) -> None:
@@ -163,9 +163,11 @@ class ParaThinkerEngine:
                 on_output(done.index, outputs[done.index])
 
         scheduler = self.scheduler_class(self.model, plan, cache, config)
+        compiled_before = dataclasses.replace(self.decode_step.stats)
         with self._running(opts, call.max_new_tokens):
             scheduler.run(prompt_ids, request_seeds(call.seed, len(prompt_ids)), finished)
-        self.last_stats = {"attention": config.kernel.name, **scheduler.pool.stats.as_dict(cache.bytes_per_token)}
+        self.last_stats = {"attention": config.kernel.name, **scheduler.pool.stats.as_dict(cache.bytes_per_token),
+                           **self.decode_step.call_stats(compiled_before)}
         return outputs
 
     # -- the steps of a call ---------------------------------------------------------------
@@ -202,7 +204,9 @@ class ParaThinkerEngine:
         return SchedulerConfig(
             layout=opts.layout, flattened=opts.positions == "flattened", reprefill=opts.summary_kv == "reprefill",
             kernel=kernel, num_slots=slots, first_tokens=None if ids is None else list(ids.think_open[: opts.num_paths]),
-            template=template, compiled=self.compiled_step(), ragged=self._ragged_steps(),
+            template=template, decode_step=self.decode_step, ragged=self._ragged_steps(),
+            static_addresses=self._static_addresses(),
+            table_pages=self._table_pages(page_size) if self._static_addresses() else None,
             stops=stop_checks(call.stop_strings, self.tokenizer, summary=ids is not None),
             recorder=LogitsRecorder() if call.output_logits else None,
         )
@@ -210,13 +214,13 @@ class ParaThinkerEngine:
     def _kv_pool(self, opts: EngineOptions, plan: step.Plan, prompt_ids: list[list[int]], slots: int,
                  page_size: int) -> PagedKVCache:
         """The KV pool for a call (:func:`kv_cache.pool_pages`). Reused across calls when its size
-        suits (a compiled step keeps its shapes and addresses)."""
+        suits (CUDA graphs keep its shapes and addresses: :meth:`_static_addresses`)."""
         summary = plan.template_len + plan.summary_tokens if plan.summary_rules is not None else 0
         worst = request_pages(max(map(len, prompt_ids)), plan.num_paths, plan.budget, summary, page_size)
         held = self._pool
         num_pages, limit = pool_pages(worst, slots, page_size, bytes_per_token(self.model.config, self._dtype),
                                       self.device, num_blocks=opts.num_blocks, max_memory_percent=opts.max_memory_percent,
-                                      held_pages=0 if held is None else held.num_pages)
+                                      held_pages=0 if held is None else held.num_pages, whole=self._static_addresses())
         if held is not None and held.matches(self.model, page_size, self.device, self._dtype) and held.reusable(
                 num_pages, limit, exact=opts.num_blocks is not None):
             return held
@@ -235,6 +239,19 @@ class ParaThinkerEngine:
         """Steps on the real tokens only: for eager steps on the CPU (a padding query costs a full
         token there)."""
         return not self.compile and self.device.type == "cpu"
+
+    def _static_addresses(self) -> bool:
+        """Whether the step reads its KV pool and page table at fixed addresses: a compiled step's
+        CUDA graphs do. Their shapes are then fixed too (a static input's shape is a guard): the
+        pool takes its whole memory budget at once (as vLLM's does) and the table its widest."""
+        return self.compile and self.device.type == "cuda"
+
+    def _table_pages(self, page_size: int) -> int:
+        """The page table's widest: the most pages a block can take (the pool's, or the model's
+        positions'), the same for every call on this pool, so that budgets and prompts of any
+        length reuse the step's compilation."""
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        return min(self._pool.num_pages, math.ceil(positions / page_size)) if positions else self._pool.num_pages
 
     def _validate(self, prompts: Sequence[str | Sequence[int]], opts: EngineOptions,
                   budget: int) -> ControlTokenIds | None:

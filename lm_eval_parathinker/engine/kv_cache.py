@@ -74,6 +74,14 @@ class PagedKVCache:
         for t in [*self.keys, *self.values, self.fill, self._table]:
             upstream_torch.mark_static_address(t)
 
+    def mark_growable(self) -> None:
+        """Any number of pages, and any page table width, for a compiled step without CUDA graphs:
+        a larger pool or a longer call reuses its compilation."""
+        for t in [*self.keys, *self.values]:
+            upstream_torch.mark_dynamic(t, 2)
+        upstream_torch.mark_dynamic(self.fill, 0)
+        upstream_torch.mark_dynamic(self._table, 2)
+
     def matches(self, model, page_size: int, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether this pool's pages suit a call with these settings (pools are reused across calls)."""
         return (self.page_size, self.keys[0].device, self.keys[0].dtype, len(self.keys)) == (
@@ -113,11 +121,12 @@ class PoolWrite:
 
 
 def pool_pages(worst: int, slots: int, page_size: int, token_bytes: int, device: torch.device, *,
-               num_blocks: int | None, max_memory_percent: float | None, held_pages: int) -> tuple[int, int]:
+               num_blocks: int | None, max_memory_percent: float | None, held_pages: int,
+               whole: bool = False) -> tuple[int, int]:
     """The pages of a call's pool (the scratch page included), and the most it may hold: a
     request needs up to ``worst`` pages, ``slots`` run at once. The limit is ``num_blocks``
     pages, else ``max_memory_percent`` of the free memory (counting the ``held_pages`` of the
-    pool held now); never more than every slot's worst case needs."""
+    pool held now); never more than every slot's worst case needs, unless ``whole``: the limit."""
     page_bytes = page_size * token_bytes
     if num_blocks is not None:
         budget, source = num_blocks - 1, f"num_blocks={num_blocks}"
@@ -131,7 +140,7 @@ def pool_pages(worst: int, slots: int, page_size: int, token_bytes: int, device:
             f"its prompt, paths and summary at their longest), but the pool holds {budget} ({source}): raise "
             "num_blocks or max_memory_percent, or lower max_new_tokens or num_paths"
         )
-    return min(budget, slots * worst) + 1, budget + 1
+    return (budget if whole else min(budget, slots * worst)) + 1, budget + 1
 
 
 def free_memory(device: torch.device) -> int:

@@ -36,6 +36,7 @@ import torch
 from .. import protocol
 from . import sampling
 from .attention import FreshReads, Kernel
+from .compilation import DecodeStep
 from .kv_cache import PagedKVCache
 from .pages import PagePool, pages_for
 from .recording import LogitsRecorder
@@ -65,11 +66,13 @@ class SchedulerConfig:
     flattened: bool  # positions=flattened
     reprefill: bool  # summary_kv=reprefill
     kernel: Kernel
-    num_slots: int
+    num_slots: int  # rows of a step (a compiled step keeps them for every call; an idle slot pads)
     first_tokens: list[int] | None  # parathinker: the forced <think k>; None: sampled
     template: list[int]  # the summary template ([] without a summary)
-    compiled: Callable | None = None  # the compiled decode step (None: eager)
+    decode_step: DecodeStep  # runs each step's forward, compiled or eager
     ragged: bool = False  # steps on the real tokens only (see the module docstring)
+    static_addresses: bool = False  # the pool and page table at fixed addresses (CUDA graphs)
+    table_pages: int | None = None  # the page table's width (None: the call's longest block)
     stops: StopChecks | None = None
     recorder: LogitsRecorder | None = None  # ``output_logits``: files every step's logits
 
@@ -166,13 +169,16 @@ class Scheduler:
         """The per-run state: slots, page lists, device state."""
         self.prompts, self.seeds, self.on_finished = prompts, seeds, on_finished
         plan, cache = self.plan, self.cache
-        slots = min(self.config.num_slots, len(prompts))
+        slots = self.config.num_slots
         P, ps = plan.num_paths, cache.page_size
         summary_len = self.template.numel() + plan.summary_tokens if plan.summary_rules is not None else 0
-        max_pages = pages_for(max(max(map(len, prompts)), plan.budget, summary_len), ps)
+        # at least 2: dynamo specializes a size of 1, and a compiled step would compile again for 2
+        max_pages = self.config.table_pages or max(2, pages_for(max(max(map(len, prompts)), plan.budget, summary_len), ps))
         self.pool = PagePool(cache.num_pages, ps, cache.page_table(slots, P + 2, max_pages))
-        if self.config.compiled is not None:
+        if self.config.static_addresses:
             cache.mark_static()
+        elif self.config.decode_step.compiled:
+            cache.mark_growable()
         self.state = SlotState.allocate(slots, plan, self.device)
         self.busy: list[_Busy | None] = [None] * slots
         self.view = PhaseView(self.device, (slots, 1 + 2 * P))
@@ -288,7 +294,7 @@ class Scheduler:
     def _step(self) -> None:
         inputs = step_inputs(self.state, self.plan)
         out = step_forward(self.model, self.cache, self.pool.table, self.state, self.plan, inputs, self.config.kernel,
-                           self.config.ragged, self.config.compiled)
+                           self.config.ragged, self.config.decode_step)
         if out is not None:  # None: every slot waits for the host
             logits, index = out
             if self.recorder is not None:

@@ -23,7 +23,7 @@ from .. import protocol
 from ..upstream import torch as upstream_torch
 from ..protocol import ControlTokenIds
 from . import sampling
-from .attention import FreshReads, Kernel, compile_limits, page_reads
+from .attention import FreshReads, Kernel, page_reads
 from .kv_cache import PagedKVCache
 from .options import CallSettings, EngineOptions
 from .pages import SCRATCH_PAGE
@@ -235,13 +235,13 @@ def fresh_forward(model, cache: PagedKVCache, tokens: torch.Tensor, positions: t
 
 
 def step_forward(model, cache: PagedKVCache, table: torch.Tensor, state: SlotState, plan: Plan, inputs: StepInputs,
-                 kernel: Kernel, ragged: bool, compiled: Callable | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+                 kernel: Kernel, ragged: bool, run: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """A step's forward: the rectangle of every slot's P queries (static shapes: compiled steps,
     GPUs), or with ``ragged`` its real tokens only (``[1, N]``: eager CPU steps, where a padding
     query costs as much as a real one; it reads how many there are, a host round trip that costs
-    nothing there). Returns the logits and, for a ragged step, each token's flat index in
-    [S, P]; None when no slot has a token."""
+    nothing there); ``run(decode_forward, model, cache, batch)`` runs it
+    (:class:`compilation.DecodeStep`: compiled or eager; None: eager, as it is). Returns the logits
+    and, for a ragged step, each token's flat index in [S, P]; None when no slot has a token."""
     S, P = inputs.real.shape
     lengths = block_lengths(state, plan, inputs)
     slot = torch.arange(S, device=inputs.real.device)[:, None].expand(S, P)
@@ -256,9 +256,7 @@ def step_forward(model, cache: PagedKVCache, table: torch.Tensor, state: SlotSta
         for x in (lengths, slot, *inputs.tensors()):
             upstream_torch.mark_static(x)
     batch = DecodeBatch(inputs, slot, table, lengths, plan.thought_embedding, kernel, static_batch=not ragged)
-    with compile_limits():  # the compiled step, or the eager step's flex calls (attention.RECOMPILE_LIMIT)
-        logits = (compiled or decode_forward)(model, cache, batch)
-    return logits, index
+    return (run(decode_forward, model, cache, batch) if run else decode_forward(model, cache, batch)), index
 
 
 def choose(logits: torch.Tensor, plan: Plan, draw: sampling.Draw, banned: torch.Tensor, rules: TokenRules) -> torch.Tensor:

@@ -174,12 +174,16 @@ class Generator:
         self._note_engine_stats(self.engine.last_stats)
 
     def _note_engine_stats(self, stats: dict) -> None:
-        """The KV pool's use over the run: the largest pool and peak, every preemption."""
+        """The KV pool's use over the run (the largest pool and peak, every preemption) and the
+        compiled step's (whether it ran compiled, the seconds and graphs compiled, a failure)."""
         report = self.report
         report["attention"] = stats["attention"]
         for key in ("kv_page_size", "kv_pool_pages", "kv_pool_bytes", "kv_peak_pages", "kv_peak_bytes"):
             report[key] = max(report.get(key, 0), stats[key])
         report["preemptions"] = report.get("preemptions", 0) + stats["preemptions"]
+        report["compiled"], report["compile_failure"] = stats["compiled"], stats["compile_failure"]
+        for key in ("compile_s", "compilations"):  # this process's: compiled once, reused by later calls
+            report[key] = report.get(key, 0) + stats[key]
 
     def _encode(self, prompts: list[str], budget: int) -> list[list[int]]:
         """Token ids as HFLM encodes them, left-truncated to leave room for the generation."""

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..embedded import cache_root
+from ..files import cache_root
 from ..files import atomic_write
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from typing import Any
 from .. import embedded
 from ..checkpoint import check_checkpoint_arg
 from ..engine import EngineOptions
+from ..engine.compilation import default_compile, parse_compile
 from ..engine.options import as_bool
 from . import journal
 
@@ -29,7 +30,7 @@ class RunOptions:
     """A run's options: the method and the engine's options, checked (see the module docstring)."""
 
     method: str = "parathinker"
-    compile: bool = False  # torch.compile the decode step (CUDA graphs on GPU)
+    compile: str = field(default_factory=default_compile)  # auto/true/false: torch.compile the decode step
     journal_dir: Path = field(default_factory=lambda: journal.default_dir().absolute())  # the response journal
     resume: bool = True  # reuse the journal's responses (and journal new ones)
     engine: EngineOptions = field(default_factory=EngineOptions)
@@ -43,14 +44,14 @@ class RunOptions:
         return (*cls.OWN_ARGS, *EngineOptions.names())
 
     @classmethod
-    def parse(cls, method: str = "parathinker", compile: Any = False, journal_dir: str | Path | None = None,
+    def parse(cls, method: str = "parathinker", compile: Any = None, journal_dir: str | Path | None = None,
               resume: Any = True, **engine_args: Any) -> RunOptions:
         """From model-arg values (strings or typed)."""
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
         return cls(
             method=method,
-            compile=as_bool("compile", compile),
+            compile=default_compile() if compile is None else parse_compile(compile),
             journal_dir=(Path(journal_dir).expanduser() if journal_dir else journal.default_dir()).absolute(),
             resume=as_bool("resume", resume),
             engine=EngineOptions.parse(mode=ENGINE_MODE[method], **engine_args),

@@ -1,5 +1,5 @@
-"""torch internals: dynamo's static marks and recompile limit, inductor's FlexAttention probes,
-and ``BlockMask``'s tensor list. Guarded by tests/test_upstream.py."""
+"""torch internals: dynamo's static marks, recompile limit, counters and errors, inductor's
+FlexAttention probes, and ``BlockMask``'s tensor list. Guarded by tests/test_upstream.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,12 @@ def mark_static(x: torch.Tensor, dim: int | None = None) -> None:
     engine's rectangular steps keep one batch size, so the compiled step specializes on it (and
     flex picks its decoding kernel, which needs an integer batch)."""
     torch._dynamo.mark_static(x, dim)
+
+
+def mark_dynamic(x: torch.Tensor, dim: int) -> None:
+    """Dynamo: compile for any size of ``x`` in ``dim`` (it specializes a tensor reached through an
+    argument's attributes on its first size otherwise)."""
+    torch._dynamo.mark_dynamic(x, dim)
 
 
 def mark_static_address(x: torch.Tensor) -> None:
@@ -44,6 +50,40 @@ def recompile_limit(at_least: int) -> Iterator[None]:
     finally:
         config.recompile_limit, config.fail_on_recompile_limit_hit = before
         _limit_on = False
+
+
+def compile_enabled() -> bool:
+    """Whether ``torch.compile`` compiles in this process (``TORCH_COMPILE_DISABLE=1`` turns every
+    compiled function into the plain one: for FlexAttention, wrong attention)."""
+    return not torch._dynamo.config.disable
+
+
+def compile_counters():
+    """dynamo's counters (``stats``/``unique_graphs``: graphs compiled so far in this process,
+    ``graph_break``, ``frames``/``ok``, ...)."""
+    from torch._dynamo.utils import counters
+
+    return counters
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """What compiling can raise (dynamo and inductor failures, a C++ compiler missing or failing,
+    the recompile limit under ``fail_on_recompile_limit_hit``); not errors of the compiled code's run."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit, TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+
+    return TorchDynamoException, FailOnRecompileLimitHit, CppCompileError, InvalidCxxCompiler
+
+
+def compile_error_cause(error: BaseException) -> str:
+    """What caused a compile error, briefly: the innermost error (dynamo wraps inductor's, which wraps
+    the compiler's), its first line and dynamo's explanation line where it gives one."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    explained = [line for line in lines[1:] if line.startswith("Explanation:")]
+    text = " ".join(lines[:1] + explained[:1])
+    return f"{type(error).__name__}: {text[:400]}"
 
 
 def cpu_flex_supported() -> bool:
@@ -101,14 +141,6 @@ def compilations(fn) -> int:
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     return len(_debug_get_cache_entry_list(fn.__code__))
-
-
-def compile_counters():
-    """dynamo's counters (``graph_break``, ``stats``/``unique_graphs``, ``frames``/``ok``, ...):
-    clear it, run, read it."""
-    from torch._dynamo.utils import counters
-
-    return counters
 
 
 def dynamo_config(**settings) -> contextlib.AbstractContextManager:
