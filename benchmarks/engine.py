@@ -4,8 +4,8 @@
     python -m benchmarks.engine --device cuda --dtype bfloat16   # Qwen2-1.5B shape (benchmarks/gpu.sh)
     python -m benchmarks.engine --smoke --only width,vs_hf       # tiny shape, seconds
 
-Each benchmark times the engine and its baseline in the same process and writes
-``results/bench_<name>[_<device>].csv`` (its Markdown table beside it, ``.md``) and ``.png``:
+Each benchmark times the engine and its baseline (in the same process, except ``eval_workload``) and
+writes ``results/bench_<name>[_<device>].csv`` (its Markdown table beside it, ``.md``) and ``.png``:
 
 * ``width``: think-stage latency for P paths at a fixed per-path budget, as a ratio to P = 1;
 * ``vs_hf``: the engine against ``model.generate`` (P samples via ``num_return_sequences``) as paths
@@ -20,8 +20,10 @@ Each benchmark times the engine and its baseline in the same process and writes
   the tokens they hold; a run whose slots' worst cases add up to 4x the pool (preempting) against the
   same run with a large pool (outputs must be identical);
 * ``eval_workload``: an evaluation-like workload (many prompts, think stages of long-tailed lengths)
-  through ``num_slots`` slots: lockstep static batches vs continuous batching on the same kernels
-  (and, with ``--compile``, the compiled decode step), on the tiny shape and on the preset's shape;
+  through ``num_slots`` slots, on the tiny shape and the SmolLM2 shape: the original engine (commit
+  ca50159, static batches, from a git worktree under ``.bench/``) against today's, eager and
+  compiled (continuous batching), each timed run a process of its own, the compile time apart;
+  it writes the compile verdicts ``compile=auto`` reads (:mod:`benchmarks.batching`);
 * ``decode_step``: one decode step of ``slots x P`` paths at a path length against the time to read
   the weights and the KV pages the slots hold once from memory (bandwidth measured in the same run).
 
@@ -39,7 +41,10 @@ Every timed call first runs once at its own shapes, untimed (:meth:`harness.Benc
 compiles its step and flex's kernel per batch size, and CUDA graphs are recorded per shape and per
 KV pool, which would otherwise land in the measured window. ``decode_step``, ``path_length`` and
 ``vs_hf`` report those first calls' seconds (compilation and CUDA graph capture included) in
-their own columns, and every benchmark prints its total.
+their own columns, and every benchmark prints its total. ``eval_workload``'s processes warm up on
+the longest prompts of the workload; what a timed pass still compiles (a batch size the warm-up did
+not meet) leaves its seconds for ``compile_s_cold`` / ``compile_s_warm``, the compiled variant's
+compile time with a cold and a warm inductor cache (one fresh cache for the run).
 
 The command line is here; the shared machinery in :mod:`benchmarks.harness`, the benchmarks in
 :mod:`benchmarks.decoding` and :mod:`benchmarks.batching`.
@@ -82,7 +87,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {','.join(BENCHMARKS)}")
     parser.add_argument("--output", type=Path, default=Path("results"), help="directory for the CSV/PNG files")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true", help="also time the compiled decode step (eval_workload, decode_step)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the compiled decode step in decode_step (eval_workload always does)")
     args = parser.parse_args(argv)
     args.only = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = [name for name in args.only if name not in BENCHMARKS]

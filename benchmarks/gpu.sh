@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # Engine benchmarks on one GPU: Qwen2-1.5B shape (random weights), bfloat16 (PRESETS["gpu"] in
-# benchmarks/engine.py), in one short run:
+# benchmarks/harness.py), in one short run:
+#   eval_workload  16 prompts, P = 8, 512 tokens per path, 8 slots: the original engine (ca50159, from a
+#                git worktree under .bench/, made with git; where the copy has no git history, bring that
+#                folder along) against today's, eager and compiled, a process each; writes the CUDA
+#                row of the compile verdicts (lm_eval_parathinker/engine/compile_verdicts.csv);
 #   decode_step  8 slots x P = 8, paths filled to 4K and 16K tokens, eager and compiled (CUDA graphs),
 #                against reading the weights and the KV pages held once from HBM;
 #   path_length  think stage at 4K tokens per path, P = 8 vs P = 1 (the paper: +7.1% latency);
 #   vs_hf        P = 8 at 4K tokens per path against model.generate(num_return_sequences=8).
-# Writes results/bench_*_cuda.{csv,png} and prints the tables; sized for under 5 minutes on an
-# H100/H200 (an estimate: never timed, no session has had a GPU yet).
+# Writes results/bench_*_cuda.{csv,png} and prints the tables; sized for under 8 minutes on an
+# H100/H200 (an estimate: never timed, no session has had a GPU yet; eval_workload about 3 of them,
+# mostly its processes' start and the compiled step's compilation).
 #
 #   bash benchmarks/gpu.sh [--smoke] [extra args for python -m benchmarks.engine, e.g. --output DIR]
 #
@@ -47,7 +52,7 @@ print(f"benchmarks/gpu.sh: python {sys.version.split()[0]}, torch {torch.__versi
       f"transformers {transformers.__version__}", file=sys.stderr)
 EOF
 
-ONLY=decode_step,path_length,vs_hf
+ONLY=eval_workload,decode_step,path_length,vs_hf
 if [ "${1:-}" = "--smoke" ]; then
   shift
   exec "$PY" -m benchmarks.engine --smoke --compile --only "$ONLY" "$@"

@@ -1,6 +1,7 @@
-"""The benchmarks' harness: model shapes and the grids of every benchmark (``Preset``), random models
-with forced token counts, paths filled before the timed window, timing (warm-ups, alternation,
-best of runs) and the outputs (CSV with its Markdown table, PNG, terminal table).
+"""The benchmarks' harness: model shapes and the grids of every benchmark (``Preset``, ``Workload``),
+random models with forced token counts (the hooks live in :mod:`benchmarks.workload_worker`), paths
+filled before the timed window, timing (warm-ups, alternation, best of runs) and the outputs (CSV
+with its Markdown table, PNG, terminal table).
 The benchmarks themselves: :mod:`benchmarks.decoding`, :mod:`benchmarks.batching`; the command
 line: :mod:`benchmarks.engine`.
 """
@@ -19,6 +20,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
+from benchmarks.workload_worker import ban_tokens
 from lm_eval_parathinker import protocol
 from lm_eval_parathinker.engine import ParaThinkerEngine
 from lm_eval_parathinker.engine.kv_cache import cache_argument, head_dim
@@ -39,6 +41,29 @@ SHAPES = {
                                      num_attention_heads=12, num_key_value_heads=2, vocab_size=151936,
                                      tie_word_embeddings=True)),
 }
+
+
+@dataclass(frozen=True)
+class Workload:
+    """``eval_workload`` on one model shape: ``prompts`` ParaThinker requests of ``paths`` paths,
+    ``budget`` tokens per path, think lengths log-normal around ``median`` (a long tail up to the
+    budget), through ``slots`` slots; the shortest prompt ``prompt_len`` tokens; ``summary`` tokens
+    after the template; each variant ``repeats`` times, alternating, a process each (the fastest counts)."""
+
+    shape: str
+    prompts: int
+    paths: int
+    budget: int
+    slots: int
+    median: int
+    repeats: int
+    prompt_len: int = 64
+    summary: int = 8
+
+
+#: the host-bound workload (the tiny shape, issue 31's) and a smaller one on the SmolLM2 shape (2 cores)
+CPU_WORKLOADS = (Workload("tiny", prompts=96, paths=8, budget=256, slots=4, median=48, repeats=3),
+                 Workload("smollm2-135m", prompts=16, paths=8, budget=128, slots=4, median=24, repeats=2))
 
 
 @dataclass(frozen=True)
@@ -66,14 +91,7 @@ class Preset:
     memory_paths: tuple[int, ...] = (1, 8, 16)
     memory_budget: int = 32
     oversubscribed: tuple[int, int, int, int] = (8, 4, 48, 4)  # prompts, P, per-path budget, slots
-    workload_prompts: int = 32  # eval_workload: prompts, shortest prompt, P, per-path budget, slots, median think length
-    workload_prompt_len: int = 64
-    workload_paths: int = 8
-    workload_budget: int = 128
-    workload_slots: int = 4
-    workload_median: int = 24
-    workload_repeats: int = 2  # runs of each variant, alternating; the fastest counts (noisy machines)
-    workload_shapes: tuple[str, ...] = ("tiny", "smollm2-135m")
+    workloads: tuple[Workload, ...] = CPU_WORKLOADS
     step_slots: int = 4  # decode_step: slots x P paths at each length, steps timed
     step_paths: int = 8
     step_lengths: tuple[int, ...] = (128, 1024)
@@ -85,20 +103,22 @@ PRESETS = {
                     vs_hf_paths=2, vs_hf_whole=8, vs_hf_repeats=1, e2e_summary=2, path_length_paths=(1, 2),
                     attention_window=2, summary_paths=(2,),
                     summary_lens=(8,), summary_tokens=2, length_contexts=(16, 32), length_steps=2,
-                    memory_paths=(2,), memory_budget=8, oversubscribed=(4, 2, 48, 4), workload_prompts=6,
-                    workload_prompt_len=8, workload_paths=2, workload_budget=16, workload_slots=2,
-                    workload_median=4, workload_repeats=1, workload_shapes=("tiny",), step_slots=2, step_paths=2,
-                    step_lengths=(8,), step_window=2),
+                    memory_paths=(2,), memory_budget=8, oversubscribed=(4, 2, 48, 4),
+                    workloads=(Workload("tiny", prompts=6, paths=2, budget=16, slots=2, median=4, repeats=1,
+                                        prompt_len=8, summary=2),),
+                    step_slots=2, step_paths=2, step_lengths=(8,), step_window=2),
     # CPU grid, sized for a 2-core box (make bench under 20 minutes)
     "cpu": Preset("smollm2-135m"),
     # one GPU: the paper's lengths (4K and 16K tokens per path, filled), in one short script
     "gpu": Preset("qwen2-1.5b", width_paths=(1, 8), width_budget=512, path_lengths=(4096,), window=128,
                   path_length_paths=(1, 8), attention_slots=8, attention_window=32, summary_paths=(8,),
                   summary_lens=(4096,), summary_tokens=32, length_contexts=(1024, 4096), length_steps=32,
-                  memory_paths=(8,), memory_budget=512, oversubscribed=(16, 8, 256, 8), workload_prompts=32,
-                  workload_budget=1024, workload_slots=8, workload_median=192, workload_repeats=1,
-                  workload_shapes=("qwen2-1.5b",), step_slots=8, step_paths=8, step_lengths=(4096, 16384),
-                  step_window=32),
+                  memory_paths=(8,), memory_budget=512, oversubscribed=(16, 8, 256, 8),
+                  # one process a variant (gpu.sh's minutes go mostly to starting them and compiling;
+                  # the compile time with a warm cache is measured on the CPU)
+                  workloads=(Workload("qwen2-1.5b", prompts=16, paths=8, budget=512, slots=8, median=96, repeats=1,
+                                      summary=32),),
+                  step_slots=8, step_paths=8, step_lengths=(4096, 16384), step_window=32),
 }
 
 
@@ -122,34 +142,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<eos>", pad_token="<pad>")
 
 
-def ban_tokens(model: torch.nn.Module, token_ids: Sequence[int]) -> None:
-    """Make ``token_ids`` impossible to generate (forces fixed-length runs, engine and baseline alike)."""
-    banned = torch.tensor(sorted(token_ids), device=next(model.parameters()).device)
-
-    def hook(module, args, output):
-        return output.index_fill(-1, banned, float("-inf"))
-
-    model.get_output_embeddings().register_forward_hook(hook)
-
-
-@contextlib.contextmanager
-def force_token_at(model: torch.nn.Module, position: int, token: int):
-    """While active, the model predicts ``token`` (and nothing else) after any query at ``position``
-    (without a host round trip: the step stays as it is in a real run)."""
-    seen = {}
-    pre = model.register_forward_pre_hook(lambda m, a, kw: seen.update(positions=kw["position_ids"]), with_kwargs=True)
-
-    def hook(module, args, logits):
-        at = seen["positions"][:, -logits.shape[1] :] == position
-        only = torch.full_like(logits, float("-inf")).index_fill(-1, torch.tensor([token], device=logits.device), 0.0)
-        return torch.where(at[..., None], only, logits)
-
-    post = model.get_output_embeddings().register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        pre.remove()
-        post.remove()
+def banned_tokens(tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """EOS and every control token: what a benchmark's model never generates (paths run to their budget)."""
+    ids = protocol.ControlTokenIds.from_tokenizer(tokenizer)
+    return [tokenizer.eos_token_id, ids.summary_open, ids.summary_close, *ids.think_open, *ids.think_close]
 
 
 class FilledScheduler(Scheduler):
@@ -216,9 +212,8 @@ class Bench:
         model, tok = build_model(shape or preset.shape, device, dtype), build_tokenizer()
         add_control_tokens(model, tok, NUM_CONTROL_PATHS)
         attach_thought_embeddings(model)  # zero tables: same cost as trained ones
-        ids = protocol.ControlTokenIds.from_tokenizer(tok)
-        ban_tokens(model, [tok.eos_token_id, ids.summary_open, ids.summary_close, *ids.think_open, *ids.think_close])
-        engine = ParaThinkerEngine(model, tok)
+        ban_tokens(model, banned_tokens(tok))
+        engine = ParaThinkerEngine(model, tok, compile=False)  # benchmarks say what they run
         suffix = "" if device == "cpu" else f"_{torch.device(device).type}"
         return cls(model, tok, engine, preset, device, dtype, output, suffix, compile)
 

@@ -3,35 +3,25 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from helpers import CPU_KERNELS
 
-from benchmarks import batching, harness
+from benchmarks import batching, harness, workload_worker
 from benchmarks import engine as bench
 from lm_eval_parathinker import protocol
-from lm_eval_parathinker.engine import ParaThinkerEngine
+from lm_eval_parathinker.engine import ParaThinkerEngine, compilation
 from lm_eval_parathinker.upstream import torch as upstream_torch
 
-COLUMNS = {
-    "width": ["paths", "tokens_per_path", "think_s", "ratio_to_p1", "think_tokens_per_s"],
-    "vs_hf": ["mode", "paths", "tokens_per_path", "timed", "window_start", "window_tokens", "summary_tokens", "engine_s",
-              "hf_s", "engine_tok_s", "hf_tok_s", "speedup", "engine_warmup_s"],
-    "path_length": ["tokens_per_path", "window_tokens", "warmup_s_p1", "s_per_token_p1", "warmup_s_p2", "s_per_token_p2",
-                    "ratio_to_first_p2", "think_latency_p2_over_p1"],
-    "attention": ["tokens_per_path", "slots", "paths", "flex_ms_per_step", "sdpa_ms_per_step", "sdpa_over_flex"],
-    "summary": ["paths", "tokens_per_path", "reuse_s", "reprefill_s", "speedup"],
-    "length": ["context", "steps", "engine_ms_per_step", "hf_ms_per_step", "speedup"],
-    "memory": ["run", "paths", "tokens_per_path", "kv_theory_mb", "hf_kv_mb", "kv_pool_mb", "kv_peak_mb", "kv_peak_tokens_mb", "page_mb", "segments", "preemptions", "same_outputs"],
-    "eval_workload": ["shape", "scheduling", "prompts", "paths", "slots", "mean_think_len", "max_think_len", "seconds",
-                      "problems_per_min", "gen_tokens_per_s", "speedup_vs_static"],
-    "decode_step": ["step", "slots", "paths", "tokens_per_path", "weights_mb", "kv_mb", "bandwidth_gb_s", "step_ms",
-                    "roofline_ms", "ratio_to_roofline", "warmup_s"],
-}
-TEXT_COLUMNS = {"mode", "timed", "scheduling", "step", "run", "shape", "same_outputs"}
+TEXT_COLUMNS = {"mode", "timed", "variant", "default", "step", "run", "shape", "same_outputs"}
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+#: columns a benchmark writes only on CUDA (measured peaks: the CPU has no allocator statistics)
+CUDA_ONLY = {"engine_extra_mb", "hf_extra_mb"}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +36,11 @@ def read(path):
         return list(csv.DictReader(f))
 
 
+def header(path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", bench.BENCHMARKS)
 def test_smoke_writes_csv_and_png(smoke_run, name):
@@ -53,13 +48,10 @@ def test_smoke_writes_csv_and_png(smoke_run, name):
     csv_path = out / f"bench_{name}.csv"
     assert csv_path in paths
     rows = read(csv_path)
-    expected = COLUMNS[name]
-    if name == "attention" and "flex" not in CPU_KERNELS:  # CPU torch < 2.13: sdpa alone
-        expected = [c for c in expected if "flex" not in c]
-    assert list(rows[0]) == expected
+    columns = header(csv_path)  # the committed CSV's too (test_committed_csv_header_is_what_the_benchmark_writes)
     assert (out / f"bench_{name}.png").read_bytes()[:4] == b"\x89PNG"
     table = (out / f"bench_{name}.md").read_text().splitlines()  # the same rows, for the docs
-    assert table[0] == "| " + " | ".join(expected) + " |" and len(table) == 2 + len(rows)
+    assert table[0] == "| " + " | ".join(columns) + " |" and len(table) == 2 + len(rows)
     numbers = [float(v) for r in rows for k, v in r.items() if k not in TEXT_COLUMNS and v != ""]
     assert all(v >= 0 for v in numbers) and all(v == v for v in numbers)  # no negatives, no NaN
 
@@ -99,17 +91,64 @@ def test_smoke_grids_and_forced_lengths(smoke_run):
     assert [int(r["context"]) for r in read(out / "bench_length.csv")] == list(smoke.length_contexts)
 
 
+def preset_free(columns: list[str]) -> list[str]:
+    """``columns`` with the preset's largest path count in a name (path_length's ``_p8`` on the CPU,
+    ``_p2`` in the smoke run) written ``_pP``."""
+    return [re.sub(r"_p(\d+)(?=_|$)", lambda m: m.group(0) if m.group(1) == "1" else "_pP", c) for c in columns]
+
+
+def check_committed_header(name: str, written: list[str]) -> None:
+    """results/bench_<name>[_cuda].csv, where committed, has the header the benchmark writes today
+    (a benchmark whose columns changed must be rerun)."""
+    for path in (RESULTS / f"bench_{name}.csv", RESULTS / f"bench_{name}_cuda.csv"):
+        if not path.exists():
+            continue
+        expected = [c for c in header(path) if not (path.stem.endswith("_cuda") and c in CUDA_ONLY)]
+        if name == "attention" and "flex" not in CPU_KERNELS:  # CPU torch < 2.13: sdpa alone
+            expected = [c for c in expected if "flex" not in c]
+        assert preset_free(written) == preset_free(expected), \
+            f"{path.name} has other columns than the benchmark writes today: rerun it"
+
+
 @pytest.mark.slow
-def test_eval_workload_forces_long_tailed_think_lengths(smoke_run):
+@pytest.mark.parametrize("name", bench.BENCHMARKS)
+def test_committed_csv_header_is_what_the_benchmark_writes(smoke_run, name):
     out, _ = smoke_run
-    smoke = harness.PRESETS["smoke"]
+    check_committed_header(name, header(out / f"bench_{name}.csv"))
+
+
+def test_committed_compile_verdicts_header_is_the_writer_s():
+    if compilation.VERDICTS_CSV.exists():
+        assert header(compilation.VERDICTS_CSV) == list(compilation.VERDICT_COLUMNS)
+
+
+def test_only_a_real_run_into_results_writes_the_package_s_verdicts(tmp_path):
+    def where(preset, output):
+        return batching.verdicts_path(SimpleNamespace(preset=harness.PRESETS[preset], output=output))
+
+    assert where("cpu", RESULTS) == compilation.VERDICTS_CSV
+    assert where("smoke", RESULTS) == RESULTS / "compile_verdicts.csv"
+    assert where("cpu", tmp_path) == tmp_path / "compile_verdicts.csv"
+
+
+@pytest.mark.slow
+def test_eval_workload_runs_each_variant_in_its_process_and_writes_a_verdict(smoke_run):
+    out, _ = smoke_run
+    (workload,) = harness.PRESETS["smoke"].workloads
     rows = read(out / "bench_eval_workload.csv")
-    assert [r["scheduling"] for r in rows] == ["static", "continuous"]
-    lengths = batching.workload_lengths(smoke)  # the run asserted that every request thought exactly this long
+    assert [r["variant"] for r in rows] == list(workload_worker.VARIANTS)
+    lengths = batching.workload_lengths(workload)  # every run asserted that every request thought exactly this long
     assert float(rows[0]["mean_think_len"]) == pytest.approx(sum(lengths) / len(lengths))
-    assert len(set(lengths)) > 2 and max(lengths) <= smoke.workload_budget
-    big = batching.workload_lengths(harness.PRESETS["cpu"])
+    assert len(set(lengths)) > 2 and max(lengths) <= workload.budget
+    big = batching.workload_lengths(harness.CPU_WORKLOADS[0])
     assert max(big) > 3 * sorted(big)[len(big) // 2]  # a long tail: the longest is several medians
+    assert float(rows[0]["speedup_vs_original"]) == 1.0
+    assert [r["compile_s_cold"] != "" for r in rows] == [False, False, True]  # the compiled variant's alone
+    (verdict,) = compilation.read_verdicts(out / "compile_verdicts.csv")  # beside the outputs, not the package's
+    assert (verdict["device"], verdict["shape"], verdict["size_bucket"]) == ("cpu", "tiny", "<10M")
+    assert verdict["speedup"] == pytest.approx(verdict["eager_s"] / verdict["compiled_s"])
+    default = "compiled" if verdict["compile"] == "true" else "eager"
+    assert [r["variant"] for r in rows if r["default"] == "True"] == [default]
 
 
 @pytest.mark.slow
@@ -121,6 +160,7 @@ def test_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
                           env={**__import__("os").environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "bench_eval_workload.csv").is_file() and (tmp_path / "compile_verdicts.csv").is_file()
     steps = read(tmp_path / "bench_decode_step.csv")
     assert [r["step"] for r in steps] == ["eager", "compiled"]
     assert (tmp_path / "bench_path_length.png").is_file() and (tmp_path / "bench_vs_hf.png").is_file()
@@ -213,6 +253,13 @@ def test_training_smoke_writes_csv_and_png(training_smoke, name):
     assert out / f"bench_{name}.csv" in paths
     assert list(read(out / f"bench_{name}.csv")[0]) == TRAINING_COLUMNS[name]
     assert (out / f"bench_{name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TRAINING_COLUMNS)
+def test_committed_training_csv_header_is_what_the_benchmark_writes(training_smoke, name):
+    out, _ = training_smoke
+    check_committed_header(name, header(out / f"bench_{name}.csv"))
 
 
 @pytest.mark.slow
