@@ -160,7 +160,6 @@ def test_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
                           env={**__import__("os").environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "bench_eval_workload.csv").is_file() and (tmp_path / "compile_verdicts.csv").is_file()
     steps = read(tmp_path / "bench_decode_step.csv")
     assert [r["step"] for r in steps] == ["eager", "compiled"]
     assert (tmp_path / "bench_path_length.png").is_file() and (tmp_path / "bench_vs_hf.png").is_file()

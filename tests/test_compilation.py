@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from helpers import REPO_ROOT, offline_env, run_lm_eval
-from tiny import save_tiny_checkpoint, tiny_model
+from tiny import save_tiny_checkpoint, tiny_model, tiny_parathinker
 
 from lm_eval_parathinker.files import cache_root
-from lm_eval_parathinker.engine import attention, compilation
+from lm_eval_parathinker.engine import ParaThinkerEngine, attention, compilation
 from lm_eval_parathinker.harness.options import RunOptions
 from lm_eval_parathinker.upstream import torch as upstream_torch
 
@@ -59,6 +60,18 @@ def test_auto_compiles_where_the_verdicts_measured_it_faster(tmp_path):
     with upstream_torch.dynamo_config(disable=True):  # TORCH_COMPILE_DISABLE: eager, and no flex
         assert not compilation.resolve_compile("auto", model, table)[0]
         assert attention.resolve_kernel("auto", torch.device("cpu")) is attention.SDPA
+
+
+def test_the_sdpa_kernel_runs_eager_under_compile():
+    """sdpa reads how many pages it gathers on the host, which no whole graph takes: its steps run
+    eager (ragged on the CPU), with no compilation and no warning."""
+    model, tok = tiny_parathinker()
+    engine = ParaThinkerEngine(model, tok, compile=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        engine.generate(["Find the number of ways."], num_paths=2, max_new_tokens=4, summary_max_tokens=2,
+                        attention="sdpa")
+    assert engine.compile and engine.last_stats["compiled"] is False and engine.last_stats["compilations"] == 0
 
 
 def test_the_committed_verdicts_are_measurements():

@@ -295,7 +295,7 @@ def test_budget_cuts_every_path(scripted_engine):
 @pytest.mark.parametrize("ragged", [False, True])
 def test_one_prefill_per_prompt_one_forward_per_step_one_cache(monkeypatch, ragged):
     model, tok = tiny_parathinker("llama")
-    monkeypatch.setattr(ParaThinkerEngine, "_ragged_steps", lambda self: ragged)
+    monkeypatch.setattr(ParaThinkerEngine, "_ragged_steps", lambda self, compiled: ragged)
     forwards, caches = [], []  # (input shape, a decode step?)
     model.register_forward_pre_hook(
         lambda m, a, kw: forwards.append((tuple(kw["input_ids"].shape), isinstance(kw["reads"], PageReads))),

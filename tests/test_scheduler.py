@@ -155,7 +155,7 @@ def test_ragged_steps_give_the_rectangles_results(tiny, monkeypatch):
     kwargs = dict(num_paths=3, max_new_tokens=10, summary_max_tokens=4, termination="half", temperature=1.0, seed=2,
                   output_logits=True, num_slots=2)
     ragged = eager_engine(model, tok).generate(PROMPTS, **kwargs)
-    monkeypatch.setattr(ParaThinkerEngine, "_ragged_steps", lambda self: False)
+    monkeypatch.setattr(ParaThinkerEngine, "_ragged_steps", lambda self, compiled: False)
     padded = eager_engine(model, tok).generate(PROMPTS, **kwargs)
     assert _tokens(ragged) == _tokens(padded)
     assert any(len({len(p) for p in o.path_ids}) > 1 for o in ragged)  # done paths left padding in their rows

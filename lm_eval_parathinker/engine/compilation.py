@@ -35,7 +35,7 @@ import torch
 from ..files import cache_root
 from ..tables import read_csv, write_table
 from ..upstream import torch as upstream_torch
-from .attention import SDPA, compile_limits
+from .attention import SDPA, Kernel, compile_limits
 
 logger = logging.getLogger(__name__)
 
@@ -132,21 +132,26 @@ class DecodeStep:
 
     @property
     def compiled(self) -> bool:
-        """Whether the next step runs compiled."""
+        """Whether steps run compiled (with the ``flex`` kernel: :meth:`compiles`)."""
         return self.compile and self.failure is None
 
-    def call_stats(self, before: CompileStats) -> dict:
-        """A call's share of the stats (``before``: a copy of :attr:`stats` from its start), for the
-        engine's ``last_stats``: whether the step ran compiled, the seconds and graphs compiled, and
-        why compiling failed (None: it did not)."""
-        return {"compiled": self.compiled, "compile_s": self.stats.seconds - before.seconds,
+    def compiles(self, kernel: Kernel) -> bool:
+        """Whether steps with ``kernel`` run compiled: with ``flex`` only (``sdpa`` reads how many pages
+        it gathers on the host, which no whole graph takes; its steps run eager)."""
+        return self.compiled and kernel is not SDPA
+
+    def call_stats(self, before: CompileStats, compiled: bool) -> dict:
+        """A call's share of the stats (``before``: a copy of :attr:`stats` from its start; ``compiled``:
+        whether its steps were to run compiled), for the engine's ``last_stats``: whether they did, the
+        seconds and graphs compiled, and why compiling failed (None: it did not)."""
+        return {"compiled": compiled and self.compiled, "compile_s": self.stats.seconds - before.seconds,
                 "compilations": self.stats.graphs - before.graphs, "compile_failure": self.failure}
 
     def __call__(self, forward: Callable, model, cache, batch) -> torch.Tensor:
         """``forward(model, cache, batch)`` (:func:`step.decode_forward`), compiled or eager."""
         if self.failure is not None:
             return forward(model, cache, dataclasses.replace(batch, kernel=SDPA))
-        fn = self._function(forward, model) if self.compile else forward
+        fn = self._function(forward, model) if self.compiles(batch.kernel) else forward
         counters = upstream_torch.compile_counters()["stats"]
         before, start = counters["unique_graphs"], time.perf_counter()
         try:

@@ -30,7 +30,7 @@ import torch
 from .. import protocol
 from ..protocol import Compat, ControlTokenIds
 from . import step
-from .attention import paged_attention_for, resolve_kernel
+from .attention import Kernel, paged_attention_for, resolve_kernel
 from .compilation import DecodeStep, default_compile, parse_compile, resolve_compile
 from .kv_cache import PagedKVCache, bytes_per_token, head_dim, pool_pages
 from .options import CallSettings, EngineOptions
@@ -149,12 +149,15 @@ class ParaThinkerEngine:
         prompt_ids, template = self.encode(prompts, opts.layout), self._template(opts)
         plan = self._plan(opts, call, ids, len(template))
         self._check_lengths(prompt_ids, opts, plan)
-        slots = call.num_slots or len(prompt_ids)
-        if not self.compile:  # a compiled step keeps its rectangle (slots x P) for every call
-            slots = min(slots, len(prompt_ids))
         page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
-        cache = self._kv_pool(opts, plan, prompt_ids, slots, page_size)
-        config = self._scheduler_config(opts, call, ids, template, slots, page_size)
+        kernel = resolve_kernel(opts.attention, self.device, page_size=page_size,
+                                head_dim=head_dim(self.model.config), dtype=self._dtype)
+        compiled = self.decode_step.compiles(kernel)
+        slots = call.num_slots or len(prompt_ids)
+        if not compiled:  # a compiled step keeps its rectangle (slots x P) for every call
+            slots = min(slots, len(prompt_ids))
+        cache = self._kv_pool(opts, plan, prompt_ids, slots, page_size, static=self._static_addresses(compiled))
+        config = self._scheduler_config(opts, call, ids, template, slots, kernel, compiled)
         outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
 
         def finished(done: Finished) -> None:
@@ -167,7 +170,7 @@ class ParaThinkerEngine:
         with self._running(opts, call.max_new_tokens):
             scheduler.run(prompt_ids, request_seeds(call.seed, len(prompt_ids)), finished)
         self.last_stats = {"attention": config.kernel.name, **scheduler.pool.stats.as_dict(cache.bytes_per_token),
-                           **self.decode_step.call_stats(compiled_before)}
+                           **self.decode_step.call_stats(compiled_before, compiled)}
         return outputs
 
     # -- the steps of a call ---------------------------------------------------------------
@@ -198,29 +201,27 @@ class ParaThinkerEngine:
         return step.Plan.build(opts, call, ids, self.eos_ids, pad, template_len, vocab, self.device)
 
     def _scheduler_config(self, opts: EngineOptions, call: CallSettings, ids: ControlTokenIds | None,
-                          template: list[int], slots: int, page_size: int) -> SchedulerConfig:
-        kernel = resolve_kernel(opts.attention, self.device, page_size=page_size,
-                                head_dim=head_dim(self.model.config), dtype=self._dtype)
+                          template: list[int], slots: int, kernel: Kernel, compiled: bool) -> SchedulerConfig:
+        static = self._static_addresses(compiled)
         return SchedulerConfig(
             layout=opts.layout, flattened=opts.positions == "flattened", reprefill=opts.summary_kv == "reprefill",
             kernel=kernel, num_slots=slots, first_tokens=None if ids is None else list(ids.think_open[: opts.num_paths]),
-            template=template, decode_step=self.decode_step, ragged=self._ragged_steps(),
-            static_addresses=self._static_addresses(),
-            table_pages=self._table_pages(page_size) if self._static_addresses() else None,
+            template=template, decode_step=self.decode_step, ragged=self._ragged_steps(compiled),
+            static_addresses=static, table_pages=self._table_pages(self._pool.page_size) if static else None,
             stops=stop_checks(call.stop_strings, self.tokenizer, summary=ids is not None),
             recorder=LogitsRecorder() if call.output_logits else None,
         )
 
     def _kv_pool(self, opts: EngineOptions, plan: step.Plan, prompt_ids: list[list[int]], slots: int,
-                 page_size: int) -> PagedKVCache:
+                 page_size: int, static: bool) -> PagedKVCache:
         """The KV pool for a call (:func:`kv_cache.pool_pages`). Reused across calls when its size
-        suits (CUDA graphs keep its shapes and addresses: :meth:`_static_addresses`)."""
+        suits; ``static``: CUDA graphs read it, it takes its whole budget (:meth:`_static_addresses`)."""
         summary = plan.template_len + plan.summary_tokens if plan.summary_rules is not None else 0
         worst = request_pages(max(map(len, prompt_ids)), plan.num_paths, plan.budget, summary, page_size)
         held = self._pool
         num_pages, limit = pool_pages(worst, slots, page_size, bytes_per_token(self.model.config, self._dtype),
                                       self.device, num_blocks=opts.num_blocks, max_memory_percent=opts.max_memory_percent,
-                                      held_pages=0 if held is None else held.num_pages, whole=self._static_addresses())
+                                      held_pages=0 if held is None else held.num_pages, whole=static)
         if held is not None and held.matches(self.model, page_size, self.device, self._dtype) and held.reusable(
                 num_pages, limit, exact=opts.num_blocks is not None):
             return held
@@ -235,16 +236,16 @@ class ParaThinkerEngine:
         with paged_attention_for(self.model), rope_scaling(self.model, rope), _current_device(self.device):
             yield
 
-    def _ragged_steps(self) -> bool:
+    def _ragged_steps(self, compiled: bool) -> bool:
         """Steps on the real tokens only: for eager steps on the CPU (a padding query costs a full
         token there)."""
-        return not self.compile and self.device.type == "cpu"
+        return not compiled and self.device.type == "cpu"
 
-    def _static_addresses(self) -> bool:
+    def _static_addresses(self, compiled: bool) -> bool:
         """Whether the step reads its KV pool and page table at fixed addresses: a compiled step's
         CUDA graphs do. Their shapes are then fixed too (a static input's shape is a guard): the
         pool takes its whole memory budget at once (as vLLM's does) and the table its widest."""
-        return self.compile and self.device.type == "cuda"
+        return compiled and self.device.type == "cuda"
 
     def _table_pages(self, page_size: int) -> int:
         """The page table's widest: the most pages a block can take (the pool's, or the model's
