@@ -65,7 +65,7 @@ class ParaThinkerEngine:
     ``auto``) compiles the decode step with ``torch.compile`` (CUDA graphs on GPU,
     ``mode="reduce-overhead"``; inductor's default mode elsewhere); ``auto`` where the committed
     verdicts measured it faster (:mod:`compilation`). ``scheduler_class`` runs the calls
-    (:class:`scheduler.StaticScheduler`: fixed batches, the benchmarks' baseline).
+    (:class:`scheduler.StaticScheduler`: fixed batches, a comparison for continuous batching).
 
     >>> engine = ParaThinkerEngine(model, tokenizer)
     >>> out = engine.generate(["What is 2+3?"], num_paths=4, max_new_tokens=512)[0]

@@ -20,8 +20,8 @@ Each slot holds one request at a time; its keys and values live in pages of a sh
 A step is a rectangle ``[slots, P]`` of queries (static shapes, for a compiled step and the GPU,
 where a padding query costs next to nothing) or, with ``ragged=True`` (eager CPU steps, where it
 costs as much as a real one), the flat list of the real queries only. :class:`StaticScheduler`
-admits requests only when every slot is free: the fixed batches of a lockstep engine, the
-benchmarks' baseline, on the same kernels. The engine takes the scheduler class as an argument.
+admits requests only when every slot is free: the fixed batches of a lockstep engine, on the
+same kernels (what continuous batching saves, tests/test_scheduler.py). The engine takes the scheduler class as an argument.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ class _Busy:
     lengths: list[int] = field(default_factory=list)  # their lengths, as last seen
     handled: int = -1  # the step count when the host last acted on the slot
     times: dict = field(default_factory=dict)
+    compiling: dict = field(default_factory=lambda: {"think": 0.0, "summary": 0.0})  # seconds its steps compiled
 
 
 class PhaseView:
@@ -293,8 +294,10 @@ class Scheduler:
 
     def _step(self) -> None:
         inputs = step_inputs(self.state, self.plan)
+        compiled_before = self.config.decode_step.stats.seconds
         out = step_forward(self.model, self.cache, self.pool.table, self.state, self.plan, inputs, self.config.kernel,
                            self.config.ragged, self.config.decode_step)
+        compiling = self.config.decode_step.stats.seconds - compiled_before  # kept out of the requests' times
         if out is not None:  # None: every slot waits for the host
             logits, index = out
             if self.recorder is not None:
@@ -303,6 +306,7 @@ class Scheduler:
         for busy in self.busy:
             if busy is None:
                 continue
+            busy.compiling["think" if busy.summary is None else "summary"] += compiling
             if busy.summary is None:
                 busy.t += 1
             else:
@@ -416,8 +420,11 @@ class Scheduler:
         end = time.perf_counter()
         times = busy.times
         thought = times.get("thought", end)
-        timing = {"prefill_s": times["prefilled"] - busy.admitted, "think_s": thought - times["prefilled"],
-                  "summary_s": end - thought, "latency_s": end - busy.admitted}
+        compiling = busy.compiling  # seconds of compilation, reported apart
+        timing = {"prefill_s": times["prefilled"] - busy.admitted,
+                  "think_s": thought - times["prefilled"] - compiling["think"],
+                  "summary_s": end - thought - compiling["summary"],
+                  "latency_s": end - busy.admitted - sum(compiling.values()), "compile_s": sum(compiling.values())}
         done = Finished(busy.request, [row[:n] for row, n in zip(tokens, lengths)], finished, reason, summary, timing,
                         self.preempted.get(busy.request, 0))
         if self.recorder is not None:
@@ -430,8 +437,8 @@ class Scheduler:
 
 
 class StaticScheduler(Scheduler):
-    """Admits requests only when every slot is free: the fixed batches of a lockstep engine (the
-    benchmarks' baseline for continuous batching), on the same kernels."""
+    """Admits requests only when every slot is free: the fixed batches of a lockstep engine (a
+    comparison for continuous batching), on the same kernels."""
 
     def _admit(self, waiting: deque) -> None:
         if not any(self.busy):

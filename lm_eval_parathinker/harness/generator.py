@@ -102,8 +102,9 @@ def _meta(out: GenerationOutput) -> dict:
         "num_paths": s["num_paths"],
         "paths_finished": s["paths_finished"],
         "cut_paths": s["num_paths"] - s["paths_finished"],
-        "latency_s": s["latency_s"],  # wall time from the request's admission to its end
-        "think_s": s["think_s"],  # wall time of the think stage (of the samples, for the baselines)
+        # wall times (compilation apart: the engine's compile_s), from the request's admission to its end
+        "latency_s": s["latency_s"],
+        "think_s": s["think_s"],  # of the think stage (of the samples, for the baselines)
         "termination": s["termination"],  # a string: kept out of the metrics by process_results
     }
 
