@@ -86,6 +86,8 @@ def test_the_committed_verdicts_are_measurements():
 def test_inductor_caches_under_the_package_cache_unless_set(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     assert compilation.use_package_inductor_cache() == cache_root() / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", upstream_torch.inductor_default_cache_dir())  # inductor's own
+    assert compilation.use_package_inductor_cache() == cache_root() / "inductor"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     assert compilation.use_package_inductor_cache() == tmp_path
 
@@ -130,13 +132,12 @@ def test_a_failed_compile_warns_once_and_decodes_eager_with_sdpa(fallbacks, caus
 
 @pytest.mark.slow
 def test_compiled_attention_is_right_from_a_cache_warmed_at_another_thread_count(tmp_path):
-    """A process at 2 threads fills the inductor cache; then one at 1 thread (flex's CPU kernels are
-    built per thread count) and one at 2 (which reuses the first one's graphs) against sdpa."""
+    """A process at 2 threads fills the inductor cache, then one at 1 thread (flex's CPU kernels are
+    built per thread count) reads it: both against sdpa. (A second process at the same count reuses
+    the first one's graphs: eval_workload's compile_s_warm.)"""
     first = _scenario("attention", "2", cache_dir=tmp_path)
-    with ThreadPoolExecutor(2) as pool:
-        other, again = pool.map(lambda threads: _scenario("attention", threads, cache_dir=tmp_path), ["1", "2"])
-    assert first["same"] and other["same"] and again["same"]
-    assert again["fx_graph_cache_hits"] > 0
+    other = _scenario("attention", "1", cache_dir=tmp_path)
+    assert first["same"] and other["same"]
     assert first["compile_apart"]  # a response's latency leaves out the compilation (its compile_s)
 
 

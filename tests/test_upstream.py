@@ -31,6 +31,7 @@ GUARDED: dict[str, tuple[str, ...] | None] = {
     "torch._dynamo.mark_static": ("t", "index"),
     "torch._dynamo.mark_static_address": ("t",),
     "torch._dynamo.mark_dynamic": ("t", "index"),
+    "torch._inductor.runtime.cache_dir_utils.default_cache_dir": (),
     "torch._dynamo.config.disable": None,
     "torch._dynamo.exc.TorchDynamoException": None,
     "torch._inductor.exc.CppCompileError": None,

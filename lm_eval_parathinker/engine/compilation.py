@@ -36,6 +36,7 @@ from ..files import cache_root
 from ..tables import read_csv, write_table
 from ..upstream import torch as upstream_torch
 from .attention import SDPA, Kernel, compile_limits
+from .hub_kernels import bypass_kernel_routing
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +107,11 @@ def resolve_compile(choice: str, model: torch.nn.Module, verdicts: str | os.Path
 
 def use_package_inductor_cache() -> Path:
     """Inductor's persistent caches under the package cache (``inductor/``), unless the user set
-    ``$TORCHINDUCTOR_CACHE_DIR``; returns the folder in use. Its keys include the CPU thread count
-    that kernels are built for (torch >= 2.13), so a cache warmed at one count serves another correctly."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+    ``$TORCHINDUCTOR_CACHE_DIR`` (inductor sets it to its own default when it is imported: that one is
+    replaced); returns the folder in use. Its keys include the CPU thread count that kernels are built
+    for (torch >= 2.13), so a cache warmed at one count serves another correctly."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, upstream_torch.inductor_default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_root() / "inductor")
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
@@ -129,6 +132,7 @@ class DecodeStep:
         self.failure: str | None = None  # why compiling failed (then: eager, sdpa)
         self.stats = CompileStats()
         self._compiled: Callable | None = None
+        use_package_inductor_cache()  # for the eager step's flex kernel too
 
     @property
     def compiled(self) -> bool:
@@ -170,9 +174,6 @@ class DecodeStep:
 
     def _function(self, forward: Callable, model) -> Callable:
         if self._compiled is None:
-            from .hub_kernels import bypass_kernel_routing
-
-            use_package_inductor_cache()
             bypass_kernel_routing(model)
             cuda = next(model.parameters()).device.type == "cuda"
             # whole graph (a break would leave host work between pieces and no CUDA graph); dynamic:

@@ -58,6 +58,14 @@ def compile_enabled() -> bool:
     return not torch._dynamo.config.disable
 
 
+def inductor_default_cache_dir() -> str:
+    """The folder inductor caches into when ``$TORCHINDUCTOR_CACHE_DIR`` is unset, which it then sets
+    the variable to itself (importing its code cache does)."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return default_cache_dir()
+
+
 def compile_counters():
     """dynamo's counters (``stats``/``unique_graphs``: graphs compiled so far in this process,
     ``graph_break``, ``frames``/``ok``, ...)."""
