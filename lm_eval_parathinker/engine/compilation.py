@@ -123,7 +123,6 @@ class CompileStats:
     graphs: int = 0
 
 
-
 class DecodeStep:
     """Runs an engine's decode forwards: compiled or eager, with the fallback (see the module docstring)."""
 

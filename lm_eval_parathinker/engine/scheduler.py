@@ -21,7 +21,8 @@ A step is a rectangle ``[slots, P]`` of queries (static shapes, for a compiled s
 where a padding query costs next to nothing) or, with ``ragged=True`` (eager CPU steps, where it
 costs as much as a real one), the flat list of the real queries only. :class:`StaticScheduler`
 admits requests only when every slot is free: the fixed batches of a lockstep engine, on the
-same kernels (what continuous batching saves, tests/test_scheduler.py). The engine takes the scheduler class as an argument.
+same kernels (what continuous batching saves, tests/test_scheduler.py). The engine takes the
+scheduler class as an argument.
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ class Scheduler:
         self.pool = PagePool(cache.num_pages, ps, cache.page_table(slots, P + 2, max_pages))
         if self.config.static_addresses:
             cache.mark_static()
-        elif self.config.decode_step.compiled:
+        elif self.config.decode_step.compiles(self.config.kernel):
             cache.mark_growable()
         self.state = SlotState.allocate(slots, plan, self.device)
         self.busy: list[_Busy | None] = [None] * slots
