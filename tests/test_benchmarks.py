@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import CPU_KERNELS
+from helpers import CPU_KERNELS, REPO_ROOT
 
 from benchmarks import batching, harness, workload_worker
 from benchmarks import engine as bench
@@ -19,7 +22,7 @@ from lm_eval_parathinker.engine import ParaThinkerEngine, compilation
 from lm_eval_parathinker.upstream import torch as upstream_torch
 
 TEXT_COLUMNS = {"mode", "timed", "variant", "default", "step", "run", "shape", "same_outputs"}
-RESULTS = Path(__file__).resolve().parents[1] / "results"
+RESULTS = REPO_ROOT / "results"
 #: columns a benchmark writes only on CUDA (measured peaks: the CPU has no allocator statistics)
 CUDA_ONLY = {"engine_extra_mb", "hf_extra_mb"}
 
@@ -151,18 +154,24 @@ def test_eval_workload_runs_each_variant_in_its_process_and_writes_a_verdict(smo
     assert [r["variant"] for r in rows if r["default"] == "True"] == [default]
 
 
+def gpu_script_benchmarks() -> list[str]:
+    """The benchmarks gpu.sh runs (its ONLY list)."""
+    (line,) = [line for line in (REPO_ROOT / "benchmarks" / "gpu.sh").read_text().splitlines() if line.startswith("ONLY=")]
+    return line.removeprefix("ONLY=").split(",")
+
+
 @pytest.mark.slow
 def test_gpu_script_runs_in_smoke_mode_on_cpu(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--smoke", "--output", str(tmp_path)], capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=600,
-                          env={**__import__("os").environ, "PYTHON": sys.executable})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    steps = read(tmp_path / "bench_decode_step.csv")
-    assert [r["step"] for r in steps] == ["eager", "compiled"]
-    assert (tmp_path / "bench_path_length.png").is_file() and (tmp_path / "bench_vs_hf.png").is_file()
+    """gpu.sh's checks and its command line, with the cheapest of its benchmarks (the others, in
+    smoke mode as the script runs them: test_timed_calls_compile_nothing)."""
+    assert set(gpu_script_benchmarks()) <= set(bench.BENCHMARKS)
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", "--smoke", "--output", str(tmp_path), "--only", "vs_hf"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+                          env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]  # one thread, as the tests: test_timed_calls_compile_nothing reads its graphs
+    assert "benchmarks/gpu.sh: python" in proc.stderr  # the import check ran
+    rows = read(tmp_path / "bench_vs_hf.csv")
+    assert rows and (tmp_path / "bench_vs_hf.png").is_file()
 
 
 @pytest.mark.slow
@@ -191,7 +200,11 @@ def test_timed_calls_compile_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(harness.Bench, "warm_up", marked_warm_up)
     monkeypatch.setattr(ParaThinkerEngine, "generate", counted_generate)
-    bench.main(["--smoke", "--compile", "--only", "decode_step,path_length,vs_hf", "--output", str(tmp_path)])
+    only = ",".join(name for name in gpu_script_benchmarks() if name != "eval_workload")  # as gpu.sh --smoke
+    bench.main(["--smoke", "--compile", "--only", only, "--output", str(tmp_path)])
+    steps = read(tmp_path / "bench_decode_step.csv")
+    assert [r["step"] for r in steps] == ["eager", "compiled"]
+    assert (tmp_path / "bench_path_length.png").is_file()
     assert compiled and not any(compiled), compiled
 
 
@@ -300,7 +313,7 @@ def test_test_times_smoke_counts_each_file_and_tier(tmp_path):
     import subprocess
     import sys
 
-    from helpers import REPO_ROOT, offline_env
+    from helpers import offline_env
 
     proc = subprocess.run([sys.executable, "-m", "benchmarks.test_times", "--smoke", "--output", str(tmp_path)],
                           cwd=REPO_ROOT, env=offline_env(), capture_output=True, text=True, timeout=300)

@@ -130,17 +130,6 @@ def test_a_failed_compile_warns_once_and_decodes_eager_with_sdpa(fallbacks, caus
     assert result["same"]  # the same tokens as the eager sdpa engine
 
 
-@pytest.mark.slow
-def test_compiled_attention_is_right_from_a_cache_warmed_at_another_thread_count(tmp_path):
-    """A process at 2 threads fills the inductor cache, then one at 1 thread (flex's CPU kernels are
-    built per thread count) reads it: both against sdpa. (A second process at the same count reuses
-    the first one's graphs: eval_workload's compile_s_warm.)"""
-    first = _scenario("attention", "2", cache_dir=tmp_path)
-    other = _scenario("attention", "1", cache_dir=tmp_path)
-    assert first["same"] and other["same"]
-    assert first["compile_apart"]  # a response's latency leaves out the compilation (its compile_s)
-
-
 TASK = """include: {template}
 task: {name}
 custom_dataset: !function lm_eval_parathinker.data.load_aime24
@@ -158,20 +147,40 @@ generation_kwargs:
 """
 
 
-@pytest.mark.slow
-def test_a_run_of_two_tasks_with_other_budgets_compiles_the_step_once(tmp_path):
-    """One (slots x P) rectangle: one compilation, whatever the tasks' budgets and numbers of prompts."""
-    ckpt = save_tiny_checkpoint(tmp_path / "ckpt")
-    tasks = tmp_path / "tasks"
+@pytest.fixture(scope="module")
+def two_tasks(tmp_path_factory):
+    """lm_eval of two tasks with other budgets, compiled, at 2 threads, into an inductor cache of its
+    own: (checkpoint, cache folder, results)."""
+    tmp = tmp_path_factory.mktemp("two_tasks")
+    ckpt, cache, tasks = save_tiny_checkpoint(tmp / "ckpt"), tmp / "inductor", tmp / "tasks"
     tasks.mkdir()
     for name, budget in (("short_budget", 8), ("long_budget", 140)):
         (tasks / f"{name}.yaml").write_text(TASK.format(template=REPO_ROOT / "tasks" / "_parathinker_math_template_yaml",
                                                         name=name, budget=budget))
     _, res = run_lm_eval(["--model", "parathinker", "--model_args",
-                       f"pretrained={ckpt},num_paths=2,summary_max_tokens=4,dtype=float32,compile=true",
-                       "--tasks", "short_budget,long_budget", "--include_path", str(tasks), "--limit", "2",
-                       "--batch_size", "3"], tmp_path / "out")
-    engine = res["config"]["parathinker"]["engine"]
+                          f"pretrained={ckpt},num_paths=2,summary_max_tokens=4,dtype=float32,compile=true",
+                          "--tasks", "short_budget,long_budget", "--include_path", str(tasks), "--limit", "2",
+                          "--batch_size", "3"], tmp / "out", TORCHINDUCTOR_CACHE_DIR=str(cache), OMP_NUM_THREADS="2")
+    return ckpt, cache, res
+
+
+@pytest.mark.slow
+def test_a_run_of_two_tasks_with_other_budgets_compiles_the_step_once(two_tasks):
+    """One (slots x P) rectangle: one compilation, whatever the tasks' budgets and numbers of prompts."""
+    engine = two_tasks[2]["config"]["parathinker"]["engine"]
     assert engine["compiled"] and engine["compile_failure"] is None
     assert engine["compilations"] == 1 and engine["compile_s"] > 0
-    assert set(res["results"]) == {"short_budget", "long_budget"}
+    assert set(two_tasks[2]["results"]) == {"short_budget", "long_budget"}
+
+
+@pytest.mark.slow
+def test_compiled_attention_is_right_from_a_cache_warmed_at_another_thread_count(two_tasks):
+    """The lm_eval run's cache, written at 2 threads, given to a process at 1 thread compiling the same
+    step: tokens and logits against sdpa. CPU kernels are built for a thread count; torch keys its FX
+    graphs by it, so this process compiles its own, and this checks that no graph of the other count
+    is taken. (A second process at the same count reuses the first one's: eval_workload's compile_s_warm.)"""
+    ckpt, cache, _ = two_tasks
+    assert any((cache / "fxgraph").rglob("*"))  # written at 2 threads
+    result = _scenario("attention", "1", str(ckpt), cache_dir=cache)
+    assert result["same"]
+    assert result["compile_apart"]  # a response's latency leaves out the compilation (its compile_s)
