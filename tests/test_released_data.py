@@ -499,6 +499,7 @@ def test_recipe_official_trains_on_every_form_with_the_jsonl_loss_and_lm_eval_ru
                           "--metadata", json.dumps({"repeats": 1, "data_dir": str(DATA_DIR)})],
                          tmp_path / "eval_released", OMP_NUM_THREADS="1")
     assert "aime24" in res["results"]
+    assert res["config"]["parathinker"]["compat"] == "official"  # auto: the checkpoint has <vllm_pad>
 
 
 @pytest.mark.slow

@@ -532,14 +532,13 @@ def test_sft_with_sixteen_control_tokens_makes_a_checkpoint_that_decodes_sixteen
 
 
 @pytest.mark.slow
-def test_official_layout_sft_makes_a_checkpoint_lm_eval_runs_as_official(trained):
+def test_official_layout_sft_makes_a_checkpoint_of_the_official_format(trained):
+    """(lm_eval runs such a checkpoint as official: test_released_data's --recipe official run.)"""
     from transformers import AutoTokenizer
 
     out, proc = trained["official"]
     assert "compat=official" in proc.stderr
     assert protocol.PAD in AutoTokenizer.from_pretrained(out).get_vocab()
-    res = _lm_eval(f"pretrained={out},num_paths=2,summary_max_tokens=70", out.parent / "eval_official", max_gen_toks=16)
-    assert res["config"]["parathinker"]["compat"] == "official"  # auto: the checkpoint has <vllm_pad>
 
 
 @pytest.mark.slow
