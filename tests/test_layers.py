@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "lm_eval_parathinker"
 #: each layer and the package modules it may import (besides its own)
 ALLOWED = {
     "upstream": set(),
-    "engine": {"protocol", "upstream", "files", "tables"},
-    "harness": {"engine", "protocol", "scoring", "embedded", "files", "checkpoint", "thought_embedding", "upstream"},
+    "engine": {"protocol", "formats", "upstream", "files", "tables"},
+    "harness": {"engine", "protocol", "formats", "scoring", "embedded", "files", "checkpoint", "thought_embedding", "upstream"},
     # results files: read runs' outputs, never run a model
     "leaderboard": {"stats", "data", "tables", "plotting", "files"},
     "tables": {"files"},

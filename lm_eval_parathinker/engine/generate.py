@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from .. import protocol
+from .. import formats, protocol
 from ..protocol import Compat, ControlTokenIds
-from . import step
+from . import forks, step
 from .attention import Kernel, paged_attention_for, resolve_kernel
 from .compilation import DecodeStep, default_compile, parse_compile, resolve_compile
 from .kv_cache import PagedKVCache, bytes_per_token, head_dim, pool_pages
@@ -56,6 +56,9 @@ class GenerationOutput:
     stats: dict = field(default_factory=dict)
     path_logits: list[torch.Tensor] | None = None  # per path: [len, vocab], logits that predicted each next token
     summary_logits: torch.Tensor | None = None  # [len(summary_ids), vocab]
+    tree: dict | None = None  # a forking format's response as its tree of forks and paths (forks.tree_json)
+    engine_written: list[bool] | None = None  # a forking format's: which response tokens the engine wrote
+    root: forks.Thread | None = field(default=None, repr=False)  # a forking format's tree, as the engine built it
 
 
 class ParaThinkerEngine:
@@ -145,6 +148,8 @@ class ParaThinkerEngine:
         :attr:`last_stats` holds the KV pool's use and the preemptions.
         """
         opts, call = self._call(options, settings, keywords)
+        if opts.format != "parathinker":
+            return self._generate_forks(prompts, opts, call, on_output)
         ids = self._validate(prompts, opts, call.max_new_tokens)
         prompt_ids, template = self.encode(prompts, opts.layout), self._template(opts)
         plan = self._plan(opts, call, ids, len(template))
@@ -156,7 +161,9 @@ class ParaThinkerEngine:
         slots = call.num_slots or len(prompt_ids)
         if not compiled:  # a compiled step keeps its rectangle (slots x P) for every call
             slots = min(slots, len(prompt_ids))
-        cache = self._kv_pool(opts, plan, prompt_ids, slots, page_size, static=self._static_addresses(compiled))
+        summary = plan.template_len + plan.summary_tokens if plan.summary_rules is not None else 0
+        worst = request_pages(max(map(len, prompt_ids)), plan.num_paths, plan.budget, summary, page_size)
+        cache = self._kv_pool(opts, worst, slots, page_size, static=self._static_addresses(compiled))
         config = self._scheduler_config(opts, call, ids, template, slots, kernel, compiled)
         outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
 
@@ -171,6 +178,42 @@ class ParaThinkerEngine:
             scheduler.run(prompt_ids, request_seeds(call.seed, len(prompt_ids)), finished)
         self.last_stats = {"attention": config.kernel.name, **scheduler.pool.stats.as_dict(cache.bytes_per_token),
                            **self.decode_step.call_stats(compiled_before, compiled)}
+        return outputs
+
+    def _generate_forks(self, prompts: Sequence[str | Sequence[int]], opts: EngineOptions, call: CallSettings,
+                        on_output: Callable[[int, GenerationOutput], None] | None) -> list[GenerationOutput]:
+        """A call of a format whose model forks itself (:mod:`forks`): eager steps, one token per
+        thread, ``max_new_tokens`` the format's budget (the whole response, or its longest chain)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts is empty, or one of them is")
+        fmt = formats.get_format(opts.format)
+        formats.check_tokens(fmt, self.tokenizer.get_vocab())
+        if call.min_new_tokens:
+            raise ValueError(f"min_new_tokens applies to ParaThinker's paths, not to format={fmt.name}")
+        prompt_ids = self.encode(prompts)
+        page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
+        kernel = resolve_kernel(opts.attention, self.device, page_size=page_size,
+                                head_dim=head_dim(self.model.config), dtype=self._dtype)
+        slots = min(call.num_slots or len(prompt_ids), len(prompt_ids))
+        config = forks.ForkConfig(
+            format=fmt, official=opts.fork_official, budget=call.max_new_tokens, max_paths=opts.max_paths,
+            num_paths=opts.num_paths, sampling=call.sampling, eos_ids=tuple(self.eos_ids), kernel=kernel,
+            num_slots=slots, banned=tuple(call.banned_tokens), stop=forks.stop_check(call.stop_strings, self.tokenizer),
+            output_logits=call.output_logits)
+        longest = max(map(len, prompt_ids))
+        cache = self._kv_pool(opts, forks.admission_pages(config, longest, page_size), slots, page_size, static=False,
+                              typical=forks.typical_pages(config, longest, page_size))
+        scheduler = forks.ForkScheduler(self.model, self.tokenizer, cache, config)
+        outputs: list[GenerationOutput | None] = [None] * len(prompt_ids)
+
+        def finished(done: forks.ForkedOutput) -> None:
+            outputs[done.index] = assemble_forked(prompt_ids[done.index], done, self.tokenizer)
+            if on_output is not None:
+                on_output(done.index, outputs[done.index])
+
+        with self._running(opts, call.max_new_tokens):
+            scheduler.run(prompt_ids, request_seeds(call.seed, len(prompt_ids)), finished)
+        self.last_stats = {"attention": kernel.name, **scheduler.stats.as_dict(cache.bytes_per_token)}
         return outputs
 
     # -- the steps of a call ---------------------------------------------------------------
@@ -212,16 +255,15 @@ class ParaThinkerEngine:
             recorder=LogitsRecorder() if call.output_logits else None,
         )
 
-    def _kv_pool(self, opts: EngineOptions, plan: step.Plan, prompt_ids: list[list[int]], slots: int,
-                 page_size: int, static: bool) -> PagedKVCache:
-        """The KV pool for a call (:func:`kv_cache.pool_pages`). Reused across calls when its size
-        suits; ``static``: CUDA graphs read it, it takes its whole budget (:meth:`_static_addresses`)."""
-        summary = plan.template_len + plan.summary_tokens if plan.summary_rules is not None else 0
-        worst = request_pages(max(map(len, prompt_ids)), plan.num_paths, plan.budget, summary, page_size)
+    def _kv_pool(self, opts: EngineOptions, worst: int, slots: int, page_size: int, static: bool,
+                 typical: int | None = None) -> PagedKVCache:
+        """The KV pool for a call (:func:`kv_cache.pool_pages`) whose requests need up to ``worst``
+        pages each (``typical``: are given, where that is unbounded). Reused across calls when its
+        size suits; ``static``: CUDA graphs read it, it takes its whole budget (:meth:`_static_addresses`)."""
         held = self._pool
         num_pages, limit = pool_pages(worst, slots, page_size, bytes_per_token(self.model.config, self._dtype),
                                       self.device, num_blocks=opts.num_blocks, max_memory_percent=opts.max_memory_percent,
-                                      held_pages=0 if held is None else held.num_pages, whole=static)
+                                      held_pages=0 if held is None else held.num_pages, whole=static, typical=typical)
         if held is not None and held.matches(self.model, page_size, self.device, self._dtype) and held.reusable(
                 num_pages, limit, exact=opts.num_blocks is not None):
             return held
@@ -352,3 +394,15 @@ def _current_device(device: torch.device) -> contextlib.AbstractContextManager:
     (flex's kernel configs and split count, CUDA graph capture) read the current device's
     properties, which must be the model's when it is on another GPU."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def assemble_forked(prompt: list[int], done: forks.ForkedOutput, tokenizer) -> GenerationOutput:
+    """A forking format's finished request as the engine returns it: the response as one text (its
+    tags and the engine's insertions included), its tree, and the tree's statistics."""
+    text = tokenizer.decode(done.ids)
+    return GenerationOutput(
+        prompt_ids=prompt, path_ids=[done.ids], path_texts=[text], path_finished=[done.root.ended != forks.LENGTH],
+        summary_ids=[], summary_text="", transcript=text,
+        stats={"gen_tokens": len(done.ids), "termination": done.root.ended, **done.stats},
+        tree=forks.tree_json(done.root, tokenizer), engine_written=done.inserted, root=done.root,
+    )

@@ -122,11 +122,12 @@ class PoolWrite:
 
 def pool_pages(worst: int, slots: int, page_size: int, token_bytes: int, device: torch.device, *,
                num_blocks: int | None, max_memory_percent: float | None, held_pages: int,
-               whole: bool = False) -> tuple[int, int]:
+               whole: bool = False, typical: int | None = None) -> tuple[int, int]:
     """The pages of a call's pool (the scratch page included), and the most it may hold: a
     request needs up to ``worst`` pages, ``slots`` run at once. The limit is ``num_blocks``
     pages, else ``max_memory_percent`` of the free memory (counting the ``held_pages`` of the
-    pool held now); never more than every slot's worst case needs, unless ``whole``: the limit."""
+    pool held now); never more than every slot's worst case needs (``typical``, where a request's
+    tree has no bounded size: what one is given), unless ``whole``: the limit."""
     page_bytes = page_size * token_bytes
     if num_blocks is not None:
         budget, source = num_blocks - 1, f"num_blocks={num_blocks}"
@@ -140,7 +141,7 @@ def pool_pages(worst: int, slots: int, page_size: int, token_bytes: int, device:
             f"its prompt, paths and summary at their longest), but the pool holds {budget} ({source}): raise "
             "num_blocks or max_memory_percent, or lower max_new_tokens or num_paths"
         )
-    return (budget if whole else min(budget, slots * worst)) + 1, budget + 1
+    return (budget if whole else min(budget, slots * (typical or worst))) + 1, budget + 1
 
 
 def free_memory(device: torch.device) -> int:

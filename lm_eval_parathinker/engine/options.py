@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import protocol
+from .. import formats, protocol
 from .attention import KERNELS
 from .sampling import SamplingParams
 
@@ -39,6 +39,9 @@ class EngineOptions:
     """How the engine decodes (see docs/model-args.md for each option's meaning)."""
 
     mode: str = field(default="parathinker", metadata={"choices": MODES, "model_arg": False})
+    # parathinker, or a format whose model forks itself (formats.py; the lm-eval model detects it from the tokenizer)
+    format: str = field(default="parathinker", metadata=_choices(*formats.FORMAT_CHOICES))
+    max_paths: int = formats.DEFAULT_MAX_PATHS  # a fork asking for more paths is refused (format=multiverse)
     num_paths: int | None = None  # paths per request (plain samples for independent); None: 8 (1 for sequential)
     termination: str = field(default="first", metadata=_choices(*TERMINATIONS))
     summary_max_tokens: int = 128
@@ -65,7 +68,8 @@ class EngineOptions:
             if choices and value not in choices:
                 raise ValueError(f"{f.name}={value!r} is not one of {', '.join(choices)}")
         self._resolve_num_paths()
-        for name, low in (("num_paths", 1), ("summary_max_tokens", 1), ("block_size", 1), ("num_blocks", 2)):
+        for name, low in (("num_paths", 1), ("summary_max_tokens", 1), ("block_size", 1), ("num_blocks", 2),
+                          ("max_paths", 1)):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"{name}={value} must be at least {low}")
@@ -79,7 +83,17 @@ class EngineOptions:
                              "compat=paper")
 
     def _resolve_num_paths(self) -> None:
-        """The one place the default number of paths is set: one for sequential, else 8."""
+        """The one place the default number of paths is set: one for sequential, the format's for a
+        format with a fixed count (Parallel-R1: 2), none where the model counts them, else 8."""
+        if self.format != "parathinker":
+            self._check_format()
+            fmt = formats.get_format(self.format)
+            if fmt.counted and self.num_paths is not None:
+                raise ValueError(f"num_paths={self.num_paths} has no meaning with format={self.format}: its model "
+                                 "writes how many paths each fork has (max_paths caps them)")
+            if not fmt.counted and self.num_paths is None:
+                object.__setattr__(self, "num_paths", fmt.fixed_paths)
+            return
         if self.mode == "sequential":
             if self.num_paths not in (None, 1):
                 raise ValueError(f"num_paths={self.num_paths!r} has no meaning for sequential decoding (one path); "
@@ -87,6 +101,19 @@ class EngineOptions:
             object.__setattr__(self, "num_paths", 1)
         elif self.num_paths is None:
             object.__setattr__(self, "num_paths", DEFAULT_NUM_PATHS)
+
+    def _check_format(self) -> None:
+        """A forking format decodes by its own rules: ParaThinker's options that mean nothing there
+        are refused (docs/formats.md has the table)."""
+        if self.mode != "parathinker":
+            raise ValueError(f"format={self.format} is a way of decoding of its own: it takes no method={self.mode} "
+                             "(majority and sequential run the model as a plain one, with format=parathinker)")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        meaningless = [name for name in ("termination", "summary_max_tokens", "summary_kv", "positions",
+                                         "thought_embedding") if getattr(self, name) != defaults[name]]
+        if meaningless:
+            raise ValueError(f"{', '.join(meaningless)} apply to ParaThinker's decoding, not to format={self.format}, "
+                             "whose model forks and joins by its own rules: omit them")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -99,6 +126,9 @@ class EngineOptions:
         ``num_paths`` against the tokenizer's control tokens, :func:`protocol.check_num_paths`)."""
         if self.mode != "parathinker":
             return self.with_layout(protocol.PAPER)
+        if self.format != "parathinker":  # prompts encoded as lm-eval encodes them; the fork layout is `official`
+            formats.check_tokens(formats.get_format(self.format), tokenizer.get_vocab())
+            return self.with_layout(protocol.PAPER)
         layout = protocol.resolve_compat(self.compat, tokenizer)
         protocol.check_num_paths(self.num_paths, tokenizer, layout)
         return self.with_layout(layout)
@@ -106,6 +136,12 @@ class EngineOptions:
     def with_layout(self, layout: protocol.Compat) -> EngineOptions:
         """These options decoding with ``layout``, refusing what it cannot run."""
         return dataclasses.replace(self, layout=layout)
+
+    @property
+    def fork_official(self) -> bool:
+        """A forking format's layout: its released engine's (``official``, and ``auto``: what its
+        released models were run with) or its training layout (``paper``)."""
+        return self.compat != "paper"
 
     def args(self) -> dict[str, Any]:
         """The options as model-arg values, as the results JSON records them."""

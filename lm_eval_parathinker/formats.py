@@ -1,0 +1,180 @@
+"""Native-parallel formats whose model decides when to fork: Parallel-R1, Multiverse and NPR.
+
+ParaThinker (:mod:`protocol`) forks once, right after the prompt, into a fixed number of paths.
+The formats here let the model write a trigger anywhere in its response, possibly several times
+and (Multiverse) nested; the engine then runs the paths as a batch, each seeing the context and
+itself, all from the same position, and joins them: the text after the join sees every path, and
+its positions follow the longest one. Each :class:`Format` below says, declaratively, what its
+released engine does at each of those points (``shared/reference/parallel-formats.md`` names the
+code each fact comes from); :mod:`engine.forks` runs them and training reads the same objects.
+
+Two layouts of each, as for ParaThinker (``compat``):
+
+* ``paper``: the training layout. Paths isolated from each other, sharing their start position;
+  the join reads them in place; the engine writes the format's tags and separators itself.
+* ``official``: what the released engine does, quirks included (:class:`ReleasedEngine`):
+  Parallel-R1's rollout re-encodes its paths one after the other with sequential positions before
+  the summary; the SGLang forks of Multiverse and NPR read a token past every trigger and path end
+  (a lookahead, dropped or kept as their code does), drop the leading newline of every path but
+  the first at the join, and leave budget slack.
+
+Nothing here imports torch: the grader reads the answer regions too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from importlib import resources
+
+FORMAT_CHOICES = ("parathinker", "parallel-r1", "multiverse", "npr")
+DEFAULT_MAX_PATHS = 8  # Multiverse's forks have no cap of their own: the model arg max_paths sets one
+
+
+@dataclass(frozen=True)
+class ReleasedEngine:
+    """What ``compat=official`` reproduces of a format's released engine, beyond the format itself."""
+
+    reencode_join: bool = False  # Parallel-R1: the summary re-encodes the paths in sequence (sequential positions)
+    lookahead: bool = False  # SGLang forks: one token read past a trigger (dropped at a fork), two past a path end
+    hide_later_leads: bool = False  # SGLang merge: paths after the first lose their inserted leading token
+    length_slack: int = 0  # a request ends at response position budget - slack (Multiverse 1, NPR 128)
+    fork_slack: int = 0  # no fork with fewer positions left (Multiverse 30, NPR 1024)
+    degree_limit: bool = False  # NPR: context + own tokens x sibling count also ends a request at budget - 128
+    trim_last: bool = False  # Multiverse's example: the detokenizer drops the final stop token from the text
+
+
+@dataclass(frozen=True)
+class Format:
+    """One native-parallel format: its tokens, when it forks, what the engine writes, its limits,
+    its prompt and where its answer is."""
+
+    name: str
+    tokens: tuple[str, ...]  # the special tokens a checkpoint of this format has, in its tokenizer's order
+    trigger: str  # the token after which the model forks
+    path_start: str  # written at the start of each path ({label}: the outline's number, with its colon)
+    path_close: str  # the token a path ends with
+    join: str  # written when every path of a fork has ended
+    separator: str  # paper layout: written before the join (the newline the training text has after a path)
+    outline_open: str | None  # paths are counted in the text after the last one of these
+    outline_pattern: str | None  # one match per path, the label in group 1 (None: a fixed number of paths)
+    fixed_paths: int | None  # paths per fork when the model does not count them
+    max_count: int | None  # the format's own cap on counted paths (None: the max_paths model arg)
+    out_of_range_ends: bool  # a count out of range ends the request (or that path); else the fork is refused
+    own_outline_only: bool  # the outline must be in the text this request generated since its last join
+    summary_close: str | None  # Parallel-R1: the join opens a summary that ends with this token
+    max_forks: int | None  # forks per response (None: no limit)
+    max_depth: int  # paths inside paths (0: a trigger inside a path is text)
+    path_token_cap: int | None  # tokens a path may generate (None: no cap)
+    budget: str  # "total": max_gen_toks counts every response token; "critical": the longest chain
+    path_temperature: float | None  # sampling temperature inside paths (None: the request's)
+    released: ReleasedEngine
+    answer_after: str | None  # the grader reads the text after the last of these (None: the whole response)
+    prompt_file: str | None  # the instruction the format's models were trained with (lm_eval_parathinker/prompts)
+    prompt_before: str  # the user turn: "{question}" and "{instruction}" placeholders (an instruction file
+    # with a "{Problem}" placeholder, Parallel-R1's, takes the question there)
+
+    @property
+    def counted(self) -> bool:
+        return self.outline_pattern is not None
+
+    def instruction(self) -> str:
+        if self.prompt_file is None:
+            return ""
+        return resources.files("lm_eval_parathinker").joinpath("prompts", self.prompt_file).read_text(encoding="utf-8")
+
+    def user_message(self, question: str) -> str:
+        """The user turn the format's models were trained on, around ``question``."""
+        instruction = self.instruction().strip().replace("{Problem}", question)
+        return self.prompt_before.format(question=question, instruction=instruction)
+
+    def build_prompt(self, question: str, tokenizer=None) -> str:
+        """The prompt for ``question``: the user turn through the tokenizer's chat template with the
+        generation prompt (as each format's own pipeline renders it), plain text without one."""
+        content = self.user_message(question)
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True)
+        return content + "\n"
+
+    def labels(self, text: str) -> list[str]:
+        """The labels of the paths that ``text`` (the text an outline is read from) asks for."""
+        if self.outline_pattern is None:
+            return [str(k) for k in range(1, (self.fixed_paths or 0) + 1)]
+        start = text.rfind(self.outline_open) if self.outline_open else 0
+        if start < 0:
+            return []
+        return [m.group(1) + ":" for m in re.finditer(self.outline_pattern, text[start:])]
+
+    def start_text(self, label: str) -> str:
+        return self.path_start.format(label=label)
+
+    def missing_tokens(self, vocab) -> list[str]:
+        """The format's tokens that ``vocab`` (a tokenizer's vocabulary) lacks."""
+        return [t for t in self.tokens if t not in vocab]
+
+    def answer_region(self, text: str) -> str:
+        """The part of a response the grader reads: after the last ``answer_after`` (the whole text
+        without one)."""
+        if self.answer_after is None:
+            return text
+        at = text.rfind(self.answer_after)
+        return text if at < 0 else text[at + len(self.answer_after):]
+
+
+PARALLEL_R1 = Format(
+    name="parallel-r1",
+    tokens=("<Parallel>", "</Parallel>", "<Path>", "</Path>", "<Summary>", "</Summary>"),
+    trigger="<Parallel>", path_start="<Path>", path_close="</Path>", join="</Parallel>\n<Summary>", separator="",
+    outline_open=None, outline_pattern=None, fixed_paths=2, max_count=None, out_of_range_ends=False,
+    own_outline_only=False, summary_close="</Summary>", max_forks=4, max_depth=0, path_token_cap=4096,
+    budget="total", path_temperature=1.0,
+    released=ReleasedEngine(reencode_join=True),
+    answer_after="</Summary>", prompt_file="parallel_r1_v3.txt", prompt_before="{instruction}",
+)
+MULTIVERSE = Format(
+    name="multiverse",
+    tokens=("<Think>", "</Think>", "<Parallel>", "</Parallel>", "<Goal>", "</Goal>", "<Outline>", "</Outline>",
+            "<Path>", "</Path>", "<Conclusion>", "</Conclusion>"),
+    trigger="</Goal>", path_start="\n<Path>\n{label}", path_close="</Path>", join="<Conclusion>\n", separator="\n",
+    outline_open="<Goal>", outline_pattern=r"<Outline>\s*([0-9]+(?:\.[0-9]+)*)\s*:", fixed_paths=None,
+    max_count=None, out_of_range_ends=False, own_outline_only=False, summary_close=None, max_forks=None,
+    max_depth=5, path_token_cap=None, budget="critical", path_temperature=None,
+    released=ReleasedEngine(lookahead=True, hide_later_leads=True, length_slack=1, fork_slack=30, trim_last=True),
+    answer_after="</Parallel>", prompt_file=None, prompt_before="{question} Think step by step and in parallel before answering.",
+)
+NPR = Format(
+    name="npr",
+    tokens=("<guideline>", "</guideline>", "<plan>", "</plan>", "<step>", "</step>", "<takeaway>", "</takeaway>"),
+    trigger="</guideline>", path_start="\n<step>\n{label}", path_close="</step>", join="<takeaway>\n", separator="\n",
+    outline_open="<guideline>", outline_pattern=r"<plan>\s*([0-9]+(?:\.[0-9]+)*)\s*:", fixed_paths=None,
+    max_count=5, out_of_range_ends=True, own_outline_only=True, summary_close=None, max_forks=None,
+    max_depth=5, path_token_cap=None, budget="critical", path_temperature=None,
+    released=ReleasedEngine(lookahead=True, hide_later_leads=True, length_slack=128, fork_slack=1024,
+                            degree_limit=True),
+    answer_after="<takeaway>", prompt_file="npr.txt", prompt_before="{question}\n\n{instruction}",
+)
+FORMATS = {f.name: f for f in (PARALLEL_R1, MULTIVERSE, NPR)}
+
+
+def get_format(name: str) -> Format:
+    """The format ``name`` (one of :data:`FORMATS`)."""
+    if name not in FORMATS:
+        raise ValueError(f"format={name!r} is not one of {', '.join(FORMAT_CHOICES)}")
+    return FORMATS[name]
+
+
+def detect_format(vocab) -> str:
+    """The format a tokenizer's vocabulary is unambiguously built for: ``parathinker`` unless it has
+    every token of exactly one of the forking formats (Multiverse's tokens include Parallel-R1's
+    ``<Parallel> <Path>`` but not its ``<Summary>``)."""
+    matches = [f.name for f in FORMATS.values() if not f.missing_tokens(vocab)]
+    return matches[0] if len(matches) == 1 else "parathinker"
+
+
+def check_tokens(fmt: Format, vocab, what: str = "the checkpoint's tokenizer") -> None:
+    """Refuse a format whose tokens the tokenizer lacks, naming them."""
+    missing = fmt.missing_tokens(vocab)
+    if missing:
+        raise ValueError(f"format={fmt.name} needs the tokens {missing}, which {what} lacks: use a "
+                         f"{fmt.name} checkpoint (its tokenizer adds them as special tokens)")
