@@ -69,7 +69,7 @@ class Format:
     budget: str  # "total": max_gen_toks counts every response token; "critical": the longest chain
     path_temperature: float | None  # sampling temperature inside paths (None: the request's)
     released: ReleasedEngine
-    answer_after: str | None  # the grader reads the text after the last of these (None: the whole response)
+    answer_after: str  # the grader reads the text after the last one of these
     prompt_file: str | None  # the instruction the format's models were trained with (lm_eval_parathinker/prompts)
     prompt_before: str  # the user turn: "{question}" and "{instruction}" placeholders (an instruction file
     # with a "{Problem}" placeholder, Parallel-R1's, takes the question there)
@@ -113,13 +113,12 @@ class Format:
         """The format's tokens that ``vocab`` (a tokenizer's vocabulary) lacks."""
         return [t for t in self.tokens if t not in vocab]
 
-    def answer_region(self, text: str) -> str:
-        """The part of a response the grader reads: after the last ``answer_after`` (the whole text
-        without one)."""
-        if self.answer_after is None:
-            return text
+    def answer_region(self, text: str) -> str | None:
+        """The part of a response the grader reads: after the last ``answer_after`` (Parallel-R1's
+        last ``</Summary>``, Multiverse's last ``</Parallel>``, NPR's last ``<takeaway>``); None
+        when the response has none (it was cut off inside its parallel reasoning)."""
         at = text.rfind(self.answer_after)
-        return text if at < 0 else text[at + len(self.answer_after):]
+        return None if at < 0 else text[at + len(self.answer_after):]
 
 
 PARALLEL_R1 = Format(
@@ -155,6 +154,17 @@ NPR = Format(
     answer_after="<takeaway>", prompt_file="npr.txt", prompt_before="{question}\n\n{instruction}",
 )
 FORMATS = {f.name: f for f in (PARALLEL_R1, MULTIVERSE, NPR)}
+
+
+def format_of_text(text: str) -> Format | None:
+    """The forking format whose tags a response holds (None: none of them). NPR's tags are its own;
+    a ``<Summary>`` is Parallel-R1's; Multiverse's include Parallel-R1's other tags, so a Parallel-R1
+    response without a summary reads as Multiverse's, whose region (after ``</Parallel>``) it lacks
+    as well: cut off inside its paths, it has no answer either way."""
+    for fmt, tags in ((NPR, NPR.tokens), (PARALLEL_R1, ("<Summary>", "</Summary>")), (MULTIVERSE, MULTIVERSE.tokens)):
+        if any(tag in text for tag in tags):
+            return fmt
+    return None
 
 
 def get_format(name: str) -> Format:

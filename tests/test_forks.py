@@ -23,7 +23,7 @@ import torch
 from lm_eval_parathinker import formats
 from lm_eval_parathinker.engine import forks, sampling
 from lm_eval_parathinker.engine.generate import ParaThinkerEngine
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_tiny_format_checkpoint, tiny_model, tiny_tokenizer
 
 WORDS = ["A", "B", "a", "b", "c", "p", "q", "r", "s", "t", "u", "v", "w", "x", "y", "z", "foo", "Final", "Answer",
          ":", ".", "1", "2", "3", "5", "6", "7", "\\boxed{5}", *(f"x{i}" for i in range(1, 80)),
@@ -468,3 +468,57 @@ def reference_rows(root) -> torch.Tensor:
 
     walk(root)
     return torch.stack(rows)
+
+
+# -- lm_eval --model parathinker on a forking format's checkpoint -----------------------------
+
+MATH_TASKS = ["aime24", "aime25", "amc23", "math500"]
+
+
+@pytest.mark.usefixtures("one_thread_offline")
+@pytest.mark.parametrize("name", formats.FORMATS)
+def test_lm_eval_runs_a_format_checkpoint_on_the_math_tasks(name, tmp_path):
+    """No format model arg: the checkpoint's tokenizer names it. Loaded as it is (no <think k>, no
+    thought embeddings), its forks in the metrics of all four tasks and in the run's model info; a
+    tiny model made to write the format's tags."""
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    ckpt = save_tiny_format_checkpoint(tmp_path / name, name, eager=30.0)
+    res = simple_evaluate(
+        model="parathinker", model_args={"pretrained": str(ckpt), "dtype": "float32", "compat": "paper",
+                                         "journal_dir": str(tmp_path / "journal")},
+        tasks=MATH_TASKS, limit=1, gen_kwargs="max_gen_toks=48,do_sample=True,temperature=0.6", device="cpu",
+        batch_size=4, log_samples=True, task_manager=TaskManager(include_defaults=False, metadata={"repeats": 2}),
+    )  # fmt: skip
+    info = res["config"]["parathinker"]
+    assert info["format"] == name and info["compat"] == "paper" and info["control_tokens_added"] == 0
+    assert info["thought_embeddings_from"] is None
+    assert info["forks"]["format"] == name and info["forks"]["responses"] == 2 * len(MATH_TASKS)
+    for task in MATH_TASKS:
+        metrics = res["results"][task]
+        # the budget bounds the longest chain (Multiverse, NPR) or every token (Parallel-R1)
+        assert metrics["critical_tokens,all"] <= min(metrics["gen_tokens,all"], 48)
+        assert name != "parallel-r1" or metrics["gen_tokens,all"] <= 48
+        assert (metrics["forks,all"] > 0) == (metrics["paths_per_fork,all"] > 0)
+    if name == "parallel-r1":  # this one forks at once: its tree reaches the metrics
+        assert all(res["results"][t]["forks,all"] > 0 and res["results"][t]["paths_per_fork,all"] == 2 for t in MATH_TASKS)
+
+
+def test_prompts_are_the_formats_own():
+    """Each format's user turn, byte for byte: Parallel-R1's v3 template (its released models';
+    recovered from its committed test parquets) with the problem in place, Multiverse's training
+    suffix (data/tokenization_multiverse.py), NPR's evaluation instruction after the question
+    (evals/evaluate.py); the tokenizer's chat template around it, with the generation prompt."""
+    problem = "What is 1 + 1?"
+    r1 = formats.PARALLEL_R1.user_message(problem)
+    assert r1.startswith("Solve the following problem step by step.\nDuring the reasoning process, whenever")
+    assert r1.endswith("End your response with a line starting with Final Answer: followed by the final result.\n\n"
+                       f"Problem: {problem}")
+    assert "parallel thinking\u2014just insert" in r1
+    assert formats.MULTIVERSE.user_message(problem) == problem + " Think step by step and in parallel before answering."
+    npr = formats.NPR.user_message(problem)
+    assert npr.startswith(problem + "\n\nYou must write your answer strictly following the XML-like format")
+    assert npr.endswith("Include definitive answers in \\\\boxed{...} format.]")
+    tok = tiny_tokenizer()
+    assert formats.NPR.build_prompt(problem, tok) == f"user: {npr} assistant: "

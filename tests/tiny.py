@@ -9,7 +9,7 @@ import torch
 from tokenizers import ByteLevelBPETokenizer, Tokenizer, processors
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
 
-from lm_eval_parathinker import protocol
+from lm_eval_parathinker import formats, protocol
 from lm_eval_parathinker.thought_embedding import add_control_tokens, attach_thought_embeddings, thought_embedding_tables
 
 #: the offline benchmark data: $PARATHINKER_DATA_DIR, else shared/data beside the checkout
@@ -99,6 +99,34 @@ def save_tiny_checkpoint(path: str | Path, arch: str = "qwen2", parathinker: boo
     else:
         tok = tiny_tokenizer()
         model = tiny_model(arch, vocab_size=len(tok) if exact_vocab else VOCAB_SIZE)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def tiny_format_model(name: str, arch: str = "qwen2", seed: int = 0, eager: float = 0.0):
+    """(model, tokenizer) of a forking format's checkpoint: the format's tags as special tokens, no
+    ParaThinker parts. ``eager`` > 0 makes the model write the format's tags (and digits and
+    colons, which outlines need) often: every token's residual stream carries a constant
+    dimension, which the tags' output rows read with weight ``eager``."""
+    fmt = formats.get_format(name)
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": list(fmt.tokens)})
+    model = tiny_model(arch, seed)
+    if eager:
+        # what opens and counts a fork (its outline's tag, a number, a colon), then what closes paths
+        texts = ([fmt.trigger] if fmt.outline_open is None else [fmt.outline_open, fmt.outline_pattern[:fmt.outline_pattern.index(">") + 1], fmt.trigger, "1", ":"])
+        ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in texts]
+        with torch.no_grad():
+            model.get_input_embeddings().weight[:, 0] = 1.0
+            model.get_output_embeddings().weight[ids, 0] = eager
+            model.get_output_embeddings().weight[tok.convert_tokens_to_ids(fmt.path_close), 0] = eager * 0.8
+    return model, tok
+
+
+def save_tiny_format_checkpoint(path: str | Path, name: str, eager: float = 0.0) -> Path:
+    """A tiny checkpoint directory of a forking format (:func:`tiny_format_model`)."""
+    model, tok = tiny_format_model(name, eager=eager)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)

@@ -102,6 +102,12 @@ class Thread:
     def segment(self) -> Segment:
         return self.parts[-1]
 
+    @property
+    def end(self) -> int:
+        """The position after its last token (a path that ended inside a fork of its own: its longest path's)."""
+        last = self.parts[-1]
+        return last.end if isinstance(last, Segment) else max(path.end for path in last.paths)
+
     def forks(self) -> list[Fork]:
         return [p for p in self.parts if isinstance(p, Fork)]
 
@@ -682,7 +688,7 @@ class SGLangFlow:
     def join(self, tree: Tree, thread: Thread, fork: Fork) -> None:
         """Every path has ended: the join text after the longest path, reading them all in place."""
         engine = self.engine
-        start = max(path.segment.end for path in fork.paths)
+        start = max(path.end for path in fork.paths)
         text = self.fmt.join if self.released.lookahead else self.fmt.separator + self.fmt.join
         tokens = engine.encode(text)
         if not self.released.lookahead and start + len(tokens) - len(tree.prompt) > self.config.budget:
@@ -765,10 +771,20 @@ class LoopFlow:
             if logits is not None:
                 engine.draw(tree, [(thread, logits)])
             return
-        engine.new_segment(thread, max(path.segment.end for path in fork.paths))
+        engine.new_segment(thread, max(path.end for path in fork.paths))
         engine.restart(tree, thread)
         engine.write(thread, tokens, inserted=True)
 
 
+def paths_of(thread: Thread) -> list[Thread]:
+    """Every path of a thread's forks, nested ones included, in order."""
+    found = []
+    for fork in thread.forks():
+        for path in fork.paths:
+            found += [path, *paths_of(path)]
+    return found
+
+
 def response_tokens_of(thread: Thread) -> int:
+    """The response tokens of a thread's own segments (its forks' paths not included)."""
     return sum(len(p.tokens) - p.shown_from for p in thread.parts if isinstance(p, Segment))

@@ -192,8 +192,9 @@ class ParaThinkerEngine:
             raise ValueError(f"min_new_tokens applies to ParaThinker's paths, not to format={fmt.name}")
         prompt_ids = self.encode(prompts)
         page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
-        kernel = resolve_kernel(opts.attention, self.device, page_size=page_size,
-                                head_dim=head_dim(self.model.config), dtype=self._dtype)
+        # eager steps: attention=auto reads pages with sdpa (flex would compile its kernel first)
+        kernel = resolve_kernel("sdpa" if opts.attention == "auto" else opts.attention, self.device,
+                                page_size=page_size, head_dim=head_dim(self.model.config), dtype=self._dtype)
         slots = min(call.num_slots or len(prompt_ids), len(prompt_ids))
         config = forks.ForkConfig(
             format=fmt, official=opts.fork_official, budget=call.max_new_tokens, max_paths=opts.max_paths,

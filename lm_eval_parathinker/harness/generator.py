@@ -18,6 +18,7 @@ from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, po
 
 from .. import protocol, scoring
 from ..engine import GenerationOutput, ParaThinkerEngine
+from ..engine import forks as forks_module
 from . import samples
 from .options import RunOptions
 
@@ -28,7 +29,7 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed", "min_new_
 #: numeric ``.meta`` keys of every response: scoring.process_results turns them into metrics, and
 #: the tasks' metric_list declares each one's aggregation
 META_METRICS = ("gen_tokens", "think_tokens", "summary_tokens", "num_paths", "paths_finished", "cut_paths", "latency_s",
-                "think_s")
+                "think_s", "forks", "paths_per_fork", "critical_tokens")
 
 
 class ParaThinkerResponse(str):
@@ -93,8 +94,14 @@ def _sampling(kwargs: dict) -> dict:
 
 
 def _meta(out: GenerationOutput) -> dict:
-    """Numeric statistics of one request (process_results averages them), plus the reason string."""
+    """Numeric statistics of one request (process_results averages them), plus the reason string.
+    Every method reports its forks, paths per fork and critical path (the longest chain of tokens:
+    the latency proxy these papers report, against ``gen_tokens``, the total): ParaThinker one fork
+    of P paths before its summary, majority one of P samples, sequential none."""
     s = out.stats
+    if out.root is not None:
+        return _fork_meta(out)
+    forks = 1 if s["num_paths"] > 1 or s["summary_tokens"] else 0
     return {
         "gen_tokens": s["gen_tokens"],
         "think_tokens": s["think_tokens"],
@@ -105,7 +112,25 @@ def _meta(out: GenerationOutput) -> dict:
         # wall times (compilation apart: the engine's compile_s), from the request's admission to its end
         "latency_s": s["latency_s"],
         "think_s": s["think_s"],  # of the think stage (of the samples, for the baselines)
+        "forks": forks,
+        "paths_per_fork": s["num_paths"] if forks else 0,
+        "critical_tokens": max(map(len, out.path_ids)) + s["summary_tokens"],
         "termination": s["termination"],  # a string: kept out of the metrics by process_results
+    }
+
+
+def _fork_meta(out: GenerationOutput) -> dict:
+    """:func:`_meta` of a forking format's response: the tokens inside its paths are its thinking."""
+    s = out.stats
+    paths = forks_module.paths_of(out.root)
+    in_paths = sum(forks_module.response_tokens_of(p) for p in paths)
+    return {
+        "gen_tokens": s["total_tokens"], "think_tokens": in_paths, "summary_tokens": 0, "num_paths": len(paths),
+        "paths_finished": sum(p.ended == forks_module.PATH_END for p in paths),
+        "cut_paths": sum(p.ended != forks_module.PATH_END for p in paths),
+        "latency_s": s["latency_s"], "think_s": s["latency_s"], "forks": s["forks"],
+        "paths_per_fork": len(paths) / s["forks"] if s["forks"] else 0, "critical_tokens": s["critical_tokens"],
+        "termination": s["termination"],
     }
 
 
@@ -116,8 +141,10 @@ class Generator:
     def __init__(self, engine: ParaThinkerEngine, lm: Tokenization, options: RunOptions, slots: int,
                  banned: list[int]) -> None:
         self.engine, self.lm, self.options, self.slots, self.banned = engine, lm, options, slots, banned
-        self.parathinker = options.method == "parathinker"
+        self.fork_format = options.fork_format  # a format whose model forks itself (None: ParaThinker, baselines)
+        self.parathinker = options.method == "parathinker" and self.fork_format is None
         self.report: dict = {}  # the KV pool over the run's engine calls (see _note_engine_stats)
+        self.trees: list[dict] = []  # a forking format's responses' fork statistics (fork_summary)
         self._warned_no_problem = False
 
     @property
@@ -137,6 +164,9 @@ class Generator:
         """What the prompt is built from: the context lm-eval hands over, except that the released
         engine's template takes the doc's ``problem`` alone (compat=official)."""
         context, layout = request.args[0], self.options.engine.layout
+        if self.fork_format is not None:  # its prompt holds its own instruction: the problem alone
+            problem = request.doc.get("problem") if isinstance(request.doc, dict) else None
+            return problem if isinstance(problem, str) else context
         if not (self.parathinker and layout.question_alone):
             return context
         problem = request.doc.get("problem") if isinstance(request.doc, dict) else None
@@ -149,7 +179,9 @@ class Generator:
         return context
 
     def prompt(self, question: str) -> str:
-        """The engine prompt of a question: the ParaThinker prompt, or the question as it is."""
+        """The engine prompt of a question: the ParaThinker prompt, a forking format's, or the question as it is."""
+        if self.fork_format is not None:
+            return self.fork_format.build_prompt(question, self.lm.tokenizer)
         return protocol.build_prompt(question, self.lm.tokenizer) if self.parathinker else question
 
     def generate(self, prompts: list[str], seeds: list[int], settings: GenerationSettings,
@@ -158,7 +190,13 @@ class Generator:
         until = settings.until
 
         def respond(i: int, out: GenerationOutput) -> None:
-            text = self._transcript(out, until) if self.parathinker else self._plain_response(out, until)
+            if self.fork_format is not None:
+                text = _without_stop(out.transcript, until) if out.stats["termination"] == forks_module.STOP else out.transcript
+                self.trees.append({k: out.stats[k] for k in ("forks", "paths_per_fork", "critical_tokens", "total_tokens")})
+            elif self.parathinker:
+                text = self._transcript(out, until)
+            else:
+                text = self._plain_response(out, until)
             on_response(i, ParaThinkerResponse(text, _meta(out)))
 
         self.engine.generate(
@@ -167,7 +205,7 @@ class Generator:
             max_new_tokens=settings.max_gen_toks,
             stop_strings=[s for s in until if s and s != self._eos],  # EOS is handled by token id
             seed=seeds,
-            banned_tokens=() if self.parathinker else self.banned,
+            banned_tokens=self.banned if self.options.method != "parathinker" else (),
             num_slots=self.slots,
             on_output=respond,
             **settings.sampling,
@@ -182,9 +220,24 @@ class Generator:
         for key in ("kv_page_size", "kv_pool_pages", "kv_pool_bytes", "kv_peak_pages", "kv_peak_bytes"):
             report[key] = max(report.get(key, 0), stats[key])
         report["preemptions"] = report.get("preemptions", 0) + stats["preemptions"]
+        if "compiled" not in stats:  # a forking format decodes eager
+            return
         report["compiled"], report["compile_failure"] = stats["compiled"], stats["compile_failure"]
         for key in ("compile_s", "compilations"):  # this process's: compiled once, reused by later calls
             report[key] = report.get(key, 0) + stats[key]
+
+    def fork_summary(self) -> dict | None:
+        """A forking format's run: responses, forks and paths per fork, the critical path against the
+        total (means over the responses; None for ParaThinker and the baselines)."""
+        if self.fork_format is None:
+            return None
+        n = len(self.trees) or 1
+        forks = sum(t["forks"] for t in self.trees)
+        return {"format": self.fork_format.name, "responses": len(self.trees),
+                "forks_per_response": forks / n,
+                "paths_per_fork": sum(sum(t["paths_per_fork"]) for t in self.trees) / forks if forks else 0.0,
+                "critical_tokens": sum(t["critical_tokens"] for t in self.trees) / n,
+                "total_tokens": sum(t["total_tokens"] for t in self.trees) / n}
 
     def _encode(self, prompts: list[str], budget: int) -> list[list[int]]:
         """Token ids as HFLM encodes them, left-truncated to leave room for the generation."""
@@ -221,3 +274,9 @@ class Generator:
     def _transcript(out: GenerationOutput, until: list[str]) -> str:
         """Every path (with its control tokens), then the summary cut at the first stop string."""
         return "".join(out.path_texts) + postprocess_generated_text(out.summary_text, until, None)
+
+
+def _without_stop(text: str, until: list[str]) -> str:
+    """A forking format's response that a stop string ended (on its main line): cut before it."""
+    found = [text.rfind(s) for s in until if s and s in text]
+    return text[: max(found)] if found else text

@@ -10,6 +10,8 @@ dtype, device, batch size, PEFT adapters, ``accelerate launch`` data parallelism
   summary), so ``--log_samples`` shows every path. ``compat`` picks the layout
   (:class:`~lm_eval_parathinker.protocol.Compat`: ``official`` reproduces the released vLLM engine,
   ``paper`` the method as trained, ``auto`` official when the tokenizer has ``<vllm_pad>``);
+  ``format`` (``parallel-r1``, ``multiverse``, ``npr``; detected from a checkpoint's tokenizer)
+  decodes a model that forks itself instead (:mod:`lm_eval_parathinker.formats`), loaded as it is;
 * ``method=sequential``: one plain sample of exactly the prompt lm-eval hands over;
 * ``method=majority``: P plain samples sharing one prefill; the response is the sample whose
   answer wins the vote (ties: earliest).
@@ -32,7 +34,7 @@ import lm_eval.models  # noqa: F401  (registers the built-ins first: see the reg
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 
-from .. import embedded, protocol
+from .. import embedded
 from ..checkpoint import ParaThinkerParts, adapter_tokenizer, add_parathinker_parts, has_control_tokens
 from ..engine import ParaThinkerEngine
 from ..thought_embedding import local_dir, quiet_unexpected_tables, thought_embedding_tables
@@ -97,12 +99,12 @@ class ParaThinkerLM(HFLMShim):
         options = RunOptions.parse(**model_args)
         options.check_journal()
         count = slots(batch_size)
-        if options.method == "parathinker" and not (
+        options = options.resolve(self.tokenizer)
+        if options.method == "parathinker" and options.fork_format is None and not (
             has_control_tokens(self.tokenizer) and thought_embedding_tables(self.model)
         ):
             raise ValueError("method=parathinker needs the control tokens and thought embeddings, which this model "
                              "was loaded without: construct it with method=parathinker")
-        options = options.resolve(self.tokenizer)
         if options.compile != self.options.compile:
             self._engine = None  # the compiled step belongs to the engine
         self.options, self.batch_size_per_gpu = options, count
@@ -129,17 +131,24 @@ class ParaThinkerLM(HFLMShim):
         """HFLM's loading without its PEFT step, then the ParaThinker parts, then the adapter."""
         with quiet_unexpected_tables():  # official checkpoints hold seg_embeddings: read by add_parathinker_parts
             super()._create_model(pretrained, *args, peft=None, revision=revision, **kwargs)
+        # a forking format's checkpoint is loaded as it is: no <think k> tokens, no thought embeddings
+        parathinker = self.options.method == "parathinker" and self.options.fork_format is None
         self.parts = add_parathinker_parts(self.model, self.tokenizer, pretrained, revision, peft,
-                                           parathinker=self.options.method == "parathinker")
+                                           parathinker=parathinker)
         if peft:
             from peft import PeftModel
 
             self.set_model(PeftModel.from_pretrained(self.model, peft, revision=revision))
 
     @property
-    def compat(self) -> protocol.Compat | None:
-        """The layout ``method=parathinker`` decodes with (``compat`` resolved); None for the baselines."""
-        return self.options.engine.layout if self.options.method == "parathinker" else None
+    def compat(self) -> str | None:
+        """The layout ``method=parathinker`` decodes with, resolved (auto -> paper/official; a forking
+        format's: :attr:`EngineOptions.fork_official`); None for the baselines."""
+        if self.options.method != "parathinker":
+            return None
+        if self.options.fork_format is not None:
+            return "official" if self.options.engine.fork_official else "paper"
+        return self.options.engine.layout.name
 
     @property
     def engine(self) -> ParaThinkerEngine:
@@ -159,7 +168,7 @@ class ParaThinkerLM(HFLMShim):
         the chat template itself (together with the ParaThinker instruction)."""
         if self.options.method != "parathinker":
             return super().apply_chat_template(chat_history, add_generation_prompt)
-        return "\n".join(message["content"] for message in chat_history)
+        return "\n".join(message["content"] for message in chat_history)  # a forking format's prompt too
 
     # -- requests --------------------------------------------------------------------------
 
@@ -180,7 +189,9 @@ class ParaThinkerLM(HFLMShim):
                 follow = store is not None and heartbeat is not None
                 if follow:
                     total, reused = map(sum, zip(*self.ranks.gather((total, reused))))
-                return LiveProgress(total, reused, f"parathinker {self.options.method}",
+                fork_format = self.options.fork_format
+                label = f"parathinker {fork_format.name if fork_format is not None else self.options.method}"
+                return LiveProgress(total, reused, label,
                                     disable=disable_tqdm or self.rank != 0,
                                     others=store.others_new if follow and self.rank == 0 else None,
                                     finished=heartbeat.finish_here if heartbeat is not None else None)
@@ -239,7 +250,7 @@ class ParaThinkerLM(HFLMShim):
             **self._files_identity,
             "model_args": self._output_args,
             "parathinker": {**{k: v for k, v in info.items() if k not in self.options.engine.POOL_SIZE},
-                            "compat": self.compat.name if self.compat is not None else None},
+                            "compat": self.compat},
             "max_length": self.max_length,
             "add_bos_token": self.add_bos_token,
             "truncation": self.truncation,
@@ -254,8 +265,8 @@ class ParaThinkerLM(HFLMShim):
         parathinker = self.options.method == "parathinker"
         info["parathinker"] = {
             **self.options.info(),
-            "compat": self.compat.name if self.compat is not None else None,  # as resolved (auto -> paper/official)
-            "training_free": self.parts.training_free if parathinker else None,
+            "compat": self.compat,  # as resolved (auto -> paper/official)
+            "training_free": self.parts.training_free if parathinker and self.options.fork_format is None else None,
             "thought_embeddings_from": self.parts.tables_source,
             "control_tokens_added": len(self.parts.control_tokens_added),
             "banned_tokens": 0 if parathinker else len(self.parts.baseline_banned),
@@ -263,6 +274,8 @@ class ParaThinkerLM(HFLMShim):
             "resume": self.options.resume,
             "journal": dict(self.journal_report),
             "engine": dict(self._generator.report if self._generator is not None else {}),
+            # a forking format's trees over the run (lm-eval's own tasks take no new metrics)
+            "forks": self._generator.fork_summary() if self._generator is not None else None,
         }
         return info
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import embedded
+from .. import embedded, formats
 from ..checkpoint import check_checkpoint_arg
 from ..engine import EngineOptions
 from ..engine.compilation import default_compile, parse_compile
@@ -34,6 +34,7 @@ class RunOptions:
     journal_dir: Path = field(default_factory=lambda: journal.default_dir().absolute())  # the response journal
     resume: bool = True  # reuse the journal's responses (and journal new ones)
     engine: EngineOptions = field(default_factory=EngineOptions)
+    engine_args: dict = field(default_factory=dict, compare=False, repr=False)  # as given: resolve() may detect the format
 
     #: the model args of this class (the engine's are EngineOptions.names())
     OWN_ARGS = ("method", "compile", "journal_dir", "resume")
@@ -55,6 +56,7 @@ class RunOptions:
             journal_dir=(Path(journal_dir).expanduser() if journal_dir else journal.default_dir()).absolute(),
             resume=as_bool("resume", resume),
             engine=EngineOptions.parse(mode=ENGINE_MODE[method], **engine_args),
+            engine_args=dict(engine_args),
         )
 
     def check_journal(self) -> None:
@@ -68,8 +70,22 @@ class RunOptions:
         return cls.parse(**{name: model_args.pop(name) for name in cls.names() if name in model_args})
 
     def resolve(self, tokenizer) -> RunOptions:
-        """With the engine's layout resolved (``compat=auto`` read from ``tokenizer``), checked."""
-        return RunOptions(self.method, self.compile, self.journal_dir, self.resume, self.engine.resolve(tokenizer))
+        """With the engine's layout resolved (``compat=auto`` read from ``tokenizer``), checked. Without
+        a ``format`` model arg, ``method=parathinker`` decodes in the format the tokenizer's tokens
+        name (a Parallel-R1, Multiverse or NPR checkpoint's: :func:`formats.detect_format`)."""
+        engine = self.engine
+        if self.method == "parathinker" and "format" not in self.engine_args and engine.layout is None:
+            detected = formats.detect_format(tokenizer.get_vocab())
+            if detected != engine.format:
+                engine = EngineOptions.parse(mode=engine.mode, format=detected, **self.engine_args)
+        return RunOptions(self.method, self.compile, self.journal_dir, self.resume, engine.resolve(tokenizer),
+                          self.engine_args)
+
+    @property
+    def fork_format(self) -> formats.Format | None:
+        """The format whose model forks itself, when the run decodes one (None: ParaThinker or a baseline)."""
+        name = self.engine.format
+        return formats.get_format(name) if self.method == "parathinker" and name != "parathinker" else None
 
     def info(self) -> dict:
         """Flat, as the results JSON records them."""

@@ -2,7 +2,9 @@
 
 A careful grader reads only what a response commits to:
 
-* ``graded_text``: in a ParaThinker transcript only the ``<summary>`` counts (no summary, no answer);
+* ``graded_text``: in a ParaThinker transcript only the ``<summary>`` counts (no summary, no answer),
+  in a forking format's response its answer region (after Parallel-R1's last ``</Summary>``,
+  Multiverse's last ``</Parallel>``, NPR's last ``<takeaway>``);
   the base model's ``<think>`` block is a scratchpad superseded by what follows it.
 * ``last_box``: the last ``\\boxed{}``/``\\fbox{}``, together with the boxes just before it that
   form one list with it (``\\boxed{3} and \\boxed{5}``); an unbalanced or empty last box is no answer.
@@ -18,6 +20,8 @@ A careful grader reads only what a response commits to:
 from __future__ import annotations
 
 import re
+
+from ..formats import format_of_text
 
 # ParaThinker's control tokens (lm_eval_parathinker.protocol, not imported: it needs torch).
 _PATH_OPEN = re.compile(r"<think\d+>")
@@ -65,12 +69,16 @@ class FinalAnswer(str):
 def graded_text(text: str) -> str | None:
     """The part of a response a grader reads, or None when the response has no final part.
 
-    ParaThinker transcript: the text after the last ``<summary>`` (up to ``</summary>``; a stop
-    string may have removed it). Otherwise the text after the last ``</think>``; a response still
+    A forking format's response (Parallel-R1, Multiverse, NPR: :func:`formats.format_of_text`): its
+    answer region (:meth:`formats.Format.answer_region`). ParaThinker transcript: the text after the
+    last ``<summary>`` (up to ``</summary>``; a stop string may have removed it). Otherwise the text after the last ``</think>``; a response still
     inside an unclosed ``<think>`` was cut off while thinking. A response that ran on into a new chat
     turn (``<|im_start|>user``) ends there.
     """
     text = _CHAT_TOKEN.split(text, 1)[0]
+    fork_format = format_of_text(text)
+    if fork_format is not None:  # a format whose model forks: its own answer region
+        return fork_format.answer_region(text)
     summary = text.rfind(_SUMMARY_OPEN)
     if summary >= 0:
         return text[summary + len(_SUMMARY_OPEN):].split(_SUMMARY_CLOSE, 1)[0]
