@@ -16,6 +16,7 @@ path 2 of the main line's first fork...). Each scripted word is one token, as in
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -522,3 +523,94 @@ def test_prompts_are_the_formats_own():
     assert npr.endswith("Include definitive answers in \\\\boxed{...} format.]")
     tok = tiny_tokenizer()
     assert formats.NPR.build_prompt(problem, tok) == f"user: {npr} assistant: "
+
+
+FORMATS_GRID = """\
+checkpoints:
+  r1: {{pretrained: {r1}, dtype: float32, compat: paper, attention: sdpa}}
+  mv: {{pretrained: {mv}, dtype: float32, compat: paper, attention: sdpa}}
+tasks: [aime24]
+limit: 2
+metadata: {{repeats: 2}}
+device: cpu
+batch_size: 2
+gen_kwargs: {{do_sample: true, temperature: 0.6, seed: 3}}
+sweeps:
+  formats:
+    kind: ablations
+    runs:
+      - {{checkpoint: r1, method: sequential, max_gen_toks: 24}}
+      - {{checkpoint: r1, method: majority, num_paths: 2, max_gen_toks: 24}}
+      - {{checkpoint: r1, format: parallel-r1, max_gen_toks: 24}}
+      - {{checkpoint: mv, format: multiverse, max_gen_toks: 24}}
+"""
+
+
+@pytest.mark.usefixtures("one_thread_offline")
+def test_experiments_compare_two_formats_with_sequential_and_majority(tmp_path):
+    """One config: a format is a method of the sweep (its label, its row in the table); every point is
+    compared with the first on the same problems."""
+    import csv
+    import json
+
+    from lm_eval_parathinker import leaderboard
+    from lm_eval_parathinker.experiments import config, figures, runner
+
+    path = tmp_path / "formats.yaml"
+    path.write_text(FORMATS_GRID.format(r1=save_tiny_format_checkpoint(tmp_path / "r1", "parallel-r1", eager=30.0),
+                                        mv=save_tiny_format_checkpoint(tmp_path / "mv", "multiverse", eager=30.0)))
+    experiment = config.load(path, tmp_path / "out")
+    runner.run(experiment, report=lambda line: None)
+    figures.write(experiment)
+    out = experiment.output_path
+    assert [p.label for p in experiment.points] == ["sequential", "majority", "parallel-r1", "multiverse"]
+    rows = list(csv.DictReader((out / "formats.csv").open()))
+    assert [r["method"] for r in rows] == ["sequential", "majority", "parallel-r1", "multiverse"]
+    (results,) = leaderboard.find_result_files(experiment.points[2].output_dir)
+    assert json.loads(results.read_text())["results"]["aime24"]["forks,all"] > 0
+    compared = list(csv.DictReader((out / "formats_comparisons.csv").open()))
+    assert [(r["run_a"], r["run_b"], r["problems"]) for r in compared] == [
+        (label, "sequential", "2") for label in ("majority", "parallel-r1", "multiverse")]
+    table = (out / "formats.md").read_text()
+    assert "| parallel-r1 | parallel-r1 |  | 24 |" in table or "| parallel-r1 | parallel-r1 | 2 | 24 |" in table
+    assert "| multiverse | multiverse |  | 24 |" in table
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def test_a_format_the_tokenizer_lacks_fails_before_the_weights_load(tmp_path, monkeypatch):
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_parathinker.harness.model import ParaThinkerLM
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the missing tokens were reported")
+
+    monkeypatch.setattr(HFLM, "_create_model", no_loading)
+    ckpt = save_tiny_format_checkpoint(tmp_path / "r1", "parallel-r1")
+    with pytest.raises(ValueError, match=r"format=npr needs the tokens \['<guideline>', '</guideline>', '<plan>'"):
+        ParaThinkerLM(pretrained=str(ckpt), device="cpu", dtype="float32", format="npr", resume=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"format": "multiverse", "num_paths": 3}, "num_paths=3 has no meaning with format=multiverse"),
+    ({"format": "npr", "method": "majority"}, "format=npr is a way of decoding of its own: it takes no method=majority"),
+    ({"format": "parallel-r1", "termination": "last"}, "termination apply to ParaThinker's decoding, not to format=parallel-r1"),
+    ({"format": "npr", "summary_kv": "reprefill", "positions": "flattened"}, "summary_kv, positions apply"),
+    ({"format": "multiverse", "max_paths": 0}, "max_paths=0 must be at least 1"),
+    ({"format": "threadweaver"}, "format='threadweaver' is not one of parathinker, parallel-r1, multiverse, npr"),
+])
+def test_combinations_that_mean_nothing_are_refused(args, message):
+    from lm_eval_parathinker.harness.options import RunOptions
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RunOptions.parse(**args)
+
+
+def test_detection_needs_every_token_of_exactly_one_format():
+    assert formats.detect_format(set(formats.NPR.tokens)) == "npr"
+    assert formats.detect_format(set(formats.PARALLEL_R1.tokens)) == "parallel-r1"
+    assert formats.detect_format(set(formats.MULTIVERSE.tokens)) == "multiverse"  # holds <Parallel> and <Path> too
+    assert formats.detect_format(set(formats.MULTIVERSE.tokens) | {"<Summary>", "</Summary>"}) == "parathinker"
+    assert formats.detect_format(set(formats.NPR.tokens[:-1])) == "parathinker"

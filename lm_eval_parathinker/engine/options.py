@@ -106,8 +106,8 @@ class EngineOptions:
         """A forking format decodes by its own rules: ParaThinker's options that mean nothing there
         are refused (docs/formats.md has the table)."""
         if self.mode != "parathinker":
-            raise ValueError(f"format={self.format} is a way of decoding of its own: it takes no method={self.mode} "
-                             "(majority and sequential run the model as a plain one, with format=parathinker)")
+            raise ValueError(f"format={self.format} is a way of decoding of its own: it takes no mode={self.mode} "
+                             "(independent and sequential samples run the model as a plain one, format=parathinker)")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         meaningless = [name for name in ("termination", "summary_max_tokens", "summary_kv", "positions",
                                          "thought_embedding") if getattr(self, name) != defaults[name]]

@@ -90,8 +90,16 @@ class Point:
         return self.model_args.get("method", "parathinker")
 
     @property
-    def num_paths(self) -> int:
-        return EngineOptions.parse(mode=ENGINE_MODE[self.method], num_paths=self.model_args.get("num_paths")).num_paths
+    def shown_method(self) -> str:
+        """The method as tables and the leaderboard name it: a forking format's name, else the method."""
+        return self.model_args.get("format", "parathinker") if self.method == "parathinker" and \
+            self.model_args.get("format", "parathinker") != "parathinker" else self.method
+
+    @property
+    def num_paths(self) -> int | None:
+        """Paths per request (per fork for a forking format; None where its model counts them)."""
+        return EngineOptions.parse(mode=ENGINE_MODE[self.method], num_paths=self.model_args.get("num_paths"),
+                                   format=self.model_args.get("format", "parathinker")).num_paths
 
     @property
     def max_gen_toks(self) -> int:
@@ -269,7 +277,7 @@ def _check_point(point: Point, where_run: str, tokenizer=None) -> None:
         engine = options.engine
         if tokenizer is not None:
             engine = engine.resolve(tokenizer)
-        elif options.method == "parathinker" and engine.compat in protocol.LAYOUTS:
+        elif options.method == "parathinker" and engine.format == "parathinker" and engine.compat in protocol.LAYOUTS:
             engine = engine.with_layout(protocol.LAYOUTS[engine.compat])
         if engine.layout is not None:
             engine.layout.check_budget(point.max_gen_toks, "max_gen_toks")
@@ -399,8 +407,11 @@ def _point(sweep: str, kind: str, index: int, values: dict, axes: dict, default_
     model_args = {**checkpoints[checkpoint], **{k: values[k] for k in RUN_ARGS if k in values},
                   "journal_dir": str(journal_dir)}
     method = model_args.get("method", "parathinker")
+    fork_format = model_args.get("format", "parathinker")
     point = Point(
-        sweep=sweep, kind=kind, run=index, label=str(values.get("label", method)), axes=axes,
+        sweep=sweep, kind=kind, run=index,
+        label=str(values.get("label", fork_format if method == "parathinker" and fork_format != "parathinker" else method)),
+        axes=axes,
         checkpoint=str(checkpoint), model_args=model_args, gen_kwargs={**gen_kwargs, "max_gen_toks": budget},
         tasks=tuple(settings["tasks"]), limit=settings["limit"], metadata=settings["metadata"],
         batch_size=settings["batch_size"], device=settings["device"], seed=settings["seed"],

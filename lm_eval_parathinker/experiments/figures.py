@@ -247,7 +247,8 @@ def markdown(sweep: str, kind: str, points: list[Point], rows: dict[int, list[di
     table = []
     for point in points:
         by_task = {r["task"]: r for r in rows[id(point)]}
-        table.append(dict(zip(head, [point.title, point.method, point.num_paths, point.max_gen_toks,
+        paths = "" if point.num_paths is None else point.num_paths  # a forking format's model counts its own
+        table.append(dict(zip(head, [point.title, point.shown_method, paths, point.max_gen_toks,
                                      *(_cell(by_task.get(t), kind) for t in tasks)])))
     lines = [f"**{sweep}** ({kind}): {CELL_UNITS[kind]}; intervals: {stats.METHOD}", "", markdown_table(table, head)]
     if _all_zero([r for p in points for r in rows[id(p)]]):

@@ -117,7 +117,9 @@ def warm_up(lm: ParaThinkerLM) -> float:
     The tokens of a request depend on its own seed only: no point changes."""
     start = time.perf_counter()
     options, slots = lm.options, lm.batch_size_per_gpu
-    if options.method == "parathinker":
+    if options.fork_format is not None:
+        prompt, tokens = options.fork_format.build_prompt("warm up", lm.tokenizer), 2
+    elif options.method == "parathinker":
         prompt = protocol.build_prompt("warm up", lm.tokenizer)
         tokens = lm.compat.pad_to_multiple_of or 2
     else:
@@ -252,7 +254,8 @@ def describe(experiment: Experiment) -> str:
             note = ""
             if point.method == "parathinker" and point.model_args.get("compat", "auto") == "auto":
                 note = "  [compat=auto: resolved from the tokenizer when the run starts]"
-            lines.append(f"  {point.checkpoint:<10} {point.title:<32} {point.method:<11} P={point.num_paths:<3} "
+            paths = point.num_paths if point.num_paths is not None else "?"  # counted by the model as it forks
+            lines.append(f"  {point.checkpoint:<10} {point.title:<32} {point.method:<11} P={paths:<3} "
                          f"B={point.max_gen_toks:<6} batch {point.batch_size:<3} {state}{note}")
             lines.append("      " + shlex.join(["lm_eval", *point.lm_eval_args()]))
     return "\n".join(lines)

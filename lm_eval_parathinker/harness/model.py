@@ -34,7 +34,7 @@ import lm_eval.models  # noqa: F401  (registers the built-ins first: see the reg
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import register_model
 
-from .. import embedded
+from .. import embedded, protocol
 from ..checkpoint import ParaThinkerParts, adapter_tokenizer, add_parathinker_parts, has_control_tokens
 from ..engine import ParaThinkerEngine
 from ..thought_embedding import local_dir, quiet_unexpected_tables, thought_embedding_tables
@@ -141,14 +141,20 @@ class ParaThinkerLM(HFLMShim):
             self.set_model(PeftModel.from_pretrained(self.model, peft, revision=revision))
 
     @property
-    def compat(self) -> str | None:
-        """The layout ``method=parathinker`` decodes with, resolved (auto -> paper/official; a forking
-        format's: :attr:`EngineOptions.fork_official`); None for the baselines."""
-        if self.options.method != "parathinker":
+    def compat(self) -> protocol.Compat | None:
+        """The layout ParaThinker decodes with (``compat`` resolved); None for the baselines and the
+        forking formats (:attr:`compat_name`)."""
+        if self.options.method != "parathinker" or self.options.fork_format is not None:
             return None
+        return self.options.engine.layout
+
+    @property
+    def compat_name(self) -> str | None:
+        """The layout's name as the results record it (auto resolved to paper or official; a forking
+        format's: :attr:`EngineOptions.fork_official`); None for the baselines."""
         if self.options.fork_format is not None:
             return "official" if self.options.engine.fork_official else "paper"
-        return self.options.engine.layout.name
+        return self.compat.name if self.compat is not None else None
 
     @property
     def engine(self) -> ParaThinkerEngine:
@@ -250,7 +256,7 @@ class ParaThinkerLM(HFLMShim):
             **self._files_identity,
             "model_args": self._output_args,
             "parathinker": {**{k: v for k, v in info.items() if k not in self.options.engine.POOL_SIZE},
-                            "compat": self.compat},
+                            "compat": self.compat_name},
             "max_length": self.max_length,
             "add_bos_token": self.add_bos_token,
             "truncation": self.truncation,
@@ -265,7 +271,7 @@ class ParaThinkerLM(HFLMShim):
         parathinker = self.options.method == "parathinker"
         info["parathinker"] = {
             **self.options.info(),
-            "compat": self.compat,  # as resolved (auto -> paper/official)
+            "compat": self.compat_name,  # as resolved (auto -> paper/official)
             "training_free": self.parts.training_free if parathinker and self.options.fork_format is None else None,
             "thought_embeddings_from": self.parts.tables_source,
             "control_tokens_added": len(self.parts.control_tokens_added),

@@ -50,6 +50,9 @@ class RunOptions:
         """From model-arg values (strings or typed)."""
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {', '.join(METHODS)}")
+        if method != "parathinker" and engine_args.get("format", "parathinker") != "parathinker":
+            raise ValueError(f"format={engine_args['format']} is a way of decoding of its own: it takes no "
+                             f"method={method} (the baselines run the checkpoint as a plain model: omit format)")
         return cls(
             method=method,
             compile=default_compile() if compile is None else parse_compile(compile),

@@ -100,6 +100,8 @@ def rows_from_results(data: dict, source: str = "") -> list[dict[str, Any]]:
     method = settings.get("method") or margs.get("method")
     if not method:
         method = "parathinker" if model == "parathinker" else "sequential"
+    if settings.get("format", "parathinker") != "parathinker":  # a forking format is a method of its own
+        method = settings["format"]
     num_paths = settings.get("num_paths", margs.get("num_paths"))
     if num_paths in (None, "") and method == "sequential":
         num_paths = 1
