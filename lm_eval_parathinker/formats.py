@@ -73,6 +73,7 @@ class Format:
     prompt_file: str | None  # the instruction the format's models were trained with (lm_eval_parathinker/prompts)
     prompt_before: str  # the user turn: "{question}" and "{instruction}" placeholders (an instruction file
     # with a "{Problem}" placeholder, Parallel-R1's, takes the question there)
+    chat_template_kwargs: tuple[tuple[str, object], ...] = ()  # what its pipeline passes the chat template
 
     @property
     def counted(self) -> bool:
@@ -94,7 +95,7 @@ class Format:
         content = self.user_message(question)
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                 add_generation_prompt=True)
+                                                 add_generation_prompt=True, **dict(self.chat_template_kwargs))
         return content + "\n"
 
     def labels(self, text: str) -> list[str]:
@@ -152,6 +153,7 @@ NPR = Format(
     released=ReleasedEngine(lookahead=True, hide_later_leads=True, length_slack=128, fork_slack=1024,
                             degree_limit=True),
     answer_after="<takeaway>", prompt_file="npr.txt", prompt_before="{question}\n\n{instruction}",
+    chat_template_kwargs=(("enable_thinking", False),),  # evals/evaluate.py
 )
 FORMATS = {f.name: f for f in (PARALLEL_R1, MULTIVERSE, NPR)}
 
