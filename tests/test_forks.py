@@ -614,3 +614,15 @@ def test_detection_needs_every_token_of_exactly_one_format():
     assert formats.detect_format(set(formats.MULTIVERSE.tokens)) == "multiverse"  # holds <Parallel> and <Path> too
     assert formats.detect_format(set(formats.MULTIVERSE.tokens) | {"<Summary>", "</Summary>"}) == "parathinker"
     assert formats.detect_format(set(formats.NPR.tokens[:-1])) == "parathinker"
+
+
+def test_stop_strings_end_the_main_line_only(models, monkeypatch):
+    """A stop string ends the response where the main line writes it, never inside a path; the lm-eval
+    model then cuts the text before it."""
+    from lm_eval_parathinker.harness.generator import _without_stop
+
+    scripts = dict(PR1_BLOCK, **{"root/1.1#0": "x Answer y </Path>", "root#1": "s </Summary> z Answer 3 <eos>"})
+    text, out = run(models, monkeypatch, "parallel-r1", scripts, stop_strings=["Answer"])
+    assert text == "A<Parallel>[[<Path>]]xAnswery</Path>[[<Path>]]y</Path>[[</Parallel>\n<Summary>]]s</Summary>zAnswer"
+    assert out.stats["termination"] == forks.STOP
+    assert _without_stop(out.transcript, ["Answer"]).endswith("</Summary>z")

@@ -208,10 +208,10 @@ class ForkScheduler:
         self.admissions = 0
         self.pressure = False
         self.preempted: dict[int, int] = {}
-        waiting = deque(range(len(prompts)))
-        while waiting or self.running:
-            self._admit(waiting)
-            queries = self._reserve(waiting)
+        self.waiting = deque(range(len(prompts)))  # a preempted request goes back to its head
+        while self.waiting or self.running:
+            self._admit(self.waiting)
+            queries = self._reserve()
             if queries:
                 self._step(queries)
 
@@ -277,7 +277,7 @@ class ForkScheduler:
         for segment in tree.segments():
             self.release(segment)
         self.running.remove(tree)
-        self._waiting.appendleft(tree.index)
+        self.waiting.appendleft(tree.index)
         self.preempted[tree.index] = self.preempted.get(tree.index, 0) + 1
         self.stats.preemptions += 1
         self.pressure = True
@@ -290,9 +290,8 @@ class ForkScheduler:
 
     # -- one step ---------------------------------------------------------------------------
 
-    def _reserve(self, waiting: deque) -> list[tuple[Tree, Thread]]:
+    def _reserve(self) -> list[tuple[Tree, Thread]]:
         """The threads that write a token this step, each with a page for it, oldest request first."""
-        self._waiting = waiting
         queries = []
         for tree in sorted(self.running, key=lambda t: t.order):
             if tree not in self.running:  # preempted for an older request in this loop
