@@ -18,8 +18,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from lm_eval_parathinker import formats
 from lm_eval_parathinker.engine import forks, sampling
@@ -525,25 +528,15 @@ def test_prompts_are_the_formats_own():
     assert formats.NPR.build_prompt(problem, tok) == f"user: {npr} assistant: "
 
 
-FORMATS_GRID = """\
-checkpoints:
-  r1: {{pretrained: {r1}, dtype: float32, compat: paper, attention: sdpa}}
-  mv: {{pretrained: {mv}, dtype: float32, compat: paper, attention: sdpa}}
-tasks: [aime24]
-limit: 2
-metadata: {{repeats: 2}}
-device: cpu
-batch_size: 2
-gen_kwargs: {{do_sample: true, temperature: 0.6, seed: 3}}
-sweeps:
-  formats:
-    kind: ablations
-    runs:
-      - {{checkpoint: r1, method: sequential, max_gen_toks: 24}}
-      - {{checkpoint: r1, method: majority, num_paths: 2, max_gen_toks: 24}}
-      - {{checkpoint: r1, format: parallel-r1, max_gen_toks: 24}}
-      - {{checkpoint: mv, format: multiverse, max_gen_toks: 24}}
-"""
+def formats_grid(r1: Path, mv: Path) -> dict:
+    """An experiment: sequential, majority and Parallel-R1 on one checkpoint, Multiverse on another."""
+    sdpa = {"dtype": "float32", "compat": "paper", "attention": "sdpa"}
+    runs = [{"checkpoint": "r1", "method": "sequential"}, {"checkpoint": "r1", "method": "majority", "num_paths": 2},
+            {"checkpoint": "r1", "format": "parallel-r1"}, {"checkpoint": "mv", "format": "multiverse"}]
+    return {"checkpoints": {"r1": {"pretrained": str(r1), **sdpa}, "mv": {"pretrained": str(mv), **sdpa}},
+            "tasks": ["aime24"], "limit": 2, "metadata": {"repeats": 2}, "device": "cpu", "batch_size": 2,
+            "gen_kwargs": {"do_sample": True, "temperature": 0.6, "seed": 3},
+            "sweeps": {"formats": {"kind": "ablations", "runs": [{**run, "max_gen_toks": 24} for run in runs]}}}
 
 
 @pytest.mark.usefixtures("one_thread_offline")
@@ -557,8 +550,8 @@ def test_experiments_compare_two_formats_with_sequential_and_majority(tmp_path):
     from lm_eval_parathinker.experiments import config, figures, runner
 
     path = tmp_path / "formats.yaml"
-    path.write_text(FORMATS_GRID.format(r1=save_tiny_format_checkpoint(tmp_path / "r1", "parallel-r1", eager=30.0),
-                                        mv=save_tiny_format_checkpoint(tmp_path / "mv", "multiverse", eager=30.0)))
+    path.write_text(yaml.safe_dump(formats_grid(save_tiny_format_checkpoint(tmp_path / "r1", "parallel-r1", eager=30.0),
+                                                save_tiny_format_checkpoint(tmp_path / "mv", "multiverse", eager=30.0))))
     experiment = config.load(path, tmp_path / "out")
     runner.run(experiment, report=lambda line: None)
     figures.write(experiment)
