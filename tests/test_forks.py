@@ -499,6 +499,11 @@ def test_lm_eval_runs_a_format_checkpoint_on_the_math_tasks(name, tmp_path):
     assert info["format"] == name and info["compat"] == "paper" and info["control_tokens_added"] == 0
     assert info["thought_embeddings_from"] is None
     assert info["forks"]["format"] == name and info["forks"]["responses"] == 2 * len(MATH_TASKS)
+    # the run's means (what lm-eval's own tasks get) agree with the tasks' metrics (2 responses each)
+    for key, metric in (("forks_per_response", "forks"), ("critical_tokens", "critical_tokens"),
+                        ("total_tokens", "gen_tokens")):
+        mean = sum(res["results"][t][f"{metric},all"] for t in MATH_TASKS) / len(MATH_TASKS)
+        assert info["forks"][key] == pytest.approx(mean)
     for task in MATH_TASKS:
         metrics = res["results"][task]
         # the budget bounds the longest chain (Multiverse, NPR) or every token (Parallel-R1)

@@ -144,7 +144,6 @@ class Generator:
         self.fork_format = options.fork_format  # a format whose model forks itself (None: ParaThinker, baselines)
         self.parathinker = options.method == "parathinker" and self.fork_format is None
         self.report: dict = {}  # the KV pool over the run's engine calls (see _note_engine_stats)
-        self.trees: list[dict] = []  # a forking format's responses' fork statistics (fork_summary)
         self._warned_no_problem = False
 
     @property
@@ -192,7 +191,6 @@ class Generator:
         def respond(i: int, out: GenerationOutput) -> None:
             if self.fork_format is not None:
                 text = _without_stop(out.transcript, until) if out.stats["termination"] == forks_module.STOP else out.transcript
-                self.trees.append({k: out.stats[k] for k in ("forks", "paths_per_fork", "critical_tokens", "total_tokens")})
             elif self.parathinker:
                 text = self._transcript(out, until)
             else:
@@ -225,19 +223,6 @@ class Generator:
         report["compiled"], report["compile_failure"] = stats["compiled"], stats["compile_failure"]
         for key in ("compile_s", "compilations"):  # this process's: compiled once, reused by later calls
             report[key] = report.get(key, 0) + stats[key]
-
-    def fork_summary(self) -> dict | None:
-        """A forking format's run: responses, forks and paths per fork, the critical path against the
-        total (means over the responses; None for ParaThinker and the baselines)."""
-        if self.fork_format is None:
-            return None
-        n = len(self.trees) or 1
-        forks = sum(t["forks"] for t in self.trees)
-        return {"format": self.fork_format.name, "responses": len(self.trees),
-                "forks_per_response": forks / n,
-                "paths_per_fork": sum(sum(t["paths_per_fork"]) for t in self.trees) / forks if forks else 0.0,
-                "critical_tokens": sum(t["critical_tokens"] for t in self.trees) / n,
-                "total_tokens": sum(t["total_tokens"] for t in self.trees) / n}
 
     def _encode(self, prompts: list[str], budget: int) -> list[list[int]]:
         """Token ids as HFLM encodes them, left-truncated to leave room for the generation."""

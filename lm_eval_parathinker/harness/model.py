@@ -115,6 +115,7 @@ class ParaThinkerLM(HFLMShim):
         report, warnings given), e.g. between runs that share this model (see :meth:`configure`)."""
         self._warned_generation_only = False
         self.termination_reasons: Counter = Counter()
+        self.fork_totals: Counter = Counter()  # a forking format's responses: forks, paths, token counts (summed)
         self.journal_report = {"dir": None, "reused": 0, "generated": 0}
         self._generator: Generator | None = None
 
@@ -187,7 +188,7 @@ class ParaThinkerLM(HFLMShim):
         opened = journal.ResponseJournal.open(self.options.journal_dir, self.journal_fingerprint(),
                                               self.rank) if self.options.resume else nullcontext()
         runner = RequestRunner(self.generator, lambda text: len(self.tok_encode(text)), self._respond)
-        before = self.termination_reasons.copy()
+        before, forks_before = self.termination_reasons.copy(), self.fork_totals.copy()
         with opened as store, self.ranks.watched() as heartbeat:
 
             def progress(total: int, reused: int) -> LiveProgress:
@@ -204,12 +205,14 @@ class ParaThinkerLM(HFLMShim):
 
             outcome = runner.run(requests, store, progress)
         # the results file (written by rank 0) reports the whole run: every rank's counts
-        counts = self.ranks.gather((outcome.reused, outcome.generated, self.termination_reasons - before))
-        self.termination_reasons = before + sum((reasons for _, _, reasons in counts), Counter())
+        counts = self.ranks.gather((outcome.reused, outcome.generated, self.termination_reasons - before,
+                                    self.fork_totals - forks_before))
+        self.termination_reasons = before + sum((reasons for _, _, reasons, _ in counts), Counter())
+        self.fork_totals = forks_before + sum((totals for _, _, _, totals in counts), Counter())
         self.journal_report = {
             "dir": str(store.folder) if store is not None else None,
-            "reused": self.journal_report["reused"] + sum(reused for reused, _, _ in counts),
-            "generated": self.journal_report["generated"] + sum(generated for _, generated, _ in counts),
+            "reused": self.journal_report["reused"] + sum(reused for reused, *_ in counts),
+            "generated": self.journal_report["generated"] + sum(generated for _, generated, *_ in counts),
         }
         return outcome.responses
 
@@ -231,7 +234,11 @@ class ParaThinkerLM(HFLMShim):
 
     def _respond(self, request: Instance, gen_kwargs: dict, response: ParaThinkerResponse) -> ParaThinkerResponse:
         """Count a finished (or reused) response and hand it to lm-eval's cache hook."""
-        self.termination_reasons[response.meta["termination"]] += 1
+        meta = response.meta
+        self.termination_reasons[meta["termination"]] += 1
+        if self.options.fork_format is not None:
+            self.fork_totals.update(responses=1, forks=meta["forks"], paths=meta["num_paths"],
+                                    critical_tokens=meta["critical_tokens"], total_tokens=meta["gen_tokens"])
         self.cache_hook.add_partial("generate_until", (request.args[0], gen_kwargs), response)
         return response
 
@@ -280,10 +287,21 @@ class ParaThinkerLM(HFLMShim):
             "resume": self.options.resume,
             "journal": dict(self.journal_report),
             "engine": dict(self._generator.report if self._generator is not None else {}),
-            # a forking format's trees over the run (lm-eval's own tasks take no new metrics)
-            "forks": self._generator.fork_summary() if self._generator is not None else None,
+            "forks": self._fork_summary(),
         }
         return info
+
+    def _fork_summary(self) -> dict | None:
+        """A forking format's run, journaled responses included (lm-eval's own tasks take no new
+        metrics): forks per response, paths per fork, and the critical path against the total (means)."""
+        if self.options.fork_format is None:
+            return None
+        totals = self.fork_totals
+        n = totals["responses"] or 1
+        return {"format": self.options.fork_format.name, "responses": totals["responses"],
+                "forks_per_response": totals["forks"] / n,
+                "paths_per_fork": totals["paths"] / totals["forks"] if totals["forks"] else 0.0,
+                "critical_tokens": totals["critical_tokens"] / n, "total_tokens": totals["total_tokens"] / n}
 
 
 def _checkpoint_identity(name: str, revision: str) -> dict:
