@@ -624,3 +624,31 @@ def test_stop_strings_end_the_main_line_only(models, monkeypatch):
     assert text == "A<Parallel>[[<Path>]]xAnswery</Path>[[<Path>]]y</Path>[[</Parallel>\n<Summary>]]s</Summary>zAnswer"
     assert out.stats["termination"] == forks.STOP
     assert _without_stop(out.transcript, ["Answer"]).endswith("</Summary>z")
+
+
+def test_a_bounded_format_is_admitted_by_its_worst_case(models, monkeypatch):
+    """Parallel-R1's budget bounds every token of a response: a request is admitted only when the pool
+    holds its worst case, so a pool for one at a time runs them one after the other, never preempting."""
+    model, tok = models["parallel-r1"]
+    monkeypatch.setattr(sampling, "sample", ForkScript(tok, PR1_CASES["two blocks"][0]))
+    engine = ParaThinkerEngine(model, tok, compile=False)
+    prompts = [LONG_PROMPT[:60], LONG_PROMPT[:70]]
+    settings = dict(format="parallel-r1", attention="sdpa", block_size=4, max_new_tokens=40)
+    roomy = engine.generate(prompts, **settings)
+    config = forks.ForkConfig(formats.PARALLEL_R1, True, 40, 8, None, sampling.SamplingParams(), (), None, 2)
+    worst = forks.admission_pages(config, max(len(o.prompt_ids) for o in roomy), 4)
+    running_at_admission = []
+    prefill = forks.ForkScheduler._prefill
+
+    def admit(self, request):
+        running_at_admission.append(len(self.running))
+        return prefill(self, request)
+
+    monkeypatch.setattr(forks.ForkScheduler, "_prefill", admit)
+    one_at_a_time = engine.generate(prompts, num_blocks=worst + 2, **settings)
+    assert running_at_admission == [0, 0]  # the second waited for the first to end
+    assert engine.last_stats["preemptions"] == 0 and engine.last_stats["kv_peak_pages"] <= worst
+    engine.generate(prompts, num_blocks=2 * worst + 1, **settings)
+    assert running_at_admission[2:] == [0, 1]  # room for both worst cases: both at once
+    assert [o.path_ids for o in one_at_a_time] == [o.path_ids for o in roomy]
+    assert all(o.stats["forks"] == 2 for o in roomy)
