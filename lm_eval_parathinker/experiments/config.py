@@ -275,8 +275,8 @@ def _check_point(point: Point, where_run: str, tokenizer=None) -> None:
     try:
         options = RunOptions.parse(**switchable(point.model_args))
         engine = options.engine
-        if tokenizer is not None:
-            engine = engine.resolve(tokenizer)
+        if tokenizer is not None:  # as the model resolves it (a forking format read from the tokenizer too)
+            engine = options.resolve(tokenizer).engine
         elif options.method == "parathinker" and engine.format == "parathinker" and engine.compat in protocol.LAYOUTS:
             engine = engine.with_layout(protocol.LAYOUTS[engine.compat])
         if engine.layout is not None:
