@@ -27,7 +27,12 @@ def _session_journal(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(JOURNAL_ENV, str(tmp_path_factory.mktemp("journal")))
         patch.setenv(COMPILE_ENV, "false")
-        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        # one inductor cache for the session's pytest-xdist workers (they share the session's base folder,
+        # each its own basetemp in it): a kernel one worker compiled, the other reads (same thread count)
+        shared = tmp_path_factory.getbasetemp()
+        shared = (shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared) / "inductor"
+        shared.mkdir(exist_ok=True)
+        patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(shared))
         # one torch thread in every test process: compiled CPU flex kernels are built for one count
         # per process (attention.resolve_kernel refuses another), and tiny models gain nothing from more
         torch.set_num_threads(1)

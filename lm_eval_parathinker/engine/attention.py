@@ -140,9 +140,17 @@ def _paged_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
 
 
 # FlexAttention compiled per process (``dynamic``: any pool size, and any number of queries for
-# ragged steps; a rectangle's batch is static, one compilation per size: PageReads.attend).
-# torch.compile is lazy: nothing is compiled before the first call
-flex_kernel = torch.compile(_paged_flex, dynamic=True)
+# ragged steps; a rectangle's batch is static, one compilation per size: PageReads.attend). Made
+# at first use (:func:`_flex`): torch.compile imports inductor, seconds of every process's start.
+flex_kernel = None
+
+
+def _flex():
+    """The compiled FlexAttention (made once per process, at its first use)."""
+    global flex_kernel
+    if flex_kernel is None:
+        flex_kernel = torch.compile(_paged_flex, dynamic=True)
+    return flex_kernel
 
 # Uncompiled, flex applies the mask_mod to the whole pool and ignores which pages a query lists:
 # wrong attention, not just slow. Dynamo runs a function uncompiled once it has compiled it
@@ -223,14 +231,14 @@ class FlexKernel(Kernel):
     def attend(self, reads: PageReads, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float | None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # inlined into the compiled step (its inputs are marked static)
-            return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
+            return _flex()(q, key, value, block_mask=reads.block_mask, scale=scale)
         if reads.static_batch:
             # torch's flex decoding kernel (one query tile per KV head, work split over the
             # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
             # runs its main kernel, a 128-row query tile for `groups` rows
             upstream_torch.mark_static(q, 0)
         with compile_limits():
-            return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
+            return _flex()(q, key, value, block_mask=reads.block_mask, scale=scale)
 
 
 class SdpaKernel(Kernel):
