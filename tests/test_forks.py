@@ -27,7 +27,7 @@ import yaml
 from lm_eval_parathinker import formats
 from lm_eval_parathinker.engine import forks, sampling
 from lm_eval_parathinker.engine.generate import ParaThinkerEngine
-from tiny import save_tiny_format_checkpoint, tiny_model, tiny_tokenizer
+from tiny import save_tiny_format_checkpoint, tiny_format_model, tiny_model, tiny_tokenizer
 
 WORDS = ["A", "B", "a", "b", "c", "p", "q", "r", "s", "t", "u", "v", "w", "x", "y", "z", "foo", "Final", "Answer",
          ":", ".", "1", "2", "3", "5", "6", "7", "\\boxed{5}", *(f"x{i}" for i in range(1, 80)),
@@ -482,16 +482,16 @@ MATH_TASKS = ["aime24", "aime25", "amc23", "math500"]
 @pytest.mark.usefixtures("one_thread_offline")
 @pytest.mark.parametrize("name", formats.FORMATS)
 def test_lm_eval_runs_a_format_checkpoint_on_the_math_tasks(name, tmp_path):
-    """No format model arg: the checkpoint's tokenizer names it. Loaded as it is (no <think k>, no
-    thought embeddings), its forks in the metrics of all four tasks and in the run's model info; a
-    tiny model made to write the format's tags."""
+    """``format=...``: the checkpoint loaded as it is (no <think k>, no thought embeddings), its forks
+    in the metrics of all four tasks and in the run's model info; a tiny model made to write the
+    format's tags."""
     from lm_eval.evaluator import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     ckpt = save_tiny_format_checkpoint(tmp_path / name, name, eager=30.0)
     res = simple_evaluate(
-        model="parathinker", model_args={"pretrained": str(ckpt), "dtype": "float32", "compat": "paper",
-                                         "journal_dir": str(tmp_path / "journal")},
+        model="parathinker", model_args={"pretrained": str(ckpt), "format": name, "dtype": "float32",
+                                         "compat": "paper", "journal_dir": str(tmp_path / "journal")},
         tasks=MATH_TASKS, limit=1, gen_kwargs="max_gen_toks=48,do_sample=True,temperature=0.6", device="cpu",
         batch_size=4, log_samples=True, task_manager=TaskManager(include_defaults=False, metadata={"repeats": 2}),
     )  # fmt: skip
@@ -604,6 +604,20 @@ def test_combinations_that_mean_nothing_are_refused(args, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         RunOptions.parse(**args)
+
+
+def test_the_lm_eval_model_reads_the_format_from_the_tokenizer():
+    """Without a format model arg, method=parathinker decodes in the format the tokenizer's tags name;
+    a named format wins; the baselines stay plain."""
+    from lm_eval_parathinker.harness.options import RunOptions
+
+    _, npr_tokenizer = tiny_format_model("npr")
+    assert RunOptions.parse().resolve(npr_tokenizer).engine.format == "npr"
+    assert RunOptions.parse(compat="paper").resolve(npr_tokenizer).fork_format is formats.NPR
+    assert RunOptions.parse(method="sequential").resolve(npr_tokenizer).fork_format is None
+    with pytest.raises(ValueError, match=r"format=multiverse needs the tokens \['<Think>'"):
+        RunOptions.parse(format="multiverse").resolve(npr_tokenizer)
+    assert RunOptions.parse().resolve(tiny_tokenizer()).engine.format == "parathinker"
 
 
 def test_detection_needs_every_token_of_exactly_one_format():

@@ -84,6 +84,7 @@ def resolve_kernel(kernel: str, device: torch.device, *, page_size: int | None =
     if problem is None:
         if device.type == "cpu":
             upstream_torch.CPU_FLEX_THREADS.claim()
+        _flex()  # made here, on the host: a compiled step then inlines it as it traces
         return FLEX
     if kernel == "flex":
         raise ValueError(f"attention='flex': {problem}; {fix}")
@@ -141,7 +142,8 @@ def _paged_flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, 
 
 # FlexAttention compiled per process (``dynamic``: any pool size, and any number of queries for
 # ragged steps; a rectangle's batch is static, one compilation per size: PageReads.attend). Made
-# at first use (:func:`_flex`): torch.compile imports inductor, seconds of every process's start.
+# when resolve_kernel picks flex, or at an eager first use (:func:`_flex`), never while a compiled
+# step traces: torch.compile imports inductor, seconds of every process's start.
 flex_kernel = None
 
 
@@ -231,7 +233,7 @@ class FlexKernel(Kernel):
     def attend(self, reads: PageReads, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                scale: float | None) -> torch.Tensor:
         if torch.compiler.is_compiling():  # inlined into the compiled step (its inputs are marked static)
-            return _flex()(q, key, value, block_mask=reads.block_mask, scale=scale)
+            return flex_kernel(q, key, value, block_mask=reads.block_mask, scale=scale)
         if reads.static_batch:
             # torch's flex decoding kernel (one query tile per KV head, work split over the
             # pages read) needs an integer batch; with a symbolic one flex_kernel (dynamic)
