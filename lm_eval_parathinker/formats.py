@@ -99,10 +99,9 @@ class Format:
         return content + "\n"
 
     def labels(self, text: str) -> list[str]:
-        """The labels of the paths that ``text`` (the text an outline is read from) asks for."""
-        if self.outline_pattern is None:
-            return [str(k) for k in range(1, (self.fixed_paths or 0) + 1)]
-        start = text.rfind(self.outline_open) if self.outline_open else 0
+        """The labels of the paths that ``text`` asks for: one per match of the outline pattern after
+        the last ``outline_open`` (a format that counts its paths)."""
+        start = text.rfind(self.outline_open)
         if start < 0:
             return []
         return [m.group(1) + ":" for m in re.finditer(self.outline_pattern, text[start:])]
@@ -184,9 +183,9 @@ def detect_format(vocab) -> str:
     return matches[0] if len(matches) == 1 else "parathinker"
 
 
-def check_tokens(fmt: Format, vocab, what: str = "the checkpoint's tokenizer") -> None:
+def check_tokens(fmt: Format, vocab) -> None:
     """Refuse a format whose tokens the tokenizer lacks, naming them."""
     missing = fmt.missing_tokens(vocab)
     if missing:
-        raise ValueError(f"format={fmt.name} needs the tokens {missing}, which {what} lacks: use a "
-                         f"{fmt.name} checkpoint (its tokenizer adds them as special tokens)")
+        raise ValueError(f"format={fmt.name} needs the tokens {missing}, which the checkpoint's tokenizer lacks: "
+                         f"use a {fmt.name} checkpoint (its tokenizer adds them as special tokens)")

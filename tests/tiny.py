@@ -115,7 +115,8 @@ def tiny_format_model(name: str, arch: str = "qwen2", seed: int = 0, eager: floa
     model = tiny_model(arch, seed)
     if eager:
         # what opens and counts a fork (its outline's tag, a number, a colon), then what closes paths
-        texts = ([fmt.trigger] if fmt.outline_open is None else [fmt.outline_open, fmt.outline_pattern[:fmt.outline_pattern.index(">") + 1], fmt.trigger, "1", ":"])
+        items = [t for t in fmt.tokens if fmt.outline_pattern and t in fmt.outline_pattern]  # <Outline>, <plan>
+        texts = [fmt.trigger] if fmt.outline_open is None else [fmt.outline_open, *items, fmt.trigger, "1", ":"]
         ids = [tok(t, add_special_tokens=False)["input_ids"][0] for t in texts]
         with torch.no_grad():
             model.get_input_embeddings().weight[:, 0] = 1.0

@@ -183,7 +183,6 @@ class ForkedOutput:
     ids: list[int]  # the response as one sequence (engine-written tokens included)
     inserted: list[bool]
     root: Thread
-    prompt_len: int
     stats: dict
 
 
@@ -247,7 +246,7 @@ class ForkScheduler:
         segment.inserted += [False] * n
         segment.shown_from = n
         tree.threads.append(root)
-        self.draw(tree, [(root, logits[0, -1])])
+        self.draw([(tree, root, logits[0, -1])])
 
     # -- pages ------------------------------------------------------------------------------
 
@@ -309,19 +308,19 @@ class ForkScheduler:
         reads = [[*th.segment.sees, th.segment] for _, th in queries]
         width = max(len(r) for r in reads)
         pages = max(len(s.pages) for r in reads for s in r)
-        table = torch.full((len(queries), width, pages), SCRATCH_PAGE, dtype=torch.long)
-        lengths = torch.zeros(len(queries), width, dtype=torch.long)
+        # each query's visible segments as rows of a page table of its own (scratch-padded), and their
+        # lengths (its own segment's with the token it writes now): built on the host, copied once
+        table = [[s.pages + [SCRATCH_PAGE] * (pages - len(s.pages)) for s in r]
+                 + [[SCRATCH_PAGE] * pages] * (width - len(r)) for r in reads]
+        lengths = [[len(s.tokens) for s in r[:-1]] + [len(r[-1].tokens) + 1] + [0] * (width - len(r)) for r in reads]
         tokens, positions, columns = [], [], []
-        for b, ((_, thread), segments) in enumerate(zip(queries, reads)):
-            for g, segment in enumerate(segments):
-                table[b, g, : len(segment.pages)] = torch.tensor(segment.pages)
-                lengths[b, g] = len(segment.tokens)
+        for _, thread in queries:
             segment, n = thread.segment, len(thread.segment.tokens)
-            lengths[b, len(segments) - 1] = n + 1
             tokens.append(thread.pending[0][0])
             positions.append(segment.start + n)
             columns.append(segment.pages[n // ps] * ps + n % ps)
-        table, lengths = table.to(self.device), lengths.to(self.device)
+        table = torch.tensor(table, device=self.device)
+        lengths = torch.tensor(lengths, device=self.device)
         columns = torch.tensor([columns], device=self.device)
         write = self.cache.write(columns, torch.ones_like(columns, dtype=torch.bool))
         index = torch.arange(len(queries), device=self.device)
@@ -331,42 +330,37 @@ class ForkScheduler:
                             position_ids=torch.tensor([positions], device=self.device),
                             attention_mask=self.cache.no_mask, **{self.cache.argument: write}, use_cache=True,
                             reads=page_view).logits[0]
-        draws: dict[int, list] = {}
+        ready = []
         for b, (tree, thread) in enumerate(queries):
             token, inserted = thread.pending.pop(0)
             thread.segment.tokens.append(token)
             thread.segment.inserted.append(inserted)
-            if not thread.pending:
-                draws.setdefault(id(tree), [tree, []])[1].append((thread, logits[b]))
-        for tree, rows in draws.values():
-            ready = []
-            for thread, row in rows:
-                if tree not in self.running:  # preempted by an action of this step
-                    break
-                if thread.then is not None:  # written: act on it instead of drawing
-                    action, thread.then = thread.then, None
-                    action()
-                else:
-                    ready.append((thread, row))
-            if ready and tree in self.running:
-                self.draw(tree, ready)
+            if thread.pending or tree not in self.running:  # (preempted by an action of this step)
+                continue
+            if thread.then is not None:  # written: act on it instead of drawing
+                action, thread.then = thread.then, None
+                action()
+            else:
+                ready.append((tree, thread, logits[b]))
+        self.draw([(tree, thread, row) for tree, thread, row in ready if tree in self.running])
 
-    def draw(self, tree: Tree, rows: list[tuple[Thread, torch.Tensor]]) -> None:
-        """Draw the next token of each thread (``rows``: its last written token's logits) and let the
-        format's control flow act on it."""
+    def draw(self, rows: list[tuple[Tree, Thread, torch.Tensor]]) -> None:
+        """Draw the next token of each thread (``rows``: its request, itself, its last written
+        token's logits), one sampling call per sampling setting, and let the format's control flow
+        act on each."""
         by_params: dict[SamplingParams, list] = {}
-        for thread, row in rows:
-            by_params.setdefault(self.flow.params(thread), []).append((thread, row))
+        for row in rows:
+            by_params.setdefault(self.flow.params(row[1]), []).append(row)
         for params, group in by_params.items():
-            logits = torch.stack([row for _, row in group])[:, None].float()
+            logits = torch.stack([row for *_, row in group])[:, None].float()
             if self.config.banned:
                 logits[..., list(self.config.banned)] = float("-inf")
-            draw = sampling.Draw(torch.tensor([tree.seed] * len(group), device=self.device),
-                                 torch.tensor([tree.index] * len(group), device=self.device),
-                                 torch.tensor([[stream(t.key, t.joins)] for t, _ in group], device=self.device),
-                                 torch.tensor([[t.draws] for t, _ in group], device=self.device))
+            draw = sampling.Draw(torch.tensor([tree.seed for tree, *_ in group], device=self.device),
+                                 torch.tensor([tree.index for tree, *_ in group], device=self.device),
+                                 torch.tensor([[stream(t.key, t.joins)] for _, t, _ in group], device=self.device),
+                                 torch.tensor([[t.draws] for _, t, _ in group], device=self.device))
             drawn = sampling.sample(logits, params, draw)[:, 0].tolist()
-            for (thread, row), token in zip(group, drawn):
+            for (tree, thread, row), token in zip(group, drawn):
                 if self.config.output_logits:
                     thread.segment.logits[len(thread.segment.tokens) - 1] = row.float().cpu()
                 thread.draws += 1
@@ -415,7 +409,7 @@ class ForkScheduler:
             fork.paths.append(path)
             path.origin = sum(len(s.tokens) for s in path.context) - len(tree.prompt) + len(tokens)
             if hide_later_leads:
-                lead = self.new_segment(path, start, hidden=k > 1)
+                self.new_segment(path, start, hidden=k > 1)  # the lead, alone in its segment
                 self.write(path, tokens[:1], inserted=True)
                 path.then = lambda path=path, rest=tokens[1:], at=start + 1: self._after_lead(path, rest, at)
             else:
@@ -477,7 +471,7 @@ class ForkScheduler:
         stats = tree_stats(tree.root, len(ids))
         stats["preemptions"] = self.preempted.get(tree.index, 0)
         stats["latency_s"] = time.perf_counter() - tree.admitted
-        output = ForkedOutput(tree.index, ids, inserted, tree.root, len(tree.prompt), stats)
+        output = ForkedOutput(tree.index, ids, inserted, tree.root, stats)
         for segment in tree.segments():
             self.release(segment)
         self.on_finished(output)
@@ -768,7 +762,7 @@ class LoopFlow:
         if self.config.official:
             logits = engine.reencode(tree, thread, fork, tokens, start=thread.parts[-2].end)
             if logits is not None:
-                engine.draw(tree, [(thread, logits)])
+                engine.draw([(tree, thread, logits)])
             return
         engine.new_segment(thread, max(path.end for path in fork.paths))
         engine.restart(tree, thread)

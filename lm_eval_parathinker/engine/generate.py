@@ -154,7 +154,7 @@ class ParaThinkerEngine:
         prompt_ids, template = self.encode(prompts, opts.layout), self._template(opts)
         plan = self._plan(opts, call, ids, len(template))
         self._check_lengths(prompt_ids, opts, plan)
-        page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
+        page_size = self._page_size(opts)
         kernel = resolve_kernel(opts.attention, self.device, page_size=page_size,
                                 head_dim=head_dim(self.model.config), dtype=self._dtype)
         compiled = self.decode_step.compiles(kernel)
@@ -184,14 +184,12 @@ class ParaThinkerEngine:
                         on_output: Callable[[int, GenerationOutput], None] | None) -> list[GenerationOutput]:
         """A call of a format whose model forks itself (:mod:`forks`): eager steps, one token per
         thread, ``max_new_tokens`` the format's budget (the whole response, or its longest chain)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("prompts is empty, or one of them is")
-        fmt = formats.get_format(opts.format)
-        formats.check_tokens(fmt, self.tokenizer.get_vocab())
+        _check_prompts(prompts)
+        fmt = formats.get_format(opts.format)  # its tokens checked when the options were resolved
         if call.min_new_tokens:
             raise ValueError(f"min_new_tokens applies to ParaThinker's paths, not to format={fmt.name}")
         prompt_ids = self.encode(prompts)
-        page_size = opts.block_size or (128 if self.device.type == "cuda" else 64)
+        page_size = self._page_size(opts)
         # eager steps: attention=auto reads pages with sdpa (flex would compile its kernel first)
         kernel = resolve_kernel("sdpa" if opts.attention == "auto" else opts.attention, self.device,
                                 page_size=page_size, head_dim=head_dim(self.model.config), dtype=self._dtype)
@@ -279,6 +277,10 @@ class ParaThinkerEngine:
         with paged_attention_for(self.model), rope_scaling(self.model, rope), _current_device(self.device):
             yield
 
+    def _page_size(self, opts: EngineOptions) -> int:
+        """Tokens per KV page: ``block_size``, else 128 on CUDA and 64 elsewhere."""
+        return opts.block_size or (128 if self.device.type == "cuda" else 64)
+
     def _ragged_steps(self, compiled: bool) -> bool:
         """Steps on the real tokens only: for eager steps on the CPU (a padding query costs a full
         token there)."""
@@ -301,11 +303,7 @@ class ParaThinkerEngine:
                   budget: int) -> ControlTokenIds | None:
         """Check the prompts and the options against the model (the options and settings checked
         themselves); returns the control token ids (parathinker mode)."""
-        if not prompts:
-            raise ValueError("prompts is empty")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompts[{i}] is empty")
+        _check_prompts(prompts)
         if opts.mode != "parathinker":
             return None
         layout, num_paths = opts.layout, opts.num_paths
@@ -349,6 +347,14 @@ class ParaThinkerEngine:
         config = self.model.config
         params = getattr(config, "rope_parameters", None) or {}
         return params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+
+
+def _check_prompts(prompts: Sequence[str | Sequence[int]]) -> None:
+    if not prompts:
+        raise ValueError("prompts is empty")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompts[{i}] is empty")
 
 
 def assemble(prompt: list[int], done: Finished, template: list[int], opts: EngineOptions, tokenizer,

@@ -91,9 +91,7 @@ class Point:
 
     @property
     def shown_method(self) -> str:
-        """The method as tables and the leaderboard name it: a forking format's name, else the method."""
-        return self.model_args.get("format", "parathinker") if self.method == "parathinker" and \
-            self.model_args.get("format", "parathinker") != "parathinker" else self.method
+        return shown_method(self.model_args)
 
     @property
     def num_paths(self) -> int | None:
@@ -160,6 +158,12 @@ class Experiment:
         for point in self.points:
             found.setdefault(point.sweep, []).append(point)
         return found
+
+
+def shown_method(model_args: dict[str, Any]) -> str:
+    """The method as labels, tables and the leaderboard name it: a forking format's name, else the method."""
+    method, fork_format = model_args.get("method", "parathinker"), model_args.get("format", "parathinker")
+    return fork_format if method == "parathinker" and fork_format != "parathinker" else method
 
 
 def switchable(model_args: dict[str, Any]) -> dict[str, Any]:
@@ -406,12 +410,8 @@ def _point(sweep: str, kind: str, index: int, values: dict, axes: dict, default_
     journal_dir = out / "journal" / sweep  # a sweep's responses (and their timings) are its own
     model_args = {**checkpoints[checkpoint], **{k: values[k] for k in RUN_ARGS if k in values},
                   "journal_dir": str(journal_dir)}
-    method = model_args.get("method", "parathinker")
-    fork_format = model_args.get("format", "parathinker")
     point = Point(
-        sweep=sweep, kind=kind, run=index,
-        label=str(values.get("label", fork_format if method == "parathinker" and fork_format != "parathinker" else method)),
-        axes=axes,
+        sweep=sweep, kind=kind, run=index, label=str(values.get("label", shown_method(model_args))), axes=axes,
         checkpoint=str(checkpoint), model_args=model_args, gen_kwargs={**gen_kwargs, "max_gen_toks": budget},
         tasks=tuple(settings["tasks"]), limit=settings["limit"], metadata=settings["metadata"],
         batch_size=settings["batch_size"], device=settings["device"], seed=settings["seed"],

@@ -142,7 +142,7 @@ class Generator:
                  banned: list[int]) -> None:
         self.engine, self.lm, self.options, self.slots, self.banned = engine, lm, options, slots, banned
         self.fork_format = options.fork_format  # a format whose model forks itself (None: ParaThinker, baselines)
-        self.parathinker = options.method == "parathinker" and self.fork_format is None
+        self.parathinker = options.parathinker
         self.report: dict = {}  # the KV pool over the run's engine calls (see _note_engine_stats)
         self._warned_no_problem = False
 
@@ -161,14 +161,14 @@ class Generator:
 
     def question(self, request: Instance) -> str:
         """What the prompt is built from: the context lm-eval hands over, except that the released
-        engine's template takes the doc's ``problem`` alone (compat=official)."""
+        engine's template (compat=official) and a forking format's prompt, which hold their own
+        instruction, take the doc's ``problem`` alone."""
         context, layout = request.args[0], self.options.engine.layout
-        if self.fork_format is not None:  # its prompt holds its own instruction: the problem alone
-            problem = request.doc.get("problem") if isinstance(request.doc, dict) else None
+        problem = request.doc.get("problem") if isinstance(request.doc, dict) else None
+        if self.fork_format is not None:
             return problem if isinstance(problem, str) else context
         if not (self.parathinker and layout.question_alone):
             return context
-        problem = request.doc.get("problem") if isinstance(request.doc, dict) else None
         if isinstance(problem, str):
             return layout.question(problem)
         if not self._warned_no_problem:

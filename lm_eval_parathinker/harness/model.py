@@ -100,7 +100,7 @@ class ParaThinkerLM(HFLMShim):
         options.check_journal()
         count = slots(batch_size)
         options = options.resolve(self.tokenizer)
-        if options.method == "parathinker" and options.fork_format is None and not (
+        if options.parathinker and not (
             has_control_tokens(self.tokenizer) and thought_embedding_tables(self.model)
         ):
             raise ValueError("method=parathinker needs the control tokens and thought embeddings, which this model "
@@ -133,9 +133,8 @@ class ParaThinkerLM(HFLMShim):
         with quiet_unexpected_tables():  # official checkpoints hold seg_embeddings: read by add_parathinker_parts
             super()._create_model(pretrained, *args, peft=None, revision=revision, **kwargs)
         # a forking format's checkpoint is loaded as it is: no <think k> tokens, no thought embeddings
-        parathinker = self.options.method == "parathinker" and self.options.fork_format is None
         self.parts = add_parathinker_parts(self.model, self.tokenizer, pretrained, revision, peft,
-                                           parathinker=parathinker)
+                                           parathinker=self.options.parathinker)
         if peft:
             from peft import PeftModel
 
@@ -145,9 +144,7 @@ class ParaThinkerLM(HFLMShim):
     def compat(self) -> protocol.Compat | None:
         """The layout ParaThinker decodes with (``compat`` resolved); None for the baselines and the
         forking formats (:attr:`compat_name`)."""
-        if self.options.method != "parathinker" or self.options.fork_format is not None:
-            return None
-        return self.options.engine.layout
+        return self.options.engine.layout if self.options.parathinker else None
 
     @property
     def compat_name(self) -> str | None:
@@ -275,14 +272,13 @@ class ParaThinkerLM(HFLMShim):
     def get_model_info(self) -> dict:
         """HFLM's info plus the ParaThinker settings (merged into ``config`` of the results JSON)."""
         info = super().get_model_info()
-        parathinker = self.options.method == "parathinker"
         info["parathinker"] = {
             **self.options.info(),
             "compat": self.compat_name,  # as resolved (auto -> paper/official)
-            "training_free": self.parts.training_free if parathinker and self.options.fork_format is None else None,
+            "training_free": self.parts.training_free if self.options.parathinker else None,
             "thought_embeddings_from": self.parts.tables_source,
             "control_tokens_added": len(self.parts.control_tokens_added),
-            "banned_tokens": 0 if parathinker else len(self.parts.baseline_banned),
+            "banned_tokens": 0 if self.options.method == "parathinker" else len(self.parts.baseline_banned),
             "termination_reasons": dict(self.termination_reasons),
             "resume": self.options.resume,
             "journal": dict(self.journal_report),

@@ -85,6 +85,11 @@ class RunOptions:
                           self.engine_args)
 
     @property
+    def parathinker(self) -> bool:
+        """ParaThinker's own decoding: ``method=parathinker`` on a ParaThinker checkpoint (no forking format)."""
+        return self.method == "parathinker" and self.engine.format == "parathinker"
+
+    @property
     def fork_format(self) -> formats.Format | None:
         """The format whose model forks itself, when the run decodes one (None: ParaThinker or a baseline)."""
         name = self.engine.format
