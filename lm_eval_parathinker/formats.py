@@ -23,9 +23,11 @@ Nothing here imports torch: the grader reads the answer regions too.
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
+from pathlib import Path
 
 FORMAT_CHOICES = ("parathinker", "parallel-r1", "multiverse", "npr")
 DEFAULT_MAX_PATHS = 8  # Multiverse's forks have no cap of their own: the model arg max_paths sets one
@@ -42,6 +44,8 @@ class ReleasedEngine:
     fork_slack: int = 0  # no fork with fewer positions left (Multiverse 30, NPR 1024)
     degree_limit: bool = False  # NPR: context + own tokens x sibling count also ends a request at budget - 128
     trim_last: bool = False  # Multiverse's example: the detokenizer drops the final stop token from the text
+    path_start: str | None = None  # what it opens a path with, where the training text differs (None: the same)
+    separator: str | None = None  # what it writes before the join, where the training text differs (None: the same)
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,15 @@ class Format:
     prompt_before: str  # the user turn: "{question}" and "{instruction}" placeholders (an instruction file
     # with a "{Problem}" placeholder, Parallel-R1's, takes the question there)
     chat_template_kwargs: tuple[tuple[str, object], ...] = ()  # what its pipeline passes the chat template
+    instruction_text: str | None = None  # an instruction a checkpoint was trained with, in place of prompt_file
 
     @property
     def counted(self) -> bool:
         return self.outline_pattern is not None
 
     def instruction(self) -> str:
+        if self.instruction_text is not None:
+            return self.instruction_text
         if self.prompt_file is None:
             return ""
         return resources.files("lm_eval_parathinker").joinpath("prompts", self.prompt_file).read_text(encoding="utf-8")
@@ -109,6 +116,13 @@ class Format:
     def start_text(self, label: str) -> str:
         return self.path_start.format(label=label)
 
+    def as_run(self, official: bool) -> Format:
+        """The format as a layout writes it: ``official`` with its released engine's own path
+        openings and separator (Parallel-R1's rollout writes ``<Path>`` tags back to back)."""
+        released = self.released if official else ReleasedEngine()
+        return replace(self, path_start=self.path_start if released.path_start is None else released.path_start,
+                       separator=self.separator if released.separator is None else released.separator)
+
     def missing_tokens(self, vocab) -> list[str]:
         """The format's tokens that ``vocab`` (a tokenizer's vocabulary) lacks."""
         return [t for t in self.tokens if t not in vocab]
@@ -124,11 +138,11 @@ class Format:
 PARALLEL_R1 = Format(
     name="parallel-r1",
     tokens=("<Parallel>", "</Parallel>", "<Path>", "</Path>", "<Summary>", "</Summary>"),
-    trigger="<Parallel>", path_start="<Path>", path_close="</Path>", join="</Parallel>\n<Summary>", separator="",
+    trigger="<Parallel>", path_start="\n<Path>", path_close="</Path>", join="</Parallel>\n<Summary>", separator="\n",
     outline_open=None, outline_pattern=None, fixed_paths=2, max_count=None, out_of_range_ends=False,
     own_outline_only=False, summary_close="</Summary>", max_forks=4, max_depth=0, path_token_cap=4096,
     budget="total", path_temperature=1.0,
-    released=ReleasedEngine(reencode_join=True),
+    released=ReleasedEngine(reencode_join=True, path_start="<Path>", separator=""),
     answer_after="</Summary>", prompt_file="parallel_r1_v3.txt", prompt_before="{instruction}",
 )
 MULTIVERSE = Format(
@@ -155,6 +169,38 @@ NPR = Format(
     chat_template_kwargs=(("enable_thinking", False),),  # evals/evaluate.py
 )
 FORMATS = {f.name: f for f in (PARALLEL_R1, MULTIVERSE, NPR)}
+
+
+#: what ``python -m training.sft --format`` records in a checkpoint: the format, the layout it was
+#: trained in and the instruction its data used, so ``lm_eval`` runs it as it was trained
+CHECKPOINT_FILE = "parallel_format.json"
+
+
+@dataclass(frozen=True)
+class TrainedFormat:
+    """A checkpoint's :data:`CHECKPOINT_FILE`."""
+
+    format: str
+    compat: str  # "paper" or "official": the layout its training rows were built in
+    instruction: str | None  # the data's instruction template ("{Problem}" where the problem goes), if not the format's
+
+    def save(self, folder: str | Path) -> None:
+        text = json.dumps({"format": self.format, "compat": self.compat, "instruction": self.instruction}, indent=1)
+        (Path(folder) / CHECKPOINT_FILE).write_text(text + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> TrainedFormat | None:
+        """The record of a checkpoint folder (None: it has none, or ``folder`` is not a folder)."""
+        path = Path(folder) / CHECKPOINT_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        get_format(data["format"])
+        return cls(data["format"], data["compat"], data.get("instruction"))
+
+    def apply(self, fmt: Format) -> Format:
+        """``fmt`` with the trained instruction (the data's prompt, byte for byte)."""
+        return fmt if self.instruction is None else replace(fmt, instruction_text=self.instruction)
 
 
 def format_of_text(text: str) -> Format | None:

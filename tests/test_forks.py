@@ -127,7 +127,8 @@ PR1_CASES = {
     # the response (paths included) is cut to R (L290-299): path 1 runs past it, nothing after shows
     "budget ends inside a path": ({"root#0": "A <Parallel>", "root/1.1#0": " ".join(f"p{i}" for i in range(1, 13)),
                                    "root/1.2#0": "q </Path>"}, {"max_new_tokens": 10},
-                                  "A<Parallel>[[<Path>]]p1p2p3p4p5p6p7"),
+                                  "A<Parallel>[[<Path>]]p1p2p3p4p5p6p7",
+                                  "A<Parallel>[[\n<Path>]]p1p2p3p4p5p6"),  # paper: the lead newline is a token
     # L349-351: a path's EOS becomes </Path>; L410-413: the summary's becomes </Summary> and the
     # main loop goes on (L278 does not stop it)
     "EOS in a path and in the summary": (dict(PR1_BLOCK, **{"root/1.1#0": "x <eos>",
@@ -137,13 +138,24 @@ PR1_CASES = {
 }
 
 
+
+def paper_text(official: str) -> str:
+    """A rollout's text as the paper layout writes it: each path opened by a newline and <Path>,
+    the join after a newline (the training data's separators), where the rollout writes the tags
+    back to back."""
+    return (official.replace("[[<Path>]]", "[[\n<Path>]]").replace("[[</Path><Path>]]", "[[</Path>\n<Path>]]")
+            .replace("[[</Parallel>\n<Summary>]]", "[[\n</Parallel>\n<Summary>]]"))
+
+
 @pytest.mark.parametrize("compat", ["official", "paper"])
 @pytest.mark.parametrize("case", PR1_CASES)
 def test_parallel_r1_scripted(models, monkeypatch, case, compat):
-    scripts, settings, expected = PR1_CASES[case]
+    scripts, settings, expected, *paper = PR1_CASES[case]
+    if compat == "paper":
+        expected = paper[0] if paper else paper_text(expected)
     text, out = run(models, monkeypatch, "parallel-r1", scripts, compat, **settings)
     assert text == expected
-    assert out.stats["forks"] == expected.count("<Parallel>[[<Path>]]")  # each fork opens its first path at once
+    assert out.stats["forks"] == expected.count("<Parallel>[[")  # each fork opens its first path at once
 
 
 def test_parallel_r1_path_cap(models, monkeypatch):

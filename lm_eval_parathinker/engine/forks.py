@@ -192,7 +192,7 @@ class ForkScheduler:
     def __init__(self, model, tokenizer, cache: PagedKVCache, config: ForkConfig):
         self.model, self.tokenizer, self.cache, self.config = model, tokenizer, cache, config
         self.device = next(model.parameters()).device
-        self.fmt = config.format
+        self.fmt = config.format.as_run(config.official)  # the path openings and separator its layout writes
         self.ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self.fmt.tokens}
         self.flow = (LoopFlow if self.fmt.summary_close is not None else SGLangFlow)(self)
         self.stats = PoolStats(num_pages=cache.num_pages, page_size=cache.page_size)
@@ -757,7 +757,7 @@ class LoopFlow:
         engine = self.engine
         if response_tokens(tree) >= self.config.budget:
             return engine.end_thread(tree, thread, LENGTH)
-        tokens = engine.encode(self.fmt.join)
+        tokens = engine.encode(self.fmt.separator + self.fmt.join)
         thread.summary = True
         if self.config.official:
             logits = engine.reencode(tree, thread, fork, tokens, start=thread.parts[-2].end)

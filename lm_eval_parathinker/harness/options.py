@@ -35,6 +35,7 @@ class RunOptions:
     resume: bool = True  # reuse the journal's responses (and journal new ones)
     engine: EngineOptions = field(default_factory=EngineOptions)
     engine_args: dict = field(default_factory=dict, compare=False, repr=False)  # as given: resolve() may detect the format
+    trained: formats.TrainedFormat | None = None  # the checkpoint's record of its format training (resolve() reads it)
 
     #: the model args of this class (the engine's are EngineOptions.names())
     OWN_ARGS = ("method", "compile", "journal_dir", "resume")
@@ -75,14 +76,21 @@ class RunOptions:
     def resolve(self, tokenizer) -> RunOptions:
         """With the engine's layout resolved (``compat=auto`` read from ``tokenizer``), checked. Without
         a ``format`` model arg, ``method=parathinker`` decodes in the format the tokenizer's tokens
-        name (a Parallel-R1, Multiverse or NPR checkpoint's: :func:`formats.detect_format`)."""
-        engine = self.engine
-        if self.method == "parathinker" and "format" not in self.engine_args and engine.layout is None:
-            detected = formats.detect_format(tokenizer.get_vocab())
-            if detected != engine.format:
-                engine = EngineOptions.parse(mode=engine.mode, format=detected, **self.engine_args)
+        name (a Parallel-R1, Multiverse or NPR checkpoint's: :func:`formats.detect_format`); a
+        checkpoint of ``training.sft --format`` names its format, layout and instruction itself
+        (:class:`formats.TrainedFormat`, read from the tokenizer's folder; model args given win)."""
+        engine, trained = self.engine, None
+        if self.method == "parathinker" and engine.layout is None:
+            trained = formats.TrainedFormat.load(getattr(tokenizer, "name_or_path", None) or "")
+            if trained is not None:  # trained by training.sft --format: its format and layout, unless given
+                engine = EngineOptions.parse(mode=engine.mode, **{"format": trained.format, "compat": trained.compat,
+                                                                  **self.engine_args})
+            elif "format" not in self.engine_args:
+                detected = formats.detect_format(tokenizer.get_vocab())
+                if detected != engine.format:
+                    engine = EngineOptions.parse(mode=engine.mode, format=detected, **self.engine_args)
         return RunOptions(self.method, self.compile, self.journal_dir, self.resume, engine.resolve(tokenizer),
-                          self.engine_args)
+                          self.engine_args, trained if trained is not None else self.trained)
 
     @property
     def parathinker(self) -> bool:
@@ -93,7 +101,10 @@ class RunOptions:
     def fork_format(self) -> formats.Format | None:
         """The format whose model forks itself, when the run decodes one (None: ParaThinker or a baseline)."""
         name = self.engine.format
-        return formats.get_format(name) if self.method == "parathinker" and name != "parathinker" else None
+        if self.method != "parathinker" or name == "parathinker":
+            return None
+        fmt = formats.get_format(name)
+        return self.trained.apply(fmt) if self.trained is not None and self.trained.format == name else fmt
 
     def info(self) -> dict:
         """Flat, as the results JSON records them."""
