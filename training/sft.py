@@ -28,6 +28,8 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from lm_eval_parathinker.embedded import resolve_pretrained
+from lm_eval_parathinker.formats import Format, TrainedFormat, get_format
 from lm_eval_parathinker.protocol import (
     DEFAULT_NUM_CONTROL_PATHS,
     FLEX_TILE,
@@ -46,6 +48,7 @@ from lm_eval_parathinker.thought_embedding import (
 from .arguments import parse_args, training_layout
 from .batching import Collator, SFTDataset
 from .data import DataError, run_cli
+from .fork_layouts import ForkBuilder, ForkCollator, ForkReader, add_format_tokens, trained_instruction
 from .released import TokenizedBuilder
 from .sequence import SequenceBuilder, SequentialBuilder
 from .sources import Form, open_source, read_items
@@ -59,21 +62,23 @@ TABLE_INIT_STD = 0.02  # the official training fork's init
 # -- model ------------------------------------------------------------------------------------
 
 
-def attention_implementation(requested: str, device: torch.device) -> str:
+def attention_implementation(requested: str, device: torch.device, dense: bool = False) -> str:
     """``auto``: FlexAttention with the protocol's BlockMask on CUDA (masked blocks skipped), SDPA
-    with the dense mask elsewhere (FlexAttention has no backward pass on the CPU)."""
+    with the dense mask elsewhere (FlexAttention has no backward pass on the CPU) and for rows
+    that carry a dense mask (``dense``: a format's)."""
     if requested == "auto":
-        return "flex_attention" if device.type == "cuda" else "sdpa"
+        return "flex_attention" if device.type == "cuda" and not dense else "sdpa"
     if requested == "flex_attention" and device.type == "cpu":
         raise DataError("--attn-implementation flex_attention: FlexAttention has no backward pass on the CPU; use sdpa")
     return requested
 
 
 def load_base(model_name: str, *, layout: str = "parathinker", pad: bool = False, attn_implementation: str = "sdpa",
-              num_control_paths: int = DEFAULT_NUM_CONTROL_PATHS):
-    """(model, tokenizer), unwrapped. ParaThinker layout: with the control tokens ``<think1>``..
-    ``<thinkK>`` for K = ``num_control_paths`` (those the tokenizer lacks are added; and
-    ``<vllm_pad>`` when ``pad``) and the thought-embedding tables attached."""
+              num_control_paths: int = DEFAULT_NUM_CONTROL_PATHS, fmt: Format | None = None):
+    """(model, tokenizer), unwrapped. A forking format ``fmt``: with its tags (those the tokenizer
+    lacks added). ParaThinker layout: with the control tokens ``<think1>``..``<thinkK>`` for K =
+    ``num_control_paths`` (those the tokenizer lacks are added; and ``<vllm_pad>`` when ``pad``)
+    and the thought-embedding tables attached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_name)
@@ -81,6 +86,9 @@ def load_base(model_name: str, *, layout: str = "parathinker", pad: bool = False
         model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32, attn_implementation=attn_implementation)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if fmt is not None:
+        add_format_tokens(model, tokenizer, fmt)
+        return model, tokenizer
     if layout == "sequential":
         return model, tokenizer
     add_control_tokens(model, tokenizer, num_control_paths, pad=pad)
@@ -97,19 +105,26 @@ def _module_name(model, module) -> str:
     return next(n for n, m in model.named_modules() if m is module).rsplit(".", 1)[-1]
 
 
-def wrap_lora(model, tokenizer, rank: int, alpha: int, targets: str):
-    """LoRA on ``targets``. With the control tokens (ParaThinker layout) their embedding (and
-    untied output) rows and the thought-embedding tables are trainable too; the rest is frozen."""
+def trained_token_ids(tokenizer, fmt: Format | None) -> list[int]:
+    """The tokens whose embedding (and untied output) rows LoRA trains: a format's tags, or
+    ParaThinker's control tokens."""
+    if fmt is not None:
+        return sorted(tokenizer.convert_tokens_to_ids(list(fmt.tokens)))
+    ids = ControlTokenIds.from_tokenizer(tokenizer)
+    return sorted([*ids.think_open, *ids.think_close, ids.summary_open, ids.summary_close])
+
+
+def wrap_lora(model, rank: int, alpha: int, targets: str, token_ids: list[int] | None = None):
+    """LoRA on ``targets``; the embedding (and untied output) rows of ``token_ids`` (the control
+    tokens or a format's tags) and the thought-embedding tables are trainable too (peft
+    ``trainable_token_indices``); the rest is frozen."""
     from peft import LoraConfig, get_peft_model
 
     rows = None
-    tables = thought_embedding_tables(model)
-    if tables:
-        ids = ControlTokenIds.from_tokenizer(tokenizer)
-        control = sorted([*ids.think_open, *ids.think_close, ids.summary_open, ids.summary_close])
-        rows = {_module_name(model, model.get_input_embeddings()): control}
+    if token_ids:
+        rows = {_module_name(model, model.get_input_embeddings()): token_ids}
         if not model.config.get_text_config().tie_word_embeddings:
-            rows[_module_name(model, model.get_output_embeddings())] = control
+            rows[_module_name(model, model.get_output_embeddings())] = token_ids
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -126,9 +141,17 @@ def wrap_lora(model, tokenizer, rank: int, alpha: int, targets: str):
 # -- data -------------------------------------------------------------------------------------
 
 
+def fork_layout(args: argparse.Namespace) -> str:
+    """The layout of a format's rows (:data:`training.fork_layouts.LAYOUTS`) that the flags name."""
+    return "sequential" if args.layout == "sequential" else args.compat
+
+
 def build_builder(args: argparse.Namespace, tokenizer, form: Form, *, extrapolate: bool):
-    """The sequence builder of ``--layout`` for rows in ``form`` (``extrapolate``: rename paths
-    with ``--extrapolate-prob``)."""
+    """The sequence builder of ``--format`` and ``--layout`` for rows in ``form`` (``extrapolate``:
+    rename paths with ``--extrapolate-prob``)."""
+    if args.format != "parathinker":
+        logger.info("sequence layout: %s, %s", args.format, fork_layout(args))
+        return ForkBuilder(tokenizer, get_format(args.format), fork_layout(args), max_length=args.max_length)
     if args.layout == "sequential":
         if form is not Form.RECORDS:
             raise DataError(f"--layout sequential needs multi-path records (problem, answer, paths), not {form.value}")
@@ -162,9 +185,14 @@ def build_dataset(spec: str, args: argparse.Namespace, tokenizer, *, split: str,
     source = open_source(spec, split=split)
     logger.info("%s: %s, %s, %d rows", spec, source.origin, source.form.value, len(source.rows))
     builder = build_builder(args, tokenizer, source.form, extrapolate=extrapolate)
-    items, bad = read_items(source, tokenizer, model=args.model, skip_bad_rows=args.skip_bad_rows)
+    reader = ForkReader(builder.fmt, tokenizer, builder.layout) if isinstance(builder, ForkBuilder) else None
+    items, bad = read_items(source, tokenizer, model=args.model, skip_bad_rows=args.skip_bad_rows, fork_reader=reader)
     if bad:
         logger.warning("%s: %d of %d rows are malformed and skipped (--skip-bad-rows)", spec, bad, len(source.rows))
+    if reader is not None:
+        plain = sum(builder.fmt.trigger not in item.response for item in items)
+        logger.info("%s: training on %d of %d rows (%d without a fork, trained as sequential responses)", spec,
+                    len(items), len(source.rows), plain)
     try:
         dataset = SFTDataset(items, builder, packing=args.packing, seed=seed)
     except ValueError as e:
@@ -202,11 +230,13 @@ def resume_checkpoint(out: Path, resume: bool | str) -> str | None:
     return str(found)
 
 
-def save_final(trainer: ParaThinkerTrainer, tokenizer, out: Path, *, adapter: bool, merge: bool) -> None:
+def save_final(trainer: ParaThinkerTrainer, tokenizer, out: Path, *, adapter: bool, merge: bool,
+               trained: TrainedFormat | None = None) -> None:
     """The loadable result in OUT. Files go to a tmp dir, then move in with the file that makes the
     dir loadable (config.json / adapter_config.json) last and any old one removed first.
     ``merge``: LoRA merged into the base (needs whole weights: not under FSDP / ZeRO-3); else
-    ``Trainer.save_model`` (which gathers sharded weights; for LoRA the adapter and the tables)."""
+    ``Trainer.save_model`` (which gathers sharded weights; for LoRA the adapter and the tables).
+    ``trained``: a format's record (:data:`formats.CHECKPOINT_FILE`), beside the tokenizer."""
     main = trainer.is_world_process_zero()
     tmp = out / ".final.tmp"
     if main:
@@ -219,6 +249,8 @@ def save_final(trainer: ParaThinkerTrainer, tokenizer, out: Path, *, adapter: bo
         trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     if main:
+        if trained is not None:
+            trained.save(tmp)
         marker = "adapter_config.json" if adapter else "config.json"
         for stale in ("config.json", "adapter_config.json"):
             (out / stale).unlink(missing_ok=True)
@@ -238,19 +270,24 @@ def build_trainer(args: argparse.Namespace, training_args: TrainingArguments) ->
     logger.info("recipe: %s; effective TrainingArguments (saved as OUT/training_args.bin):\n%s",
                 args.recipe or "none", training_args.to_json_string())
     set_seed(training_args.seed)  # the tables' and LoRA's initialisation
-    attention = attention_implementation(args.attn_implementation, training_args.device)
+    fmt = get_format(args.format) if args.format != "parathinker" else None
+    attention = attention_implementation(args.attn_implementation, training_args.device, dense=fmt is not None)
     logger.info("attention: %s", attention)
-    model, tokenizer = load_base(args.model, layout=args.layout, pad=args.compat == "official",
-                                 attn_implementation=attention, num_control_paths=args.num_control_tokens)
+    model, tokenizer = load_base(resolve_pretrained(args.model), layout=args.layout, pad=args.compat == "official" and fmt is None,
+                                 attn_implementation=attention, num_control_paths=args.num_control_tokens, fmt=fmt)
     train_set = build_dataset(args.data, args, tokenizer, split="train", extrapolate=True, seed=training_args.seed)
     eval_set = (build_dataset(args.eval_data, args, tokenizer, split="test", extrapolate=False, seed=training_args.seed)
                 if args.eval_data else None)
     checkpoint = resume_checkpoint(out, args.resume)
     out.mkdir(parents=True, exist_ok=True)
     if not args.full:
-        model = wrap_lora(model, tokenizer, args.lora_rank, args.lora_alpha, args.lora_target_modules)
-    collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=FLEX_TILE if attention == "flex_attention" else None,
-                        segment_ids=args.layout == "parathinker")
+        tokens = trained_token_ids(tokenizer, fmt) if fmt is not None or thought_embedding_tables(model) else None
+        model = wrap_lora(model, args.lora_rank, args.lora_alpha, args.lora_target_modules, tokens)
+    if fmt is not None:
+        collator = ForkCollator(tokenizer.pad_token_id)
+    else:
+        collator = Collator(tokenizer.pad_token_id, pad_to_multiple_of=FLEX_TILE if attention == "flex_attention" else None,
+                            segment_ids=args.layout == "parathinker")
     trainer = ParaThinkerTrainer(
         model=model, args=training_args, data_collator=collator, train_dataset=train_set, eval_dataset=eval_set,
         processing_class=tokenizer, callbacks=[EpochCallback(train_set), LossLogCallback(out)],
@@ -266,7 +303,13 @@ def train(args: argparse.Namespace, training_args: TrainingArguments) -> Path:
     trainer, checkpoint = build_trainer(args, training_args)
     trainer.train(resume_from_checkpoint=checkpoint)
     out = Path(args.output)
-    save_final(trainer, trainer.processing_class, out, adapter=args.save_adapter, merge=not args.full and not args.save_adapter)
+    trained = None
+    if args.format != "parathinker":
+        layout = fork_layout(args)
+        trained = TrainedFormat(args.format, "official" if layout == "official" else "paper",
+                                trained_instruction(trainer.train_dataset.records))
+    save_final(trainer, trainer.processing_class, out, adapter=args.save_adapter,
+               merge=not args.full and not args.save_adapter, trained=trained)
     return out
 
 

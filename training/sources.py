@@ -36,6 +36,7 @@ class Form(enum.Enum):
     TEXT = "transcript text (text)"
     MESSAGES = "chat transcripts (messages)"
     CONVERSATIONS = "chat transcripts (conversations)"
+    RESPONSES = "responses (instruction_prompt or problem, response)"
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class Source:
     spec: str  # as given
     origin: str  # e.g. "save_to_disk folder", "hub dataset Leslie04/parathinker-math-6K, split train"
     form: Form
-    rows: Sequence[dict]  # a datasets.Dataset, or the validated records of a project JSONL
+    rows: Sequence[dict]  # a datasets.Dataset, or the rows of a project JSONL (records: validated)
+    lines: Sequence[int] | None = None  # a JSONL file's line of each row (errors name it)
 
 
 def form_of(columns: Sequence[str], spec: str) -> Form:
@@ -58,8 +60,10 @@ def form_of(columns: Sequence[str], spec: str) -> Form:
             return form
     if {"problem", "paths"} <= cols:
         return Form.RECORDS
+    if "response" in cols:
+        return Form.RESPONSES
     raise DataError(f"{spec}: columns {sorted(cols)} are none of the forms training.sft reads: problem+paths, "
-                    "input_ids+labels, text, messages or conversations")
+                    "input_ids+labels, text, messages, conversations or response")
 
 
 def _first_object(path: str) -> dict:
@@ -107,8 +111,12 @@ def open_source(spec: str, *, split: str) -> Source:
         if len(suffixes) != 1 or not suffixes <= set(_FILE_BUILDERS):
             raise DataError(f"{spec}: files must all be .jsonl, .json or .parquet (got {', '.join(sorted(suffixes))})")
         (suffix,) = suffixes
-        if suffix == ".jsonl" and len(files) == 1 and not _OTHER_FORM_COLUMNS & set(_first_object(files[0])):
-            return Source(spec, "JSONL file", Form.RECORDS, load_records(files[0]))  # errors name file:line
+        first = set(_first_object(files[0])) if suffix == ".jsonl" and len(files) == 1 else None
+        if first is not None and not _OTHER_FORM_COLUMNS & first:  # errors name file:line
+            if "response" in first and "paths" not in first:
+                lines, rows = zip(*iter_json_lines(files[0]))
+                return Source(spec, "JSONL file", Form.RESPONSES, list(rows), lines)
+            return Source(spec, "JSONL file", Form.RECORDS, load_records(files[0]))
         rows = datasets.load_dataset(_FILE_BUILDERS[suffix], data_files=files, split="train")
         origin = f"{len(files)} {suffix} file(s)"
     elif match := HUB_ID.fullmatch(spec):
@@ -144,24 +152,29 @@ def _parser(source: Source, rows, tokenizer, model: str):
     return lambda row: validate_record(dict(row), "record")
 
 
-def read_items(source: Source, tokenizer, *, model: str, skip_bad_rows: bool) -> tuple[list, int]:
+def read_items(source: Source, tokenizer, *, model: str, skip_bad_rows: bool, fork_reader=None) -> tuple[list, int]:
     """The training items of ``source`` (records for :class:`~training.sequence.SequenceBuilder`,
-    :class:`~training.released.TokenizedRow` for :class:`~training.released.TokenizedBuilder`) and
-    how many bad rows were skipped. A bad row raises ``DataError`` naming the data, the row (0-based)
-    and the defect, unless ``skip_bad_rows``."""
+    :class:`~training.released.TokenizedRow` for :class:`~training.released.TokenizedBuilder`,
+    :class:`~training.fork_layouts.ForkItem` through ``fork_reader`` for ``--format``) and how
+    many bad rows were skipped. A bad row raises ``DataError`` naming the data, the row (its file
+    line, or 0-based index; and its ``id``) and the defect, unless ``skip_bad_rows``."""
     from tqdm.auto import tqdm
 
-    if isinstance(source.rows, list):  # a project JSONL file: validated line by line already
-        return list(source.rows), 0
+    if fork_reader is None and source.form is Form.RECORDS and isinstance(source.rows, list):
+        return list(source.rows), 0  # a project JSONL file: validated line by line already
+    if fork_reader is None and source.form is Form.RESPONSES:
+        raise DataError(f"{source.spec}: responses with a format's tags ({source.form.value}) need --format")
     rows = source.rows.with_format("numpy") if source.form is Form.TOKENIZED else source.rows
-    parse = _parser(source, rows, tokenizer, model)
+    parse = (lambda row: fork_reader(row, source.form)) if fork_reader else _parser(source, rows, tokenizer, model)
     items, skipped = [], 0
     for i, row in enumerate(tqdm(rows, desc=f"reading {source.spec}", unit="row", mininterval=2)):
         try:
             items.append(parse(row))
         except ValueError as e:
             if not skip_bad_rows:
-                raise DataError(f"{source.spec} ({source.origin}): row {i}: {e}") from None
+                where = f"{source.spec}:{source.lines[i]}" if source.lines else f"{source.spec} ({source.origin}): row {i}"
+                name = f" (id {row['id']})" if isinstance(row, dict) and row.get("id") else ""
+                raise DataError(f"{where}{name}: {e} (--skip-bad-rows skips such rows)") from None
             skipped += 1
     if not items:
         raise DataError(f"{source.spec}: no usable rows ({skipped} bad rows skipped)")

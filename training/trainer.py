@@ -5,6 +5,7 @@
 * each batch's attention mask is built on the model's device from the collated block and document
   ids by :mod:`lm_eval_parathinker.protocol` (:func:`model_inputs`): a FlexAttention ``BlockMask``
   for ``attn_implementation="flex_attention"``, else the dense boolean mask (additive for eager);
+  a forking format's, from its fork and path ids (:func:`training.fork_layouts.allowed_mask`);
 * a LoRA checkpoint also holds the thought-embedding tables (``thought_embeddings.safetensors``),
   which peft does not save, and resuming loads them;
 * a checkpoint is written under a hidden staging folder and renamed to ``checkpoint-N`` once
@@ -29,6 +30,8 @@ from lm_eval_parathinker.thought_embedding import load_thought_embeddings, thoug
 from lm_eval_parathinker.upstream.transformers import attn_implementation
 from lm_eval_parathinker.upstream.transformers_trainer import TrainerShim
 
+from .fork_layouts import allowed_mask
+
 STAGING_DIR = ".checkpoint.tmp"
 LOSS_CSV = "loss.csv"
 LOSS_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "eval_loss"]
@@ -37,12 +40,15 @@ LOSS_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "eval_loss"]
 def model_inputs(batch: dict[str, torch.Tensor], attn_implementation: str) -> dict:
     """The model's keyword arguments for a collated batch: its ids, positions, labels and segment
     ids, and the protocol's mask for ``attn_implementation``, built on the batch's device."""
-    inputs = {k: v for k, v in batch.items() if k not in ("block_ids", "document_ids")}
-    blocks, documents = batch["block_ids"], batch["document_ids"]
-    if attn_implementation == "flex_attention":
-        inputs["attention_mask"] = protocol.two_phase_block_mask(blocks, documents)
+    inputs = {k: v for k, v in batch.items() if k not in ("block_ids", "document_ids", "fork_ids", "path_ids")}
+    documents = batch["document_ids"]
+    if "fork_ids" in batch:  # a forking format's rows (training.fork_layouts)
+        allowed = allowed_mask(batch["fork_ids"], batch["path_ids"], documents)
+    elif attn_implementation == "flex_attention":
+        inputs["attention_mask"] = protocol.two_phase_block_mask(batch["block_ids"], documents)
     else:
-        allowed = protocol.two_phase_dense_mask(blocks, documents)
+        allowed = protocol.two_phase_dense_mask(batch["block_ids"], documents)
+    if "attention_mask" not in inputs:
         # sdpa takes the boolean mask as is; eager adds the mask to the scores
         inputs["attention_mask"] = allowed if attn_implementation == "sdpa" else protocol.additive_mask(allowed, torch.float32)
     return {**inputs, "use_cache": False}

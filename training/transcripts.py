@@ -74,8 +74,9 @@ def record_from_text(text: object, num_control_paths: int = protocol.DEFAULT_NUM
     return {"prompt": prompt, "paths": paths, "summary": summary}
 
 
-def record_from_chat(turns: object, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS) -> dict:
-    """The record of a chat (``messages`` or ``conversations``): the problem and the transcript."""
+def last_exchange(turns: object) -> tuple[str, str]:
+    """(user turn, assistant turn) of a chat (``messages`` or ``conversations``): its last
+    assistant turn and the user turn before it; system turns are not used."""
     if not isinstance(turns, list) or not all(isinstance(t, Mapping) for t in turns):
         raise ValueError("a chat must be a list of turns")
     chat = []
@@ -85,10 +86,16 @@ def record_from_chat(turns: object, num_control_paths: int = protocol.DEFAULT_NU
             raise ValueError(f"turn {i} needs a role (one of {', '.join(_ROLE_NAMES)}) and a text content")
         chat.append((_ROLE_NAMES[role], content))
     last = max((i for i, (role, _) in enumerate(chat) if role == "assistant"), default=None)
-    problem = next((c for role, c in reversed(chat[:last]) if role == "user"), None) if last is not None else None
-    if problem is None or not problem.strip():
+    user = next((c for role, c in reversed(chat[:last]) if role == "user"), None) if last is not None else None
+    if user is None or not user.strip():
         raise ValueError("a chat needs a user turn followed by an assistant turn")
-    before, paths, summary = parse_transcript(chat[last][1], num_control_paths)
+    return user, chat[last][1]
+
+
+def record_from_chat(turns: object, num_control_paths: int = protocol.DEFAULT_NUM_CONTROL_PATHS) -> dict:
+    """The record of a chat (``messages`` or ``conversations``): the problem and the transcript."""
+    problem, assistant = last_exchange(turns)
+    before, paths, summary = parse_transcript(assistant, num_control_paths)
     if before.replace(protocol.THINK_OPEN, "").strip():
         raise ValueError(f"the assistant turn has text before {protocol.think_open(1)}")
     return {"problem": problem, "paths": paths, "summary": summary}
