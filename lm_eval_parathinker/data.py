@@ -11,7 +11,8 @@ Where the rows come from, in order:
 3. the public Hugging Face hub dataset (see ``HUB_SOURCES``).
 
 An offline folder must hold ``aime24.jsonl``, ``aime25.jsonl``, ``amc23.jsonl`` and ``math500.jsonl``,
-one JSON object per line with ``problem`` and ``answer``.
+one JSON object per line with ``problem`` and ``answer`` (and ``train/gsm8k_test.jsonl`` for
+:func:`load_gsm8k`, as ``shared/data`` has it).
 """
 
 from __future__ import annotations
@@ -168,3 +169,31 @@ def load_amc23(data_dir=None, **kwargs: Any) -> dict:
 
 def load_math500(data_dir=None, **kwargs: Any) -> dict:
     return load_dataset("math500", data_dir)
+
+
+GSM8K_HUB = ("openai/gsm8k", "main", "test")
+GSM8K_FILE = "train/gsm8k_test.jsonl"  # in the offline folder: GSM8K's test split, with its final answer as 'final'
+
+
+def load_gsm8k(data_dir=None, **kwargs: Any) -> dict:
+    """GSM8K's test split as ``question`` (lm-eval's gsm8k prompt reads it), ``problem`` (the same:
+    what a forking format's prompt takes) and ``answer``, the final number (the text after
+    ``####``): from ``<data dir>/train/gsm8k_test.jsonl``, else the hub's openai/gsm8k."""
+    import datasets
+
+    folder = resolve_data_dir(data_dir)
+    if folder is not None:
+        file = folder / GSM8K_FILE
+        if not file.is_file():
+            raise DataUnavailableError(f"gsm8k: offline data file {file} not found (data folder from "
+                                       f"{'--metadata data_dir' if data_dir else '$' + ENV_VAR})")
+        raw = [obj for _, obj in iter_json_lines(file)]
+    else:
+        try:
+            raw = list(datasets.load_dataset(GSM8K_HUB[0], GSM8K_HUB[1], split=GSM8K_HUB[2]))
+        except Exception as e:
+            raise DataUnavailableError(f"gsm8k: cannot load {GSM8K_HUB[0]} from the Hugging Face hub ({e}); set "
+                                       f"{ENV_VAR} to a folder holding {GSM8K_FILE}") from None
+    rows = [{"id": str(r.get("id", i)), "question": r["question"], "problem": r["question"],
+             "answer": r["answer"].split("####")[-1].strip()} for i, r in enumerate(raw)]
+    return {"test": datasets.Dataset.from_list(rows)}

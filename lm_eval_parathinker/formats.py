@@ -78,28 +78,32 @@ class Format:
     prompt_before: str  # the user turn: "{question}" and "{instruction}" placeholders (an instruction file
     # with a "{Problem}" placeholder, Parallel-R1's, takes the question there)
     chat_template_kwargs: tuple[tuple[str, object], ...] = ()  # what its pipeline passes the chat template
-    instruction_text: str | None = None  # an instruction a checkpoint was trained with, in place of prompt_file
+    instruction_text: str | None = None  # a checkpoint's whole user turn ("{Problem}": the question), in place of prompt_file
 
     @property
     def counted(self) -> bool:
         return self.outline_pattern is not None
 
     def instruction(self) -> str:
+        """The instruction the user turn is built from (``instruction_text``, else ``prompt_file``'s)."""
         if self.instruction_text is not None:
             return self.instruction_text
         if self.prompt_file is None:
             return ""
-        return resources.files("lm_eval_parathinker").joinpath("prompts", self.prompt_file).read_text(encoding="utf-8")
+        return resources.files("lm_eval_parathinker").joinpath("prompts", self.prompt_file).read_text(encoding="utf-8").strip()
 
     def user_message(self, question: str) -> str:
         """The user turn the format's models were trained on, around ``question``."""
-        instruction = self.instruction().strip().replace("{Problem}", question)
+        instruction = self.instruction().replace("{Problem}", question)
         return self.prompt_before.format(question=question, instruction=instruction)
 
     def build_prompt(self, question: str, tokenizer=None) -> str:
         """The prompt for ``question``: the user turn through the tokenizer's chat template with the
         generation prompt (as each format's own pipeline renders it), plain text without one."""
-        content = self.user_message(question)
+        return self.chat_prompt(self.user_message(question), tokenizer)
+
+    def chat_prompt(self, content: str, tokenizer=None) -> str:
+        """The prompt of a user turn ``content`` (:meth:`build_prompt`'s, for a turn given whole)."""
         if tokenizer is not None and getattr(tokenizer, "chat_template", None):
             return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                  add_generation_prompt=True, **dict(self.chat_template_kwargs))
@@ -182,7 +186,7 @@ class TrainedFormat:
 
     format: str
     compat: str  # "paper" or "official": the layout its training rows were built in
-    instruction: str | None  # the data's instruction template ("{Problem}" where the problem goes), if not the format's
+    instruction: str | None  # the data's user turn, "{Problem}" where the problem goes (None: the format's own)
 
     def save(self, folder: str | Path) -> None:
         text = json.dumps({"format": self.format, "compat": self.compat, "instruction": self.instruction}, indent=1)
@@ -199,8 +203,9 @@ class TrainedFormat:
         return cls(data["format"], data["compat"], data.get("instruction"))
 
     def apply(self, fmt: Format) -> Format:
-        """``fmt`` with the trained instruction (the data's prompt, byte for byte)."""
-        return fmt if self.instruction is None else replace(fmt, instruction_text=self.instruction)
+        """``fmt`` with the trained user turn (the data's, byte for byte)."""
+        return fmt if self.instruction is None else replace(fmt, instruction_text=self.instruction,
+                                                            prompt_before="{instruction}")
 
 
 def format_of_text(text: str) -> Format | None:

@@ -678,3 +678,15 @@ def test_a_bounded_format_is_admitted_by_its_worst_case(models, monkeypatch):
     assert running_at_admission[2:] == [0, 1]  # room for both worst cases: both at once
     assert [o.path_ids for o in one_at_a_time] == [o.path_ids for o in roomy]
     assert all(o.stats["forks"] == 2 for o in roomy)
+
+
+@pytest.mark.parametrize("name, cases, case, expected", [
+    ("parallel-r1", PR1_CASES, "two blocks", 2), ("parallel-r1", PR1_CASES, "budget ends inside a path", 0),
+    ("multiverse", MV_CASES, "nested fork", 2), ("multiverse", MV_CASES, "EOS in a path", 0)])
+def test_well_formed_forks_count_joined_forks_whose_paths_closed_themselves(models, monkeypatch, name, cases, case,
+                                                                             expected):
+    """The fraction of responses with a well-formed fork (a metric): every path closed by its own tag
+    (not cut by the budget, not ended by EOS where the format keeps it) and the join written."""
+    scripts, settings, *_ = cases[case]
+    _, out = run(models, monkeypatch, name, scripts, "official", **settings)
+    assert forks.well_formed_forks(out.root) == expected

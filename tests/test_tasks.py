@@ -183,3 +183,22 @@ def test_lm_eval_dummy_group(tmp_path):
         assert res["results"][t]["no_answer,all"] == 1.0
     assert "pass_at_1,all" in res["groups"]["parathinker_math"]
 
+
+
+def test_gsm8k_is_lm_evals_prompt_on_the_local_copy(monkeypatch):
+    """parathinker_gsm8k: lm-eval's gsm8k prompt and stop strings, on GSM8K's test split read from the
+    offline folder (train/gsm8k_test.jsonl), the answer its final number; graded as the math tasks."""
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv(data.ENV_VAR, str(DATA_DIR))
+    builtin = yaml.safe_load((Path(sys.modules["lm_eval"].__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml").read_text())
+    task = TaskManager(include_defaults=False).load(["parathinker_gsm8k"])["tasks"]["parathinker_gsm8k"]
+    cfg = task.config
+    assert cfg.doc_to_text == builtin["doc_to_text"]
+    assert cfg.generation_kwargs["until"] == builtin["generation_kwargs"]["until"]
+    rows = task.dataset["test"]
+    finals = [json.loads(line)["final"] for line in (DATA_DIR / "train" / "gsm8k_test.jsonl").read_text().split("\n") if line]
+    assert len(rows) == len(finals) == 1319 and list(rows["answer"]) == finals
+    assert rows[0]["problem"] == rows[0]["question"] and task.doc_to_text(rows[0]).startswith("Question: Janet")
+    assert set(task.aggregation()) == set(METRICS) | set(META_METRICS)

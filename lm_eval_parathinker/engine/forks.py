@@ -566,6 +566,18 @@ def tree_stats(root: Thread, total: int) -> dict:
     return {"forks": len(forks), "paths_per_fork": forks, "critical_tokens": chain, "total_tokens": total}
 
 
+def well_formed_forks(thread: Thread) -> int:
+    """Forks of a thread and its paths (nested ones included) whose every path ended with its own
+    closing tag and whose join was written (the thread went on after it)."""
+    count = 0
+    for i, part in enumerate(thread.parts):
+        if isinstance(part, Fork):
+            joined = i + 1 < len(thread.parts)
+            count += joined and all(path.ended == PATH_END for path in part.paths)
+            count += sum(well_formed_forks(path) for path in part.paths)
+    return count
+
+
 def response_tokens(tree: Tree) -> int:
     """Tokens of the response so far (written or ended on; re-encoded copies counted once)."""
 

@@ -42,7 +42,9 @@ METRICS = ("pass_at_1", "gen_tokens", "think_s", "latency_s")
 COLUMNS = ["sweep", "kind", "point", "checkpoint", "pretrained", "method", "num_paths", "max_gen_toks",
            "termination", "thought_embedding", "positions", "summary_kv", "compat", "batch_size", "task",
            "pass_at_1", "pass_at_1_stderr", "gen_tokens", "think_s", "latency_s",
-           *(f"{m}_{end}" for m in METRICS for end in ("ci_low", "ci_high")), "repeats", "n", "results"]
+           *(f"{m}_{end}" for m in METRICS for end in ("ci_low", "ci_high")), "forks", "well_formed_fork", "repeats",
+           "n", "results"]
+FORK_METRICS = ("forks", "well_formed_fork")  # means per response (the table shows them for a forking format)
 ZERO_NOTE = "every point scores pass@1 = 0 here: the picture shows cost only"
 
 
@@ -68,6 +70,8 @@ def point_rows(point: Point, root: Path) -> list[dict[str, Any]]:
             row[f"{r['metric']}_ci_low"], row[f"{r['metric']}_ci_high"] = r["ci_low"], r["ci_high"]
             if r["metric"] == "pass_at_1":
                 row["pass_at_1_stderr"] = r["stderr"]
+        elif r["metric"] in FORK_METRICS:
+            row[r["metric"]] = r["value"]
     return list(by_task.values())
 
 
@@ -207,8 +211,9 @@ def plot_curves(curves: Curves, points: list[Point], rows: dict[int, list[dict]]
     save_png(fig, path)
 
 
-def _cell(row: dict | None, kind: str) -> str:
-    """pass@1 [95% interval] ± stderr, then the kind's costs (see CELL_UNITS)."""
+def _cell(row: dict | None, kind: str, forking: bool = False) -> str:
+    """pass@1 [95% interval] ± stderr, then the kind's costs (see CELL_UNITS); ``forking`` (a format
+    whose model forks): the share of its responses with a well-formed fork."""
     if row is None or as_number(row.get("pass_at_1")) is None:
         return "-"
     text = f"{float(row['pass_at_1']):.3f}"
@@ -228,6 +233,8 @@ def _cell(row: dict | None, kind: str) -> str:
         costs.append(f"{tokens:,.0f} tok")
     if kind != "width" and latency is not None:
         costs.append(f"{latency:.2f} s")
+    if forking and (formed := as_number(row.get("well_formed_fork"))) is not None:
+        costs.append(f"a well-formed fork in {formed:.0%} of responses")
     return text + (f" ({', '.join(costs)})" if costs else "")
 
 
@@ -249,7 +256,9 @@ def markdown(sweep: str, kind: str, points: list[Point], rows: dict[int, list[di
         by_task = {r["task"]: r for r in rows[id(point)]}
         paths = "" if point.num_paths is None else point.num_paths  # a forking format's model counts its own
         table.append(dict(zip(head, [point.title, point.shown_method, paths, point.max_gen_toks,
-                                     *(_cell(by_task.get(t), kind) for t in tasks)])))
+                                     *(_cell(by_task.get(t), kind, point.num_paths is None or
+                                             point.model_args.get("format", "parathinker") != "parathinker")
+                                       for t in tasks)])))
     lines = [f"**{sweep}** ({kind}): {CELL_UNITS[kind]}; intervals: {stats.METHOD}", "", markdown_table(table, head)]
     if _all_zero([r for p in points for r in rows[id(p)]]):
         lines += ["", f"Note: {ZERO_NOTE}."]

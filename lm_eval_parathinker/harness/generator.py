@@ -29,7 +29,7 @@ SAMPLING_KEYS = ("do_sample", "temperature", "top_p", "top_k", "seed", "min_new_
 #: numeric ``.meta`` keys of every response: scoring.process_results turns them into metrics, and
 #: the tasks' metric_list declares each one's aggregation
 META_METRICS = ("gen_tokens", "think_tokens", "summary_tokens", "num_paths", "paths_finished", "cut_paths", "latency_s",
-                "think_s", "forks", "paths_per_fork", "critical_tokens")
+                "think_s", "forks", "paths_per_fork", "critical_tokens", "well_formed_fork")
 
 
 class ParaThinkerResponse(str):
@@ -97,7 +97,8 @@ def _meta(out: GenerationOutput) -> dict:
     """Numeric statistics of one request (process_results averages them), plus the reason string.
     Every method reports its forks, paths per fork and critical path (the longest chain of tokens:
     the latency proxy these papers report, against ``gen_tokens``, the total): ParaThinker one fork
-    of P paths before its summary, majority one of P samples, sequential none."""
+    of P paths before its summary, majority one of P samples, sequential none; ``well_formed_fork``:
+    1 when a fork's paths all ended by themselves (closed by their tag, not cut) and were joined."""
     s = out.stats
     if out.root is not None:
         return _fork_meta(out)
@@ -115,6 +116,7 @@ def _meta(out: GenerationOutput) -> dict:
         "forks": forks,
         "paths_per_fork": s["num_paths"] if forks else 0,
         "critical_tokens": max(map(len, out.path_ids)) + s["summary_tokens"],
+        "well_formed_fork": int(forks == 1 and s["paths_finished"] == s["num_paths"]),  # every path ended by itself
         "termination": s["termination"],  # a string: kept out of the metrics by process_results
     }
 
@@ -130,7 +132,7 @@ def _fork_meta(out: GenerationOutput) -> dict:
         "cut_paths": sum(p.ended != forks_module.PATH_END for p in paths),
         "latency_s": s["latency_s"], "think_s": s["latency_s"], "forks": s["forks"],
         "paths_per_fork": len(paths) / s["forks"] if s["forks"] else 0, "critical_tokens": s["critical_tokens"],
-        "termination": s["termination"],
+        "well_formed_fork": int(forks_module.well_formed_forks(out.root) > 0), "termination": s["termination"],
     }
 
 

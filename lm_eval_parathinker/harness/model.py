@@ -235,7 +235,8 @@ class ParaThinkerLM(HFLMShim):
         self.termination_reasons[meta["termination"]] += 1
         if self.options.fork_format is not None:
             self.fork_totals.update(responses=1, forks=meta["forks"], paths=meta["num_paths"],
-                                    critical_tokens=meta["critical_tokens"], total_tokens=meta["gen_tokens"])
+                                    critical_tokens=meta["critical_tokens"], total_tokens=meta["gen_tokens"],
+                                    well_formed=meta.get("well_formed_fork", 0))
         self.cache_hook.add_partial("generate_until", (request.args[0], gen_kwargs), response)
         return response
 
@@ -297,7 +298,8 @@ class ParaThinkerLM(HFLMShim):
         return {"format": self.options.fork_format.name, "responses": totals["responses"],
                 "forks_per_response": totals["forks"] / n,
                 "paths_per_fork": totals["paths"] / totals["forks"] if totals["forks"] else 0.0,
-                "critical_tokens": totals["critical_tokens"] / n, "total_tokens": totals["total_tokens"] / n}
+                "critical_tokens": totals["critical_tokens"] / n, "total_tokens": totals["total_tokens"] / n,
+                "well_formed_fork": totals["well_formed"] / n}
 
 
 def _checkpoint_identity(name: str, revision: str) -> dict:
