@@ -262,7 +262,8 @@ def test_the_default_run_reports_the_rows_it_trains_on(tiny, caplog):
         dataset = build_dataset(str(R1_FILE), args, tok, split="train", extrapolate=True, seed=0)
     assert len(dataset) == 338
     assert "3 of 341 rows are malformed and skipped" in caplog.text
-    assert "training on 338 of 341 rows (3 without a fork, trained as sequential responses)" in caplog.text
+    assert ("training on 338 of 341 rows (3 malformed, 0 longer than --max-length; 3 of the rows read have no "
+            "fork: trained as sequential responses)") in caplog.text
 
 
 def test_messages_and_text_forms_give_the_same_rows(tiny):

@@ -189,10 +189,6 @@ def build_dataset(spec: str, args: argparse.Namespace, tokenizer, *, split: str,
     items, bad = read_items(source, tokenizer, model=args.model, skip_bad_rows=args.skip_bad_rows, fork_reader=reader)
     if bad:
         logger.warning("%s: %d of %d rows are malformed and skipped (--skip-bad-rows)", spec, bad, len(source.rows))
-    if reader is not None:
-        plain = sum(builder.fmt.trigger not in item.response for item in items)
-        logger.info("%s: training on %d of %d rows (%d without a fork, trained as sequential responses)", spec,
-                    len(items), len(source.rows), plain)
     try:
         dataset = SFTDataset(items, builder, packing=args.packing, seed=seed)
     except ValueError as e:
@@ -200,6 +196,11 @@ def build_dataset(spec: str, args: argparse.Namespace, tokenizer, *, split: str,
     if dataset.skipped:
         logger.warning("%s: %d of %d samples do not fit --max-length=%s and are skipped", spec, dataset.skipped,
                        dataset.num_candidates, args.max_length)
+    if reader is not None:  # one sample per row
+        plain = sum(builder.fmt.trigger not in item.response for item in items)
+        logger.info("%s: training on %d of %d rows (%d malformed, %d longer than --max-length; %d of the rows read "
+                    "have no fork: trained as sequential responses)", spec, len(dataset.units), len(source.rows), bad,
+                    dataset.skipped, plain)
     if args.packing:
         fill = dataset.num_tokens / (len(dataset) * args.max_length)
         logger.info("%s: %d samples packed into %d rows of at most %d tokens (%.0f%% filled)", spec,
