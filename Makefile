@@ -19,7 +19,7 @@ export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-fast test-times docs docs-serve demo bench lock test-min test-latest wheelhouse gpu-smoke clean
+.PHONY: setup test test-fast test-times docs docs-serve demo parallel-r1-smol bench lock test-min test-latest wheelhouse gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -66,6 +66,17 @@ demo: $(STAMP)
 	$(PY) -m lm_eval_parathinker.demo --data-dir "$(PARATHINKER_DATA_DIR)" --output results
 	rm -rf $(DEMO_EXPERIMENT)/points $(DEMO_EXPERIMENT)/journal
 	$(PY) -m lm_eval_parathinker.experiments experiments/demo.yaml --output-path $(DEMO_EXPERIMENT)
+
+# docs/formats-training.md: SmolLM2-135M taught Parallel-R1's format by LoRA on the CPU, then compared
+PR1_RUNS := runs/parallel_r1_smol
+PR1_TRAIN := $(PY) -m training.sft --model embedded --data "$(PARATHINKER_DATA_DIR)/train/parallel_r1_gsm8k_sft.jsonl" \
+	--format parallel-r1 --skip-bad-rows --max-length 1024
+parallel-r1-smol: $(STAMP)
+	$(PR1_TRAIN) --output $(PR1_RUNS)/before --max-steps 1 --learning-rate 0
+	$(PR1_TRAIN) --output $(PR1_RUNS)/after --max-steps 24 --gradient-accumulation-steps 2 --learning-rate 1e-3
+	cp $(PR1_RUNS)/after/loss.csv results/parallel_r1_smol_loss.csv
+	rm -rf results/experiments/parallel_r1_smol/points results/experiments/parallel_r1_smol/journal
+	$(PY) -m lm_eval_parathinker.experiments experiments/parallel_r1_smol.yaml
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.engine --threads 2
