@@ -151,16 +151,15 @@ class _Parser:
             raise ParseError(f"a path is not closed by {fmt.path_close}")
         return line, seen
 
-    def _between(self, pieces: _Pieces, where: str) -> str:
-        """Whitespace between structural tags (the engine writes its own); other text is refused
-        in the strict layout and kept as it is in the others."""
+    def _between(self, pieces: _Pieces, where: str) -> None:
+        """Skip the text between structural tags: whitespace (the engine writes its own), or any
+        text outside the strict layout (the authors' layouts keep it; their builders read it)."""
         text = ""
         while (item := pieces.peek()) is not None and not pieces.is_tag(item):
             text += pieces.take()
         if text.strip() and self.strict:
             raise ParseError(f"block {self.block}: text {_excerpt(text.strip())} {where}: the engine writes nothing "
                              "there (compat=official keeps it)")
-        return text
 
     def fork(self, pieces: _Pieces, seen: str, depth: int) -> tuple[Fork, str]:
         fmt, tags = self.fmt, self.tags
@@ -169,7 +168,7 @@ class _Parser:
         if labels is not None and (not labels or (fmt.max_count is not None and len(labels) > fmt.max_count)):
             raise ParseError(f"block {self.block}: its outline names {len(labels)} paths, which the engine does not fork")
         fork, where = Fork([]), f"between {fmt.trigger} and {tags.path_open}"
-        after = seen
+        written = ""  # the paths' text, in order: what the line sees after the join
         while True:
             self._between(pieces, where)
             item = pieces.peek()
@@ -178,7 +177,8 @@ class _Parser:
             pieces.take()
             label = labels[len(fork.paths)] if labels is not None and len(fork.paths) < len(labels) else ""
             self._lead(pieces, label)
-            line, after = self.line(pieces, seen + fmt.start_text(label), depth + 1, in_path=True)
+            line, path_seen = self.line(pieces, seen + fmt.start_text(label), depth + 1, in_path=True)
+            written += path_seen[len(seen):]
             fork.paths.append(Path(label, line))
             where = f"between {fmt.path_close} and {tags.path_open}"
         if not fork.paths:
@@ -195,7 +195,7 @@ class _Parser:
                 self._between(pieces, f"between {tag} and {tags.join_tags[k + 1]}")
         if tags.join_tail:  # the engine writes the join's tail itself ("<Conclusion>\n"): the text goes on after it
             self._drop_written(pieces, tags.join_tail)
-        return fork, after + fmt.separator + fmt.join
+        return fork, seen + written + fmt.separator + fmt.join
 
     @staticmethod
     def _drop_written(pieces: _Pieces, text: str) -> bool:
