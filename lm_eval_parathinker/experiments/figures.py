@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import leaderboard, stats
+from ..formats import FORMATS
 from ..files import atomic_write
 from ..leaderboard import as_number
 from ..plotting import label_points, save_png
@@ -39,12 +40,11 @@ from .config import SHORT, Experiment, Point
 
 OPTIONS = ("termination", "thought_embedding", "positions", "summary_kv")
 METRICS = ("pass_at_1", "gen_tokens", "think_s", "latency_s")
+FORK_METRICS = ("forks", "well_formed_fork")  # means per response (the table shows them for a forking format)
 COLUMNS = ["sweep", "kind", "point", "checkpoint", "pretrained", "method", "num_paths", "max_gen_toks",
            "termination", "thought_embedding", "positions", "summary_kv", "compat", "batch_size", "task",
            "pass_at_1", "pass_at_1_stderr", "gen_tokens", "think_s", "latency_s",
-           *(f"{m}_{end}" for m in METRICS for end in ("ci_low", "ci_high")), "forks", "well_formed_fork", "repeats",
-           "n", "results"]
-FORK_METRICS = ("forks", "well_formed_fork")  # means per response (the table shows them for a forking format)
+           *(f"{m}_{end}" for m in METRICS for end in ("ci_low", "ci_high")), *FORK_METRICS, "repeats", "n", "results"]
 ZERO_NOTE = "every point scores pass@1 = 0 here: the picture shows cost only"
 
 
@@ -256,8 +256,7 @@ def markdown(sweep: str, kind: str, points: list[Point], rows: dict[int, list[di
         by_task = {r["task"]: r for r in rows[id(point)]}
         paths = "" if point.num_paths is None else point.num_paths  # a forking format's model counts its own
         table.append(dict(zip(head, [point.title, point.shown_method, paths, point.max_gen_toks,
-                                     *(_cell(by_task.get(t), kind, point.num_paths is None or
-                                             point.model_args.get("format", "parathinker") != "parathinker")
+                                     *(_cell(by_task.get(t), kind, point.shown_method in FORMATS)
                                        for t in tasks)])))
     lines = [f"**{sweep}** ({kind}): {CELL_UNITS[kind]}; intervals: {stats.METHOD}", "", markdown_table(table, head)]
     if _all_zero([r for p in points for r in rows[id(p)]]):

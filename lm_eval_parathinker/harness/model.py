@@ -236,7 +236,7 @@ class ParaThinkerLM(HFLMShim):
         if self.options.fork_format is not None:
             self.fork_totals.update(responses=1, forks=meta["forks"], paths=meta["num_paths"],
                                     critical_tokens=meta["critical_tokens"], total_tokens=meta["gen_tokens"],
-                                    well_formed=meta.get("well_formed_fork", 0))
+                                    well_formed=meta.get("well_formed_fork", 0))  # (journaled before the metric: 0)
         self.cache_hook.add_partial("generate_until", (request.args[0], gen_kwargs), response)
         return response
 
